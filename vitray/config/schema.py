@@ -1,0 +1,225 @@
+"""Typed run configuration: frozen dataclasses, dotted overrides, and validation that runs before Ray starts.
+
+Nothing here imports Ray, torch or DeepSpeed: a bad config is rejected in milliseconds with every offending field
+named, and no cluster resource is requested for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """Bad configuration or input. Each line of the message starts with the field (or path) at fault."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "vit_h14"  # registry name; "ViT-H/14" works too
+    num_classes: int = 18291  # JFT-300M's label space
+    dropout: float = 0.0
+    pre_logits: bool = True  # pretraining head = tanh hidden layer of width D + linear (paper Sec. 3.1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_uri: str = ""  # folder with manifest.json + tar shards: s3://bucket/prefix or a local path
+    val_uri: str = ""  # held-out shards for top-1 accuracy; "" = none
+    builtin: str = ""  # "digits": write scikit-learn's digits as shards into storage first (the embedded default)
+    image_size: int = 224
+    crop_area_min: float = 0.05  # inception crop keeps 5%–100% of the image area (big_vision's default)
+    shuffle_buffer: int = 10_000  # per-worker local shuffle buffer, in samples
+    decode_batch: int = 64  # images per Ray Data decode task call
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adam"  # adam (decoupled weight decay) | sgd (momentum)
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 0.1
+    schedule: str = "linear"  # linear | cosine decay after warmup
+    warmup_steps: int = 10_000
+    grad_clip: float = 1.0  # global norm
+    global_batch: int = 4096
+    micro_batch: int = 32  # per worker per forward pass; accumulation fills the rest of the global batch
+    epochs: float = 14.0
+    total_steps: int = 0  # 0 = epochs × dataset size / global batch
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU | bf16 | fp16 | fp32
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU memory
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 64  # Ray Train workers = data-parallel ranks
+    use_gpu: bool = True
+    cpus_per_worker: float = 8.0
+    accelerator: str = ""  # e.g. A100, H100: Ray accelerator_type and the peak FLOP/s used for MFU
+    autoscale: bool = False  # the cluster adds GPU nodes on demand: don't fail when none are up yet
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    uri: str = ""  # where runs go (checkpoints, metrics); "" = the embedded S3 server
+    endpoint_url: str = ""  # S3-compatible endpoint (MinIO, Ceph); "" = AWS. Credentials: standard AWS chain only
+    region: str = "us-east-1"
+    run_name: str = ""  # "" = <model>-<UTC time>; reuse it with --resume
+    keep_checkpoints: int = 3
+    checkpoint_every: int = 1000  # optimizer steps; 0 = only at the end
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    seed: int = 0
+    log_every: int = 50  # optimizer steps between metric lines
+    max_failures: int = 0  # Ray Train restarts from the latest checkpoint this many times
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Config":
+        sections = {f.name: f.type for f in dataclasses.fields(Config)}
+        hints = typing.get_type_hints(Config)
+        kwargs = {}
+        for name, value in d.items():
+            if name not in sections:
+                raise ConfigError(f"{name}: unknown config field")
+            kwargs[name] = hints[name](**{k: _coerce(v, typing.get_type_hints(hints[name])[k]) for k, v in value.items()}) if isinstance(value, dict) else value
+        return Config(**kwargs)
+
+    def replace(self, **sections) -> "Config":
+        """`cfg.replace(optim=dict(lr=1e-3))` → a copy with those section fields changed."""
+        out = self
+        for name, changes in sections.items():
+            current = getattr(out, name)
+            out = dataclasses.replace(out, **{name: dataclasses.replace(current, **changes) if isinstance(changes, dict) else changes})
+        return out
+
+
+def _coerce(value, hint):
+    if typing.get_origin(hint) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _parse(text: str, hint, where: str):
+    """Turn the text of `--set where=text` into the field's type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if hint in (int, float, str):
+            return hint(text)
+        if origin is tuple:
+            parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+            if len(parts) != len(args):
+                raise ValueError(f"expected {len(args)} comma-separated values")
+            return tuple(a(p) for a, p in zip(args, parts))
+    except ValueError as e:
+        raise ConfigError(f"{where}: cannot read {text!r} as {getattr(hint, '__name__', hint)} ({e})") from None
+    raise ConfigError(f"{where}: fields of type {hint} cannot be overridden from the command line")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` strings (`--set optim.lr=1e-3`)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"{item}: overrides look like section.field=value")
+        section, _, name = key.partition(".")
+        top = {f.name: f for f in dataclasses.fields(Config)}
+        if section not in top:
+            raise ConfigError(f"{key}: unknown config field (sections: {', '.join(top)})")
+        if not name:  # a top-level scalar such as seed=1
+            hint = typing.get_type_hints(Config)[section]
+            if dataclasses.is_dataclass(hint):
+                raise ConfigError(f"{key}: name a field inside the section, e.g. {section}.<field>=value")
+            cfg = dataclasses.replace(cfg, **{section: _parse(text, hint, key)})
+            continue
+        sub = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sub))
+        if name not in hints:
+            raise ConfigError(f"{key}: unknown config field (fields of {section}: {', '.join(hints)})")
+        cfg = cfg.replace(**{section: {name: _parse(text, hints[name], key)}})
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check everything that can be checked without touching storage or Ray; raise one ConfigError naming
+    every field at fault."""
+    from vitray.models import registry
+
+    errors: list[str] = []
+    spec = None
+    try:
+        spec = registry.get_spec(cfg.model.name)
+    except KeyError as e:
+        errors.append(f"model.name: {e.args[0]}")
+    d, o, s, z = cfg.data, cfg.optim, cfg.scaling, cfg.deepspeed
+    if d.image_size <= 0:
+        errors.append(f"data.image_size: must be positive, got {d.image_size}")
+    elif spec is not None and d.image_size % spec.patch:
+        errors.append(
+            f"data.image_size: {d.image_size} is not divisible by the patch size {spec.patch} of {cfg.model.name}"
+        )
+    if cfg.model.num_classes < 1:
+        errors.append(f"model.num_classes: must be ≥ 1, got {cfg.model.num_classes}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        errors.append(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
+    if z.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {z.zero_stage}")
+    if z.precision not in ("auto", "bf16", "fp16", "fp32"):
+        errors.append(f"deepspeed.precision: must be auto, bf16, fp16 or fp32, got {z.precision!r}")
+    if s.num_workers < 1:
+        errors.append(f"scaling.num_workers: must be ≥ 1, got {s.num_workers}")
+    if o.micro_batch < 1:
+        errors.append(f"optim.micro_batch: must be ≥ 1, got {o.micro_batch}")
+    elif s.num_workers >= 1 and o.global_batch % (s.num_workers * o.micro_batch):
+        errors.append(
+            f"optim.global_batch: {o.global_batch} is not divisible by scaling.num_workers × optim.micro_batch"
+            f" = {s.num_workers} × {o.micro_batch}"
+        )
+    if o.optimizer not in ("adam", "sgd"):
+        errors.append(f"optim.optimizer: must be adam or sgd, got {o.optimizer!r}")
+    if o.schedule not in ("linear", "cosine"):
+        errors.append(f"optim.schedule: must be linear or cosine, got {o.schedule!r}")
+    if o.lr <= 0:
+        errors.append(f"optim.lr: must be positive, got {o.lr}")
+    if o.epochs <= 0 and o.total_steps <= 0:
+        errors.append("optim.epochs: give a positive number of epochs or optim.total_steps")
+    if not 0.0 < d.crop_area_min <= 1.0:
+        errors.append(f"data.crop_area_min: must be in (0, 1], got {d.crop_area_min}")
+    if d.builtin not in ("", "digits"):
+        errors.append(f"data.builtin: unknown built-in dataset {d.builtin!r} (known: digits)")
+    if not d.train_uri and not d.builtin:
+        errors.append(
+            "data.train_uri: no training data given; pass --set data.train_uri=s3://bucket/prefix (shards written"
+            " by jobs/write_shards.py) or use --set data.builtin=digits"
+        )
+    for name, uri in (("data.train_uri", d.train_uri), ("data.val_uri", d.val_uri), ("storage.uri", cfg.storage.uri)):
+        if "://" in uri and not uri.startswith("s3://"):
+            errors.append(f"{name}: {uri!r} is neither s3://bucket/prefix nor a local path")
+    if cfg.storage.keep_checkpoints < 1:
+        errors.append(f"storage.keep_checkpoints: must be ≥ 1, got {cfg.storage.keep_checkpoints}")
+    if errors:
+        raise ConfigError("\n".join(errors))

@@ -1,0 +1,93 @@
+"""Image sources for the shard writer: an ImageNet-style folder tree, in-memory arrays, and the built-in digits."""
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from vitray import storage
+from vitray.data.shards import DataError, Manifest, Sample, write_shards
+from vitray.data.transforms import decode_rgb
+from vitray.storage import Endpoint
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def folder_classes(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: not a folder")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"{root}: no class folders (expected {root}/<class_name>/*.jpg)")
+    return classes
+
+
+def samples_from_folder(root: str, classes: list[str]) -> Iterator[Sample]:
+    """`root/<class>/<file>` → samples. JPEG and PNG keep their bytes; other formats are re-encoded as PNG.
+    Every file is decoded once here, so an unreadable one is reported by its path at write time."""
+    for label, cls in enumerate(classes):
+        folder = os.path.join(root, cls)
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            img = decode_rgb(data, path)  # raises DataError naming the path
+            fmt = Image.open(io.BytesIO(data)).format
+            if fmt == "JPEG":
+                ext = "jpg"
+            elif fmt == "PNG":
+                ext = "png"
+            else:
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                data, ext = buf.getvalue(), "png"
+            key = f"{cls}_{os.path.splitext(name)[0]}".replace(".", "_").replace("/", "_")
+            yield Sample(key=key, image=data, ext=ext, label=label)
+
+
+def samples_from_arrays(images: np.ndarray, labels: np.ndarray, prefix: str = "img") -> Iterator[Sample]:
+    """uint8 arrays (N, H, W) or (N, H, W, 3) → PNG-encoded samples (lossless)."""
+    if images.dtype != np.uint8:
+        raise DataError(f"images: expected uint8 pixels, got {images.dtype}")
+    for i, (img, label) in enumerate(zip(images, labels)):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        yield Sample(key=f"{prefix}{i:07d}", image=buf.getvalue(), ext="png", label=int(label))
+
+
+# scikit-learn's digits: 1,797 real 8×8 handwritten digits (UCI optdigits) shipped inside the package.
+DIGITS_VAL = 297  # fixed held-out split: leaves 1,500 for training, divisible by 2, 3, 4 and 5 workers
+
+
+def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 ink levels → 0..255
+    order = np.random.default_rng(0).permutation(len(images))  # fixed: the same split on every machine
+    idx = order[DIGITS_VAL:] if split == "train" else order[:DIGITS_VAL]
+    return images[idx], d.target[idx]
+
+
+def write_digits(uri: str, endpoint: Endpoint | None = None, samples_per_shard: int = 250) -> dict[str, Manifest]:
+    """Write the digits' train and val splits as shards under `uri`/train and `uri`/val (skipping a split that
+    is already there). Returns the manifests."""
+    from vitray.data.shards import read_manifest
+
+    out = {}
+    for split in ("train", "val"):
+        dest = storage.join(uri, split)
+        if storage.exists(storage.join(dest, "manifest.json"), endpoint):
+            out[split] = read_manifest(dest, endpoint)
+            continue
+        images, labels = digits_arrays(split)
+        out[split] = write_shards(
+            samples_from_arrays(images, labels, prefix=f"digits{split}"), dest, [str(i) for i in range(10)],
+            endpoint, max_shard_samples=samples_per_shard,
+        )
+    return out

@@ -1,0 +1,186 @@
+"""Image shards: WebDataset-compatible tar files plus a manifest, on a local path or `s3://bucket/prefix`.
+
+Layout of a dataset folder:
+    manifest.json          written last: a dataset without it does not exist yet
+    shard-00000.tar        members `<key>.jpg|png` (the original encoded bytes) and `<key>.cls` (label, ASCII int)
+    shard-00001.tar ...
+
+Why tar: any WebDataset tool reads these shards, `tar tf` inspects them, images keep their original bytes
+(JPEG stays JPEG, EXIF included), and one sequential GET streams a whole shard — the access pattern object
+stores are best at. Ray Data reads them with `read_webdataset`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import tarfile
+from typing import Iterable, Iterator
+
+from vitray import storage
+from vitray.storage import Endpoint
+
+MANIFEST = "manifest.json"
+
+
+class DataError(RuntimeError):
+    """Bad input data; the message names the file, shard or sample key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    key: str  # unique within the dataset; no dots (WebDataset splits member names at the first dot)
+    image: bytes  # encoded JPEG or PNG
+    ext: str  # "jpg" or "png"
+    label: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    num_samples: int
+    sha256: str
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    classes: list[str]
+    shards: list[ShardInfo]
+    format: str = "webdataset"
+    version: int = 1
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["num_samples"] = self.num_samples
+        return json.dumps(d, indent=1)
+
+    @staticmethod
+    def from_json(text: str) -> "Manifest":
+        d = json.loads(text)
+        return Manifest(classes=d["classes"], shards=[ShardInfo(**s) for s in d["shards"]], format=d["format"], version=d["version"])
+
+
+def _tar_bytes(samples: list[Sample]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            for member, payload in ((f"{s.key}.{s.ext}", s.image), (f"{s.key}.cls", str(s.label).encode())):
+                info = tarfile.TarInfo(member)
+                info.size, info.mode, info.mtime = len(payload), 0o644, 0  # mtime 0: identical data → identical shard
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    dest: str,
+    classes: list[str],
+    endpoint: Endpoint | None = None,
+    max_shard_bytes: int = 256 << 20,
+    max_shard_samples: int = 10_000,
+) -> Manifest:
+    """Write `samples` as tar shards under `dest`, then the manifest.
+
+    Each shard is one atomic object (or an atomic rename on local disk) and the manifest comes last, so a reader
+    never sees a half-written dataset. Refuses to overwrite an existing dataset.
+    """
+    if storage.exists(storage.join(dest, MANIFEST), endpoint):
+        raise DataError(f"{dest}: already holds a dataset ({MANIFEST} exists); choose another destination")
+    shards: list[ShardInfo] = []
+    seen: set[str] = set()
+    pending: list[Sample] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if not pending:
+            return
+        data = _tar_bytes(pending)
+        name = f"shard-{len(shards):05d}.tar"
+        storage.write_bytes(storage.join(dest, name), data, endpoint)
+        shards.append(ShardInfo(name, len(pending), hashlib.sha256(data).hexdigest(), len(data)))
+        pending, pending_bytes = [], 0
+
+    for s in samples:
+        if "." in s.key or "/" in s.key or s.key in seen:
+            raise DataError(f"sample key {s.key!r}: keys must be unique and contain no '.' or '/'")
+        if not 0 <= s.label < len(classes):
+            raise DataError(f"sample {s.key}: label {s.label} outside the {len(classes)} classes")
+        seen.add(s.key)
+        pending.append(s)
+        pending_bytes += len(s.image) + 1024  # + tar headers
+        if pending_bytes >= max_shard_bytes or len(pending) >= max_shard_samples:
+            flush()
+    flush()
+    if not shards:
+        raise DataError(f"{dest}: no samples to write")
+    manifest = Manifest(classes=list(classes), shards=shards)
+    storage.write_bytes(storage.join(dest, MANIFEST), manifest.to_json().encode(), endpoint)
+    return manifest
+
+
+def read_manifest(uri: str, endpoint: Endpoint | None = None, field: str = "data.train_uri") -> Manifest:
+    """The manifest of the dataset at `uri`, or a DataError naming the config field and the path."""
+    try:
+        if not storage.exists(uri, endpoint):
+            raise DataError(f"{field}: {uri} does not exist")
+        if not storage.exists(storage.join(uri, MANIFEST), endpoint):
+            raise DataError(f"{field}: {uri} holds no shards (no {MANIFEST}; write them with jobs/write_shards.py)")
+        text = storage.read_bytes(storage.join(uri, MANIFEST), endpoint).decode()
+    except storage.StorageError as e:
+        raise DataError(f"{field}: {e}") from e
+    try:
+        manifest = Manifest.from_json(text)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{field}: {storage.join(uri, MANIFEST)} is not a valid manifest ({e})") from e
+    if manifest.num_samples == 0:
+        raise DataError(f"{field}: {uri} holds no samples")
+    return manifest
+
+
+def shard_paths(uri: str, manifest: Manifest) -> list[str]:
+    return [storage.join(uri, s.name) for s in manifest.shards]
+
+
+def verify_shards(uri: str, endpoint: Endpoint | None = None) -> Manifest:
+    """Check every shard against the manifest's sha256 and count; raise naming the first bad shard."""
+    manifest = read_manifest(uri, endpoint, field=uri)
+    for shard in manifest.shards:
+        path = storage.join(uri, shard.name)
+        try:
+            data = storage.read_bytes(path, endpoint)
+        except storage.StorageError as e:
+            raise DataError(f"shard {path}: missing ({e})") from e
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
+            raise DataError(f"shard {path}: checksum mismatch against {MANIFEST}")
+        if sum(1 for _ in iter_tar(data, path)) != shard.num_samples:
+            raise DataError(f"shard {path}: sample count differs from {MANIFEST}")
+    return manifest
+
+
+def iter_tar(data: bytes, where: str) -> Iterator[tuple[str, bytes, str, int]]:
+    """(key, image bytes, ext, label) for each sample of one shard, without Ray (tools, tests, baselines)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            parts: dict[str, dict[str, bytes]] = {}
+            order: list[str] = []
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                if key not in parts:
+                    parts[key] = {}
+                    order.append(key)
+                parts[key][ext] = tar.extractfile(m).read()
+    except tarfile.TarError as e:
+        raise DataError(f"shard {where}: corrupt tar ({e})") from e
+    for key in order:
+        p = parts[key]
+        ext = "jpg" if "jpg" in p else "png"
+        if ext not in p or "cls" not in p:
+            raise DataError(f"shard {where} sample {key}: missing image or label")
+        yield key, p[ext], ext, int(p["cls"])

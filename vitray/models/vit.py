@@ -1,0 +1,98 @@
+"""The Vision Transformer (Dosovitskiy et al., ICLR 2021), readable in one sitting.
+
+image (B, 3, H, W)
+  → patch embedding: a conv with kernel = stride = P            (B, D, H/P, W/P) → (B, N, D),  N = HW/P²
+  → prepend the [class] token, add learned 1-D position embeddings, dropout      (B, N+1, D)
+  → L pre-norm encoder blocks (MSA + MLP, each with a residual)                  (B, N+1, D)
+  → LayerNorm, take the [class] token                                            (B, D)
+  → pre-logits: Linear + tanh (the pretraining head's hidden layer; dropped for fine-tuning)
+  → head: Linear to the classes (zero-initialised)                               (B, classes)
+
+Initialisation follows the official vit_jax code: class token zeros, position embeddings N(0, 0.02), every
+Dense Xavier-uniform with near-zero bias (MLP biases N(0, 1e-6)), the patch conv LeCun-normal, the head zeros.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vitray.models.layers import Block
+from vitray.models.registry import BUILDERS, ViTSpec
+
+
+class ViT(nn.Module):
+    def __init__(
+        self,
+        spec: ViTSpec,
+        num_classes: int,
+        image_size: int | tuple[int, int] = 224,
+        dropout: float = 0.0,
+        representation_size: int | None = None,
+    ):
+        super().__init__()
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if h % spec.patch or w % spec.patch:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {spec.patch}")
+        self.spec, self.num_classes = spec, num_classes
+        self.grid = (h // spec.patch, w // spec.patch)
+        d = spec.width
+
+        self.patch_embed = nn.Conv2d(3, d, kernel_size=spec.patch, stride=spec.patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.empty(1, self.grid[0] * self.grid[1] + 1, d))
+        self.pos_drop = nn.Dropout(dropout)  # dropout after the position-embedding add (App. B.1)
+        self.blocks = nn.ModuleList(Block(d, spec.heads, spec.mlp_dim, dropout) for _ in range(spec.depth))
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        # Pretraining head = MLP with one tanh hidden layer; fine-tuning replaces it with a single linear layer.
+        self.pre_logits = nn.Sequential(nn.Linear(d, representation_size), nn.Tanh()) if representation_size else nn.Identity()
+        self.head = nn.Linear(representation_size or d, num_classes)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.pos_embed, std=0.02)
+        fan_in = self.patch_embed.in_channels * math.prod(self.patch_embed.kernel_size)
+        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1.0 / fan_in) / 0.8796, a=-2.0 * 0.8796, b=2.0 * 0.8796)
+        nn.init.zeros_(self.patch_embed.bias)
+        for block in self.blocks:
+            for chunk in block.attn.qkv.weight.chunk(3):  # q, k, v initialised as three separate D×D kernels
+                nn.init.xavier_uniform_(chunk)
+            nn.init.xavier_uniform_(block.attn.proj.weight)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.zeros_(block.attn.proj.bias)
+            for fc in (block.mlp.fc1, block.mlp.fc2):
+                nn.init.xavier_uniform_(fc.weight)
+                nn.init.normal_(fc.bias, std=1e-6)
+        if isinstance(self.pre_logits, nn.Sequential):
+            fc = self.pre_logits[0]
+            nn.init.trunc_normal_(fc.weight, std=math.sqrt(1.0 / fc.in_features) / 0.8796)
+            nn.init.zeros_(fc.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def encode(self, images: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All output tokens after the final LayerNorm (B, N+1, D), and per-layer attention weights if asked."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        attention = []
+        for block in self.blocks:
+            x, weights = block(x, need_weights)
+            if need_weights:
+                attention.append(weights)
+        return self.norm(x), attention
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-logit features (B, representation_size or D): what few-shot and linear probes read."""
+        tokens, _ = self.encode(images)
+        return self.pre_logits(tokens[:, 0])
+
+    def forward(self, images: torch.Tensor, return_attention: bool = False):
+        tokens, attention = self.encode(images, need_weights=return_attention)
+        logits = self.head(self.pre_logits(tokens[:, 0]))
+        return (logits, attention) if return_attention else logits
+
+
+BUILDERS["vit"] = ViT

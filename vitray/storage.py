@@ -1,0 +1,163 @@
+"""The one place that speaks object storage: URIs, pyarrow filesystems, atomic writes, the embedded S3 server.
+
+Everything else in vitray names data by URI (`s3://bucket/prefix` or a local path) plus an `Endpoint`, and asks
+this module for a `pyarrow.fs.FileSystem`. Ray Data and Ray Train take the same filesystem object, so one
+endpoint setting reaches the readers, the checkpoint uploader and the metrics writer alike.
+
+Credentials never pass through here: a real endpoint uses the standard AWS chain (environment, config files,
+instance roles) on every node, so nothing secret ends up in configs, logs or checkpoints. Only the embedded
+server, which checks no credentials, gets fixed placeholder keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+EMBEDDED_BUCKET = "vitray"
+# moto accepts any key pair; these are placeholders, not secrets.
+_EMBEDDED_KEYS = ("vitray-embedded", "vitray-embedded")
+
+
+class StorageError(RuntimeError):
+    """A URI that cannot be read or written; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """Where `s3://` URIs live. `url=None` means AWS itself; MinIO, Ceph or moto are given by URL."""
+
+    url: str | None = None
+    region: str = "us-east-1"
+    embedded: bool = False
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def s3_filesystem(endpoint: Endpoint) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": endpoint.region}
+    if endpoint.url:
+        scheme, _, netloc = endpoint.url.partition("://")
+        kwargs.update(endpoint_override=netloc or scheme, scheme=scheme if netloc else "https")
+    if endpoint.embedded:
+        kwargs.update(access_key=_EMBEDDED_KEYS[0], secret_key=_EMBEDDED_KEYS[1], allow_bucket_creation=True)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, endpoint: Endpoint | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a URI. Local paths are made absolute so Ray workers agree on them."""
+    if is_s3(uri):
+        return s3_filesystem(endpoint or Endpoint()), uri[len("s3://"):].rstrip("/")
+    if "://" in uri:
+        raise StorageError(f"{uri}: unsupported URI scheme (use s3://bucket/prefix or a local path)")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def exists(uri: str, endpoint: Endpoint | None = None) -> bool:
+    fs, path = resolve(uri, endpoint)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:  # unreachable endpoint, missing bucket, denied: say which URI
+        raise StorageError(f"{uri}: cannot reach storage ({e})") from e
+
+
+def read_bytes(uri: str, endpoint: Endpoint | None = None) -> bytes:
+    fs, path = resolve(uri, endpoint)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise StorageError(f"{uri}: not found") from e
+    except OSError as e:
+        raise StorageError(f"{uri}: cannot read ({e})") from e
+
+
+def write_bytes(uri: str, data: bytes, endpoint: Endpoint | None = None) -> None:
+    """Write all of `data` or nothing: readers never see a partial object.
+
+    An S3 PUT is atomic by itself; on a local filesystem we write a temporary sibling and rename it.
+    """
+    fs, path = resolve(uri, endpoint)
+    parent = path.rsplit("/", 1)[0]
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def list_files(uri: str, endpoint: Endpoint | None = None) -> list[str]:
+    """Names (not paths) of the files directly under `uri`; empty when it does not exist."""
+    fs, path = resolve(uri, endpoint)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"{uri}: cannot list ({e})") from e
+    return sorted(i.base_name for i in infos)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedS3:
+    """An S3-compatible server on 127.0.0.1 (moto's server mode) for laptops, tests and CI.
+
+    It lives as long as the process that started it: jobs that must outlive it (resuming a run in a later
+    process) point `storage.uri` at a real bucket or a local path instead.
+
+        with EmbeddedS3() as s3:
+            uri = f"s3://{s3.bucket}/datasets/digits"; endpoint = s3.endpoint
+    """
+
+    def __init__(self, bucket: str = EMBEDDED_BUCKET, port: int | None = None):
+        self.bucket = bucket
+        self.port = port or _free_port()
+        self.endpoint = Endpoint(url=f"http://127.0.0.1:{self.port}", embedded=True)
+        self._server = None
+
+    def start(self) -> "EmbeddedS3":
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        s3_filesystem(self.endpoint).create_dir(self.bucket)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> "EmbeddedS3":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def walk(uri: str, endpoint: Endpoint | None = None) -> Iterator[str]:
+    """Every file below `uri`, as paths relative to it (for tests and tools that copy whole trees)."""
+    fs, path = resolve(uri, endpoint)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            yield info.path[len(path):].lstrip("/")

@@ -1,0 +1,47 @@
+"""Image classification: the objective of ViT pretraining and fine-tuning.
+
+A task is what the training loop knows about a problem: how to build the model, turn a data batch into tensors,
+compute the loss, and count what evaluation needs. Detection (DETR) and autoregressive pixels (iGPT) provide
+the same four methods, so the loop never changes for them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitray.config.schema import Config
+from vitray.models.registry import build_model, get_spec
+
+
+class ClassificationTask:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def build_model(self) -> torch.nn.Module:
+        m = self.cfg.model
+        spec = get_spec(m.name)
+        return build_model(
+            m.name, num_classes=m.num_classes, image_size=self.cfg.data.image_size, dropout=m.dropout,
+            representation_size=spec.width if m.pre_logits else None,
+        )
+
+    def to_tensors(self, batch: dict[str, np.ndarray], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """uint8 HWC images from the pipeline → [-1, 1] NCHW on the device (the paper's (x − 127.5)/127.5)."""
+        images = torch.from_numpy(np.require(batch["image"], requirements="W")).to(device, non_blocking=True)
+        images = images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
+        return {"image": images, "label": torch.from_numpy(np.require(batch["label"], requirements="W")).to(device)}
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.cfg.optim.label_smoothing)
+        return loss, {"correct": (logits.argmax(-1) == batch["label"]).sum(), "count": torch.tensor(len(logits))}
+
+    @torch.no_grad()
+    def eval_counts(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[correct top-1, samples] for one batch."""
+        logits = model(batch["image"])
+        return torch.tensor([(logits.argmax(-1) == batch["label"]).sum().item(), len(logits)], dtype=torch.float64)
+
+
+TASKS = {"classification": ClassificationTask}

@@ -1,0 +1,59 @@
+"""Checkpoints: every rank's DeepSpeed state (ZeRO shards included) + where each rank's data stream stood.
+
+Each rank saves into its own local folder and hands it to `ray.train.report`; Ray Train uploads all of them into
+one checkpoint folder in storage (local or s3://) and records it only once every rank has reported, keeping the
+last `storage.keep_checkpoints`. Resuming (`ray.train.get_checkpoint()`) restores model, optimizer, LR schedule,
+step and data position.
+
+Layout of `<run>/step_00001000/`:
+    vitray.json                      step, world size, the run's config (no credentials: there are none in it)
+    position-rank00000.json ...      each rank's data position
+    state/                           DeepSpeed: mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import ray.train
+
+from vitray.data.stream import Position
+
+TAG = "state"
+
+
+def save(engine, step: int, position: Position, metrics: dict, run_info: dict) -> None:
+    """Collective: every rank must call it at the same step."""
+    rank = ray.train.get_context().get_world_rank()
+    folder = tempfile.mkdtemp(prefix=f"vitray-ckpt-{step}-")
+    try:
+        engine.save_checkpoint(folder, tag=TAG, client_state={"step": step})
+        with open(os.path.join(folder, f"position-rank{rank:05d}.json"), "w") as f:
+            json.dump({"epoch": position.epoch, "consumed": position.consumed}, f)
+        if rank == 0:
+            with open(os.path.join(folder, "vitray.json"), "w") as f:
+                json.dump({"step": step, **run_info}, f, indent=1)
+        ray.train.report(
+            {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=f"step_{step:08d}",
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def restore(engine) -> tuple[int, Position] | None:
+    """Load the latest reported checkpoint into `engine`; (step, this rank's data position), or None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    rank = ray.train.get_context().get_world_rank()
+    with checkpoint.as_directory() as folder:
+        path, client_state = engine.load_checkpoint(folder, tag=TAG)
+        if path is None:
+            raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed found no state under {TAG}/")
+        position_file = os.path.join(folder, f"position-rank{rank:05d}.json")
+        with open(position_file if os.path.exists(position_file) else os.path.join(folder, "position-rank00000.json")) as f:
+            position = Position(**json.load(f))
+    return int(client_state["step"]), position

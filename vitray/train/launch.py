@@ -1,0 +1,145 @@
+"""Driver side: check everything cheap first (`prepare`, no Ray), then run the `TorchTrainer` (`fit`).
+
+`prepare` validates the config, writes the built-in dataset if asked, reads the shard manifests, and decides the
+run folder — refusing to silently overwrite or resume a run. Only then does `fit` start or join a Ray cluster.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+from vitray import storage
+from vitray.config.schema import Config, ConfigError, validate
+from vitray.data.shards import DataError, read_manifest
+from vitray.storage import Endpoint
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it once a checkpoint is fully registered
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the driver worked out before Ray starts; handed to every worker."""
+
+    run_name: str
+    run_uri: str
+    endpoint: Endpoint
+    train_uri: str
+    val_uri: str
+    train_samples: int
+    total_steps: int
+    resume: bool
+
+    def to_worker(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["has_val"] = bool(self.val_uri)
+        return d
+
+
+def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None = None) -> tuple[Config, Plan]:
+    validate(cfg)
+    if cfg.storage.uri:
+        endpoint = Endpoint(url=cfg.storage.endpoint_url or None, region=cfg.storage.region)
+        root = cfg.storage.uri
+    elif embedded is not None:
+        if resume:
+            raise ConfigError(
+                "storage.uri: --resume needs storage that outlives one process; the embedded S3 server does not."
+                " Run with --set storage.uri=s3://bucket/prefix (or a local folder) and resume from there"
+            )
+        endpoint, root = embedded.endpoint, f"s3://{embedded.bucket}"
+    else:
+        raise ConfigError("storage.uri: no storage given and no embedded S3 server running")
+
+    if cfg.data.builtin == "digits" and not cfg.data.train_uri:
+        from vitray.data.datasets import write_digits
+
+        base = storage.join(root, "datasets", "digits")
+        write_digits(base, endpoint)
+        cfg = cfg.replace(data=dict(train_uri=storage.join(base, "train"), val_uri=storage.join(base, "val")))
+
+    try:
+        manifest = read_manifest(cfg.data.train_uri, endpoint, "data.train_uri")
+        if cfg.data.val_uri:
+            read_manifest(cfg.data.val_uri, endpoint, "data.val_uri")
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    if manifest.num_samples < cfg.scaling.num_workers:
+        raise ConfigError(f"data.train_uri: {manifest.num_samples} samples cannot feed {cfg.scaling.num_workers} workers")
+    if cfg.model.num_classes < len(manifest.classes):
+        raise ConfigError(
+            f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(manifest.classes)} classes of"
+            f" {cfg.data.train_uri}"
+        )
+
+    name = cfg.storage.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    run_uri = storage.join(root, "runs", name)
+    try:
+        has_checkpoint = storage.exists(storage.join(run_uri, RAY_SNAPSHOT), endpoint)
+    except storage.StorageError as e:
+        raise ConfigError(f"storage.uri: {e}") from None
+    if resume and not has_checkpoint:
+        raise ConfigError(f"storage.run_name: --resume found no checkpoint of run {name!r} under {run_uri}")
+    if not resume and storage.exists(run_uri, endpoint):
+        raise ConfigError(
+            f"storage.run_name: run {name!r} already exists at {run_uri}; pass --resume to continue it or choose"
+            " another name"
+        )
+
+    # Each rank gets floor(N / workers) samples per epoch (equal splits keep ranks in lockstep).
+    usable = manifest.num_samples // cfg.scaling.num_workers * cfg.scaling.num_workers
+    total = cfg.optim.total_steps or max(1, math.floor(cfg.optim.epochs * usable / cfg.optim.global_batch))
+    cfg = cfg.replace(storage=dict(run_name=name))
+    return cfg, Plan(name, run_uri, endpoint, cfg.data.train_uri, cfg.data.val_uri, manifest.num_samples, total, resume)
+
+
+def check_cluster(cfg: Config) -> None:
+    """Fail fast when the recipe needs GPUs the cluster does not have (and cannot add)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.scaling.use_gpu and gpus == 0 and not cfg.scaling.autoscale:
+        raise ConfigError(
+            f"scaling.use_gpu: this recipe needs {cfg.scaling.num_workers} GPU workers but the Ray cluster has no"
+            " GPUs. Submit it to a GPU cluster (see cluster/), set scaling.autoscale=true if the cluster adds GPU"
+            " nodes on demand, or try the CPU recipe: --preset smoke"
+        )
+
+
+def fit(cfg: Config, plan: Plan):
+    """Run training on the current Ray cluster; returns Ray Train's `Result`."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vitray.data.stream import build_dataset, stream_splits_config
+    from vitray.train.loop import train_loop_per_worker
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    d = cfg.data
+    datasets = {"train": build_dataset(plan.train_uri, plan.endpoint, True, d.image_size, cfg.seed, d.crop_area_min, d.decode_batch)}
+    if plan.val_uri:
+        datasets["val"] = build_dataset(plan.val_uri, plan.endpoint, False, d.image_size, decode_batch=d.decode_batch, field="data.val_uri")
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    fs, runs_path = storage.resolve(plan.run_uri.rsplit("/", 1)[0], plan.endpoint)  # Ray adds the run name
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_worker()},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+            accelerator_type=s.accelerator or None,
+        ),
+        run_config=RunConfig(
+            name=plan.run_name,
+            storage_path=runs_path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=stream_splits_config(),
+    )
+    return trainer.fit()

@@ -1,0 +1,126 @@
+"""The per-worker training loop. Ray Train runs one copy on each worker; read it top to bottom.
+
+    build model → DeepSpeed engine → restore the latest checkpoint, if any → stream micro-batches →
+    forward / backward / step (DeepSpeed accumulates to the global batch) → log → checkpoint → evaluate.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from vitray import accounting
+from vitray.config.schema import Config
+from vitray.data.stream import Position, micro_batches
+from vitray.models.registry import get_spec
+from vitray.storage import Endpoint
+from vitray.tasks.classification import TASKS
+from vitray.train import checkpoint
+from vitray.train.engine import build_engine, precision
+from vitray.train.metrics import MetricsLog
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg, plan = Config.from_dict(config["cfg"]), config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")  # before DeepSpeed is imported
+    if not on_gpu:
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
+    endpoint = Endpoint(**plan["endpoint"])
+
+    # Model and engine.
+    task = TASKS["classification"](cfg)
+    model = task.build_model()
+    total_steps = plan["total_steps"]
+    engine = build_engine(model, cfg, world, total_steps, on_gpu)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, on_gpu), torch.float32)
+
+    # Resume where the latest checkpoint left off (Ray Train hands it to us after a restart or --resume).
+    restored = checkpoint.restore(engine)
+    step, position = restored if restored else (0, Position())
+    if restored and rank == 0:
+        print(f"resumed at step {step}, data epoch {position.epoch} + {position.consumed} samples", flush=True)
+
+    # Data: this worker's split of the training set, as exact micro-batches across epochs.
+    stream = micro_batches(
+        ray.train.get_dataset_shard("train"), cfg.optim.micro_batch, cfg.seed, rank, cfg.data.shuffle_buffer, position,
+    )
+    accumulation = engine.gradient_accumulation_steps()
+    spec = get_spec(cfg.model.name)
+    flops = accounting.train_flops_per_image(accounting.vit_forward_flops(
+        spec, cfg.data.image_size, cfg.model.num_classes, spec.width if cfg.model.pre_logits else 0))
+    peak, peak_source = accounting.peak_flops(cfg.scaling.accelerator, on_gpu)
+    log = MetricsLog(
+        plan["run_uri"], endpoint, world, total_steps, cfg.optim.global_batch, flops, peak, peak_source, step, rank == 0,
+    )
+    run_info = {"world_size": world, "config": cfg.to_dict(), "total_steps": total_steps}
+
+    # Train.
+    engine.train()
+    loss_sum, loss_count, last_loss = torch.zeros((), dtype=torch.float64), 0, float("nan")
+    while step < total_steps:
+        for _ in range(accumulation):
+            batch, position = next(stream)
+            loss, _ = task.loss(engine, task.to_tensors(batch, device, dtype))
+            engine.backward(loss)
+            engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
+            loss_sum += loss.detach().double().cpu()
+            loss_count += 1
+        step += 1
+        if step % cfg.log_every == 0 or step == total_steps:
+            last_loss = _global_mean(loss_sum / loss_count, device)
+            log.record(step, last_loss, engine.get_lr()[0], epoch=position.epoch)
+            loss_sum.zero_()
+            loss_count = 0
+        if cfg.storage.checkpoint_every and step % cfg.storage.checkpoint_every == 0 and step < total_steps:
+            checkpoint.save(engine, step, position, {"loss": last_loss}, run_info)
+            log.flush()
+
+    # Evaluate on held-out shards, then save the final checkpoint with the results.
+    results = {"step": step, "loss": last_loss}
+    if plan.get("has_val"):
+        results["val_top1"] = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
+        if rank == 0:
+            print(f"held-out top-1 accuracy: {results['val_top1']:.4f}", flush=True)
+    log.lines.append(json.dumps({"step": step, "final": True, **results}))
+    log.flush()
+    checkpoint.save(engine, step, position, results, run_info)
+
+
+@torch.no_grad()
+def evaluate(engine, task, split, device, dtype, cfg: Config) -> float:
+    """Exact top-1 over a split that may give ranks unequal shares: ranks that run out keep stepping with an
+    empty batch until all are done, because with ZeRO-3 every forward pass is a collective."""
+    engine.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = iter(split.iter_batches(batch_size=cfg.optim.micro_batch, batch_format="numpy"))
+    size = cfg.data.image_size
+    while True:
+        batch = next(batches, None)
+        more = torch.tensor([0.0 if batch is None else 1.0], device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if more.item() == 0:
+            break
+        if batch is None:  # keep in step with the other ranks; counts nothing
+            batch = {"image": np.zeros((1, size, size, 3), np.uint8), "label": np.zeros(1, np.int64)}
+            task.eval_counts(engine, task.to_tensors(batch, device, dtype))
+            continue
+        counts += task.eval_counts(engine, task.to_tensors(batch, device, dtype)).to(device)
+    dist.all_reduce(counts)
+    engine.train()
+    return (counts[0] / counts[1]).item()
+
+
+def _global_mean(value: torch.Tensor, device: torch.device) -> float:
+    t = value.detach().double().reshape(1).to(device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()

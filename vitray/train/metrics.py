@@ -1,0 +1,62 @@
+"""Per-step training metrics: loss, LR, throughput, FLOPs, MFU, accelerator-hours, ETA — printed and kept as
+JSONL next to the run's checkpoints (`<run>/metrics.jsonl`), where benchmarks and later studies read them."""
+from __future__ import annotations
+
+import json
+import time
+
+from vitray import storage
+from vitray.storage import Endpoint
+
+
+class MetricsLog:
+    def __init__(
+        self, uri: str, endpoint: Endpoint | None, world_size: int, total_steps: int, global_batch: int,
+        train_flops_per_image: float, peak_flops: float, peak_source: str, start_step: int, write: bool,
+    ):
+        self.uri, self.endpoint, self.write = uri, endpoint, write
+        self.world, self.total_steps, self.global_batch = world_size, total_steps, global_batch
+        self.flops_per_image, self.peak, self.peak_source = train_flops_per_image, peak_flops, peak_source
+        self.start_step = start_step
+        self.t0 = self.t_window = time.perf_counter()
+        self.step_window = start_step
+        self.lines: list[str] = []
+        self.last_upload = 0.0
+        target = storage.join(uri, "metrics.jsonl")
+        if write and start_step > 0 and storage.exists(target, endpoint):  # resumed: keep the history up to here
+            old = storage.read_bytes(target, endpoint).decode().splitlines()
+            self.lines = [line for line in old if line and json.loads(line)["step"] <= start_step]
+
+    def record(self, step: int, loss: float, lr: float, **extra) -> dict:
+        now = time.perf_counter()
+        steps, seconds = step - self.step_window, max(now - self.t_window, 1e-9)
+        images_per_s = steps * self.global_batch / seconds
+        per_accel = images_per_s / self.world
+        elapsed = now - self.t0
+        rate = (step - self.start_step) / max(elapsed, 1e-9)
+        row = {
+            "step": step, "loss": loss, "lr": lr,
+            "images_per_s": images_per_s, "images_per_s_per_accelerator": per_accel,
+            "train_flops": step * self.global_batch * self.flops_per_image,
+            "mfu": per_accel * self.flops_per_image / self.peak, "mfu_peak_source": self.peak_source,
+            "accelerator_hours": elapsed * self.world / 3600.0,
+            "eta_s": (self.total_steps - step) / rate if rate > 0 else None,
+            "time": time.time(), **extra,
+        }
+        self.t_window, self.step_window = now, step
+        if self.write:
+            self.lines.append(json.dumps(row))
+            print(
+                f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} {images_per_s:.1f} img/s "
+                f"({per_accel:.1f}/accel) MFU {row['mfu']:.1%} [{self.peak_source}] "
+                f"accel-h {row['accelerator_hours']:.4f} ETA {row['eta_s'] or 0:.0f}s", flush=True,
+            )
+            if now - self.last_upload > 60:
+                self.flush()
+        return row
+
+    def flush(self) -> None:
+        """Rewrite `<run>/metrics.jsonl` whole: each upload is one atomic object, never a torn file."""
+        if self.write and self.lines:
+            storage.write_bytes(storage.join(self.uri, "metrics.jsonl"), ("\n".join(self.lines) + "\n").encode(), self.endpoint)
+            self.last_upload = time.perf_counter()
