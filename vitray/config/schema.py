@@ -87,6 +87,7 @@ class Config:
     seed: int = 0
     log_every: int = 50  # optimizer steps between metric lines
     max_failures: int = 0  # Ray Train restarts from the latest checkpoint this many times
+    stop_at_step: int = 0  # checkpoint and stop here (0 = run to the end): split a long run across allocations
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,6 +18,8 @@ import shutil
 import tempfile
 
 import ray.train
+import torch
+import torch.distributed as dist
 
 from vitray.data.stream import Position
 
@@ -27,6 +29,7 @@ TAG = "state"
 def save(engine, step: int, position: Position, metrics: dict, run_info: dict) -> None:
     """Collective: every rank must call it at the same step."""
     rank = ray.train.get_context().get_world_rank()
+    digest = optimizer_digest(engine)
     folder = tempfile.mkdtemp(prefix=f"vitray-ckpt-{step}-")
     try:
         engine.save_checkpoint(folder, tag=TAG, client_state={"step": step})
@@ -34,13 +37,23 @@ def save(engine, step: int, position: Position, metrics: dict, run_info: dict) -
             json.dump({"epoch": position.epoch, "consumed": position.consumed}, f)
         if rank == 0:
             with open(os.path.join(folder, "vitray.json"), "w") as f:
-                json.dump({"step": step, **run_info}, f, indent=1)
+                json.dump({"step": step, "optimizer_digest": digest, **run_info}, f, indent=1)
         ray.train.report(
             {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
             checkpoint_dir_name=f"step_{step:08d}",
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def optimizer_digest(engine) -> float:
+    """Sum of |x| over every optimizer-state tensor on every rank: equal before a save and after its restore."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    total = sum((t.double().abs().sum() for s in inner.state.values() for t in s.values() if torch.is_tensor(t)),
+                torch.zeros((), dtype=torch.float64))
+    total = total.reshape(1).to(engine.device)
+    dist.all_reduce(total)
+    return total.item()
 
 
 def restore(engine) -> tuple[int, Position] | None:

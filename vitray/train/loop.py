@@ -47,6 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Resume where the latest checkpoint left off (Ray Train hands it to us after a restart or --resume).
     restored = checkpoint.restore(engine)
     step, position = restored if restored else (0, Position())
+    resumed_digest = checkpoint.optimizer_digest(engine) if restored else None
     if restored and rank == 0:
         print(f"resumed at step {step}, data epoch {position.epoch} + {position.consumed} samples", flush=True)
 
@@ -62,12 +63,16 @@ def train_loop_per_worker(config: dict) -> None:
     log = MetricsLog(
         plan["run_uri"], endpoint, world, total_steps, cfg.optim.global_batch, flops, peak, peak_source, step, rank == 0,
     )
+    if restored:
+        log.lines.append(json.dumps({"step": step, "event": "resumed", "optimizer_digest": resumed_digest,
+                                     "epoch": position.epoch, "consumed": position.consumed}))
     run_info = {"world_size": world, "config": cfg.to_dict(), "total_steps": total_steps}
+    last_step = min(total_steps, cfg.stop_at_step or total_steps)
 
     # Train.
     engine.train()
     loss_sum, loss_count, last_loss = torch.zeros((), dtype=torch.float64), 0, float("nan")
-    while step < total_steps:
+    while step < last_step:
         for _ in range(accumulation):
             batch, position = next(stream)
             loss, _ = task.loss(engine, task.to_tensors(batch, device, dtype))
@@ -76,18 +81,18 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum += loss.detach().double().cpu()
             loss_count += 1
         step += 1
-        if step % cfg.log_every == 0 or step == total_steps:
+        if step % cfg.log_every == 0 or step == last_step:
             last_loss = _global_mean(loss_sum / loss_count, device)
             log.record(step, last_loss, engine.get_lr()[0], epoch=position.epoch)
             loss_sum.zero_()
             loss_count = 0
-        if cfg.storage.checkpoint_every and step % cfg.storage.checkpoint_every == 0 and step < total_steps:
+        if cfg.storage.checkpoint_every and step % cfg.storage.checkpoint_every == 0 and step < last_step:
             checkpoint.save(engine, step, position, {"loss": last_loss}, run_info)
             log.flush()
 
     # Evaluate on held-out shards, then save the final checkpoint with the results.
     results = {"step": step, "loss": last_loss}
-    if plan.get("has_val"):
+    if plan.get("has_val") and step == total_steps:
         results["val_top1"] = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
         if rank == 0:
             print(f"held-out top-1 accuracy: {results['val_top1']:.4f}", flush=True)

@@ -1,0 +1,44 @@
+"""Shared fixtures: one embedded S3 server and one local Ray cluster for the whole session (both real)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# Runs in these tests treat the embedded server as a real endpoint, so credentials come from the standard AWS
+# chain — here the environment, inherited by the Ray workers. moto checks none of them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from vitray.storage import EmbeddedS3
+
+    with EmbeddedS3() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def digits(s3):
+    """scikit-learn's digits written as shards into the session's S3 server: {"train": uri, "val": uri}."""
+    from vitray.data.datasets import write_digits
+
+    base = f"s3://{s3.bucket}/datasets/digits"
+    write_digits(base, s3.endpoint)
+    return {"train": f"{base}/train", "val": f"{base}/val"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # 4 logical CPUs on 2 cores: two half-CPU Train workers plus Ray Data tasks and helper actors.
+    ray.init(address="local", num_cpus=4, object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

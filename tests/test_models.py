@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from vitray.models.registry import build_model, canonical, get_spec
+
+
+@pytest.mark.parametrize("name, paper_millions", [("vit_b16", 86), ("vit_l16", 307), ("vit_h14", 632)])
+def test_parameter_counts_match_table1(name, paper_millions):
+    with torch.device("meta"):  # count without allocating 2.5 GB for H/14
+        model = build_model(name, num_classes=1000)
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(millions - paper_millions) / paper_millions < 0.01, millions
+
+
+@pytest.mark.parametrize("alias", ["ViT-H/14", "vit_h14", "vit-h14", "h14", "VIT_H14"])
+def test_names_resolve(alias):
+    assert canonical(alias) == "vit_h14"
+
+
+def test_unknown_model_lists_known():
+    with pytest.raises(KeyError, match="vit_b16"):
+        canonical("vit_q7")
+
+
+def test_table1_dimensions():
+    h = get_spec("ViT-H/14")
+    assert (h.width, h.depth, h.mlp_dim, h.heads, h.patch) == (1280, 32, 5120, 16, 14)
+    assert get_spec("vit_l16").tokens(224) == 197 and get_spec("vit_h14").tokens(518) == 37 * 37 + 1
+
+
+def test_shapes_and_pretraining_head():
+    model = build_model("vit_tiny_test", num_classes=7, image_size=(16, 24), representation_size=32)
+    x = torch.randn(3, 3, 16, 24)
+    assert model(x).shape == (3, 7)
+    assert model.forward_features(x).shape == (3, 32)
+    assert isinstance(model.pre_logits[1], torch.nn.Tanh)
+    assert model.pos_embed.shape == (1, 2 * 3 + 1, 32)  # non-square 2×3 grid + class token
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.cls_token) == 0
+    assert 0.015 < model.pos_embed.std().item() < 0.025  # N(0, 0.02)
+
+
+def test_explicit_attention_matches_fused_path():
+    torch.manual_seed(0)
+    model = build_model("vit_tiny_test", num_classes=5, image_size=32).eval()
+    torch.nn.init.normal_(model.head.weight)  # non-zero head so logits depend on the encoder
+    x = torch.randn(2, 3, 32, 32)
+    logits, attention = model(x, return_attention=True)
+    assert torch.allclose(logits, model(x), atol=1e-5)
+    assert len(attention) == 2 and attention[0].shape == (2, 2, 17, 17)
+    assert torch.allclose(attention[0].sum(-1), torch.ones(2, 2, 17))
+
+
+def test_patch_must_divide_image():
+    with pytest.raises(ValueError, match="not divisible by patch size 8"):
+        build_model("vit_tiny_test", num_classes=2, image_size=30)
+
+
+def test_dropout_placement():
+    model = build_model("vit_tiny_test", num_classes=2, image_size=16, dropout=0.1)
+    drops = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert "pos_drop" in drops and "blocks.0.attn.drop" in drops and "blocks.0.mlp.drop" in drops
+    assert not any("qkv" in n for n in drops)
