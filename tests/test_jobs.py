@@ -1,0 +1,108 @@
+"""The entry scripts as users run them: bad input stops before Ray with one clear error; `ray job submit` works."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "jobs", "pretrain_vit_h14.py")
+
+
+def _job(*args, timeout=120):
+    return subprocess.run([sys.executable, JOB, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _assert_clean_error(proc, *needles):
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+    assert "Started a local Ray instance" not in out and "ray.init" not in out  # no cluster resource requested
+
+
+def test_default_recipe_without_data_says_what_to_pass():
+    _assert_clean_error(_job(), "data.train_uri", "--set data.train_uri=s3://")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.name=vit_x99", "model.name: unknown model 'vit_x99'"),
+    ("data.image_size=18", "data.image_size: 18 is not divisible by the patch size 4"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage: must be 0, 1, 2 or 3"),
+    ("optim.global_batch=48", "optim.global_batch: 48 is not divisible by scaling.num_workers × optim.micro_batch"),
+])
+def test_bad_config_fields(override, field):
+    _assert_clean_error(_job("--preset", "smoke", "--set", override), field)
+
+
+def test_missing_and_empty_data_uris(tmp_path):
+    missing = tmp_path / "missing"
+    _assert_clean_error(_job("--preset", "smoke", "--set", "data.builtin=", "--set", f"data.train_uri={missing}"),
+                        f"data.train_uri: {missing} does not exist")
+    (tmp_path / "empty").mkdir()
+    _assert_clean_error(_job("--preset", "smoke", "--set", "data.builtin=", "--set", f"data.train_uri={tmp_path / 'empty'}"),
+                        "holds no shards")
+
+
+def test_missing_s3_prefix(s3):
+    proc = _job("--preset", "smoke", "--set", "data.builtin=", "--set", f"data.train_uri=s3://{s3.bucket}/no/such/prefix",
+                "--set", f"storage.uri=s3://{s3.bucket}/runs-x", "--set", f"storage.endpoint_url={s3.endpoint.url}")
+    _assert_clean_error(proc, f"data.train_uri: s3://{s3.bucket}/no/such/prefix does not exist")
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    proc = _job("--preset", "smoke", "--set", f"storage.uri={tmp_path}", "--run-name", "never-ran", "--resume")
+    _assert_clean_error(proc, "--resume found no checkpoint of run 'never-ran'")
+    _assert_clean_error(_job("--preset", "smoke", "--resume"), "storage.uri: --resume needs storage that outlives")
+
+
+def test_unknown_preset_and_override_syntax():
+    _assert_clean_error(_job("--preset", "nope"), "--preset: unknown preset 'nope'")
+    _assert_clean_error(_job("--preset", "smoke", "--set", "optim.lr"), "optim.lr: overrides look like")
+
+
+def test_help_lists_presets():
+    proc = subprocess.run([sys.executable, JOB, "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "smoke" in proc.stdout and "ray job submit" in proc.stdout
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_smoke_against_a_started_head():
+    """`ray start --head`, then `ray job submit -- python jobs/pretrain_vit_h14.py --preset smoke`, as the README says."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    port, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=4", "--object-store-memory=1000000000", "--block"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while subprocess.run([os.path.join(bin_dir, "ray"), "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
+            time.sleep(2)
+        proc = subprocess.run(
+            [os.path.join(bin_dir, "ray"), "job", "submit", "--address", address, "--working-dir", ROOT, "--",
+             "python", "jobs/pretrain_vit_h14.py", "--preset", "smoke"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        summary = json.loads(next(line for line in out.splitlines() if line.startswith('{"run"')))
+        assert summary["val_top1"] > 0.6, summary  # 10 classes: chance is 0.1
+        assert summary["checkpoint"].endswith("step_00000585")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=90)
