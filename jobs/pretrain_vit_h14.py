@@ -10,10 +10,14 @@ Override any config field with --set section.field=value; --print-config shows t
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
+import time
+
+STARTED = time.time()  # logged with the run's start-up timeline (benchmarks/submit_latency.py)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
@@ -57,9 +61,10 @@ def run(cfg, resume: bool) -> int:
 
         import ray
 
-        ray.init(logging_level="WARNING", log_to_driver=True)
+        # Under `ray job submit` (or with RAY_ADDRESS set) join that cluster; otherwise start a local one.
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), logging_level="WARNING")
         launch.check_cluster(cfg)
-        result = launch.fit(cfg, plan)
+        result = launch.fit(cfg, plan, timeline={"driver_start": STARTED})
         if result.error:
             print(f"training failed: {result.error}", file=sys.stderr)
             return 1

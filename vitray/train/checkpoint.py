@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 
+import pyarrow.fs as pafs
 import ray.train
 import torch
 import torch.distributed as dist
@@ -56,17 +57,28 @@ def optimizer_digest(engine) -> float:
     return total.item()
 
 
-def restore(engine) -> tuple[int, Position] | None:
-    """Load the latest reported checkpoint into `engine`; (step, this rank's data position), or None."""
+def read_position() -> Position:
+    """This rank's data position in the latest checkpoint (a fresh Position when there is none). Reads one small
+    file, so the data stream can start before the engine state is downloaded."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Position()
+    rank = ray.train.get_context().get_world_rank()
+    fs = checkpoint.filesystem
+    path = f"{checkpoint.path}/position-rank{rank:05d}.json"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:  # resumed on more workers than saved it
+        path = f"{checkpoint.path}/position-rank00000.json"
+    with fs.open_input_stream(path) as f:
+        return Position(**json.loads(f.read()))
+
+
+def restore(engine) -> int | None:
+    """Load the latest reported checkpoint into `engine` (model, optimizer, LR schedule); its step, or None."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    rank = ray.train.get_context().get_world_rank()
     with checkpoint.as_directory() as folder:
         path, client_state = engine.load_checkpoint(folder, tag=TAG)
         if path is None:
             raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed found no state under {TAG}/")
-        position_file = os.path.join(folder, f"position-rank{rank:05d}.json")
-        with open(position_file if os.path.exists(position_file) else os.path.join(folder, "position-rank00000.json")) as f:
-            position = Position(**json.load(f))
-    return int(client_state["step"]), position
+    return int(client_state["step"])

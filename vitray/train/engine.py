@@ -26,7 +26,8 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, on_gpu: boo
         scheduler = {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(total_steps, warmup + 1), "warmup_min_ratio": 0.0, "warmup_num_steps": warmup,
             "cos_min_ratio": 0.0, "warmup_type": "linear"}}
-    zero: dict = {"stage": z.zero_stage}
+    # Overlap gradient reduction with the backward pass, as DDP's buckets do.
+    zero: dict = {"stage": z.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     mode = precision(cfg, on_gpu)

@@ -106,8 +106,9 @@ def check_cluster(cfg: Config) -> None:
         )
 
 
-def fit(cfg: Config, plan: Plan):
-    """Run training on the current Ray cluster; returns Ray Train's `Result`."""
+def fit(cfg: Config, plan: Plan, timeline: dict | None = None):
+    """Run training on the current Ray cluster; returns Ray Train's `Result`. `timeline` (wall-clock times of
+    earlier start-up phases) is passed through to the run's start-up record."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -126,7 +127,7 @@ def fit(cfg: Config, plan: Plan):
     fs, runs_path = storage.resolve(plan.run_uri.rsplit("/", 1)[0], plan.endpoint)  # Ray adds the run name
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_worker()},
+        train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_worker(), "timeline": {**(timeline or {}), "fit_called": time.time()}},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,

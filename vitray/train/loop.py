@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import ray.train
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from vitray import accounting
 from vitray.config.schema import Config
-from vitray.data.stream import Position, micro_batches
+from vitray.data.stream import micro_batches, start_early
 from vitray.models.registry import get_spec
 from vitray.storage import Endpoint
 from vitray.tasks.classification import TASKS
@@ -26,6 +27,7 @@ from vitray.train.metrics import MetricsLog
 
 
 def train_loop_per_worker(config: dict) -> None:
+    timeline = {**config.get("timeline", {}), "worker_start": time.time()}  # start-up phases, logged once
     cfg, plan = Config.from_dict(config["cfg"]), config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -37,24 +39,27 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     endpoint = Endpoint(**plan["endpoint"])
 
-    # Model and engine.
+    # Data first: Ray Data starts its read and decode tasks while DeepSpeed builds the engine. A restarted or
+    # resumed run continues from each rank's position in the latest checkpoint.
+    position = checkpoint.read_position()
+    stream = start_early(micro_batches(
+        ray.train.get_dataset_shard("train"), cfg.optim.micro_batch, cfg.seed, rank, cfg.data.shuffle_buffer, position,
+    ))
+
+    # Model and engine, restored from the latest checkpoint if there is one.
     task = TASKS["classification"](cfg)
     model = task.build_model()
     total_steps = plan["total_steps"]
     engine = build_engine(model, cfg, world, total_steps, on_gpu)
+    timeline["engine_ready"] = time.time()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, on_gpu), torch.float32)
+    restored_step = checkpoint.restore(engine)
+    step = restored_step or 0
+    if restored_step is not None:
+        resumed_digest = checkpoint.optimizer_digest(engine)
+        if rank == 0:
+            print(f"resumed at step {step}, data epoch {position.epoch} + {position.consumed} samples", flush=True)
 
-    # Resume where the latest checkpoint left off (Ray Train hands it to us after a restart or --resume).
-    restored = checkpoint.restore(engine)
-    step, position = restored if restored else (0, Position())
-    resumed_digest = checkpoint.optimizer_digest(engine) if restored else None
-    if restored and rank == 0:
-        print(f"resumed at step {step}, data epoch {position.epoch} + {position.consumed} samples", flush=True)
-
-    # Data: this worker's split of the training set, as exact micro-batches across epochs.
-    stream = micro_batches(
-        ray.train.get_dataset_shard("train"), cfg.optim.micro_batch, cfg.seed, rank, cfg.data.shuffle_buffer, position,
-    )
     accumulation = engine.gradient_accumulation_steps()
     spec = get_spec(cfg.model.name)
     flops = accounting.train_flops_per_image(accounting.vit_forward_flops(
@@ -63,7 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
     log = MetricsLog(
         plan["run_uri"], endpoint, world, total_steps, cfg.optim.global_batch, flops, peak, peak_source, step, rank == 0,
     )
-    if restored:
+    if restored_step is not None:
         log.lines.append(json.dumps({"step": step, "event": "resumed", "optimizer_digest": resumed_digest,
                                      "epoch": position.epoch, "consumed": position.consumed}))
     run_info = {"world_size": world, "config": cfg.to_dict(), "total_steps": total_steps}
@@ -75,12 +80,16 @@ def train_loop_per_worker(config: dict) -> None:
     while step < last_step:
         for _ in range(accumulation):
             batch, position = next(stream)
+            timeline.setdefault("first_batch", time.time())
             loss, _ = task.loss(engine, task.to_tensors(batch, device, dtype))
             engine.backward(loss)
             engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
             loss_sum += loss.detach().double().cpu()
             loss_count += 1
         step += 1
+        if "first_step" not in timeline:
+            timeline["first_step"] = time.time()
+            log.lines.append(json.dumps({"step": step, "event": "startup", **timeline}))
         if step % cfg.log_every == 0 or step == last_step:
             last_loss = _global_mean(loss_sum / loss_count, device)
             log.record(step, last_loss, engine.get_lr()[0], epoch=position.epoch)

@@ -1,0 +1,65 @@
+"""Turn images into vitray shards (WebDataset tar + manifest) on a local path or s3://bucket/prefix.
+
+    python jobs/write_shards.py --source folder:/data/imagenet/train --dest s3://my-bucket/imagenet/train
+    python jobs/write_shards.py --source digits --dest ./data/digits          # writes train/ and val/
+    python jobs/write_shards.py --verify s3://my-bucket/imagenet/train       # checksums and counts
+
+S3-compatible endpoints (MinIO, Ceph): --endpoint-url http://host:9000. Credentials come from the standard AWS
+chain (environment, ~/.aws, instance role) and are never printed or stored.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vitray.data.shards import DataError  # noqa: E402
+from vitray.storage import Endpoint, StorageError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", help="folder:<path> (one sub-folder per class) or digits")
+    p.add_argument("--dest", help="where the dataset goes: s3://bucket/prefix or a local path")
+    p.add_argument("--verify", metavar="URI", help="check a written dataset against its manifest and exit")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint; default AWS")
+    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--shard-size-mb", type=int, default=256, help="target shard size (default 256 MB)")
+    p.add_argument("--shard-samples", type=int, default=10_000, help="at most this many samples per shard")
+    args = p.parse_args(argv)
+    endpoint = Endpoint(url=args.endpoint_url, region=args.region)
+    try:
+        if args.verify:
+            from vitray.data.shards import verify_shards
+
+            m = verify_shards(args.verify, endpoint)
+            print(f"{args.verify}: {len(m.shards)} shards, {m.num_samples} samples, {len(m.classes)} classes: OK")
+            return 0
+        if not args.source or not args.dest:
+            p.error("--source and --dest are required (or --verify URI)")
+        if args.source == "digits":
+            from vitray.data.datasets import write_digits
+
+            for split, m in write_digits(args.dest, endpoint).items():
+                print(f"{args.dest}/{split}: {len(m.shards)} shards, {m.num_samples} samples")
+            return 0
+        kind, _, path = args.source.partition(":")
+        if kind != "folder" or not path:
+            p.error(f"--source {args.source!r}: expected folder:<path> or digits")
+        from vitray.data.datasets import folder_classes, samples_from_folder
+        from vitray.data.shards import write_shards
+
+        classes = folder_classes(path)
+        m = write_shards(samples_from_folder(path, classes), args.dest, classes, endpoint,
+                         max_shard_bytes=args.shard_size_mb << 20, max_shard_samples=args.shard_samples)
+        print(f"{args.dest}: {len(m.shards)} shards, {m.num_samples} samples, {len(classes)} classes")
+        return 0
+    except (DataError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
