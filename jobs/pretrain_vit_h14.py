@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg, resume: bool) -> int:
+    from vitray import storage
     from vitray.config import validate
     from vitray.storage import EmbeddedS3
     from vitray.train import launch
@@ -70,7 +71,7 @@ def run(cfg, resume: bool) -> int:
             return 1
         m = result.metrics or {}
         print(json.dumps({"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"),
-                          "val_top1": m.get("val_top1"), "checkpoint": result.checkpoint.path if result.checkpoint else None}))
+                          "val_top1": m.get("val_top1"), "checkpoint": storage.join(plan.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None}))
         return 0
     finally:
         if embedded:

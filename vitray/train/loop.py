@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -24,6 +25,9 @@ from vitray.tasks.classification import TASKS
 from vitray.train import checkpoint
 from vitray.train.engine import build_engine, precision
 from vitray.train.metrics import MetricsLog
+
+# Not print(): Ray Train tees worker prints to both stdout and its logger, so each line would show twice.
+logger = logging.getLogger("vitray")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -58,7 +62,7 @@ def train_loop_per_worker(config: dict) -> None:
     if restored_step is not None:
         resumed_digest = checkpoint.optimizer_digest(engine)
         if rank == 0:
-            print(f"resumed at step {step}, data epoch {position.epoch} + {position.consumed} samples", flush=True)
+            logger.info(f"resumed at step {step}, data epoch {position.epoch} + {position.consumed} samples")
 
     accumulation = engine.gradient_accumulation_steps()
     spec = get_spec(cfg.model.name)
@@ -104,7 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
     if plan.get("has_val") and step == total_steps:
         results["val_top1"] = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
         if rank == 0:
-            print(f"held-out top-1 accuracy: {results['val_top1']:.4f}", flush=True)
+            logger.info(f"held-out top-1 accuracy: {results['val_top1']:.4f}")
     log.lines.append(json.dumps({"step": step, "final": True, **results}))
     log.flush()
     checkpoint.save(engine, step, position, results, run_info)

@@ -3,10 +3,14 @@ JSONL next to the run's checkpoints (`<run>/metrics.jsonl`), where benchmarks an
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from vitray import storage
 from vitray.storage import Endpoint
+
+# Not print(): Ray Train tees worker prints to both stdout and its logger, so each line would show twice.
+logger = logging.getLogger("vitray")
 
 
 class MetricsLog:
@@ -46,10 +50,10 @@ class MetricsLog:
         self.t_window, self.step_window = now, step
         if self.write:
             self.lines.append(json.dumps(row))
-            print(
+            logger.info(
                 f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} {images_per_s:.1f} img/s "
                 f"({per_accel:.1f}/accel) MFU {row['mfu']:.1%} [{self.peak_source}] "
-                f"accel-h {row['accelerator_hours']:.4f} ETA {row['eta_s'] or 0:.0f}s", flush=True,
+                f"accel-h {row['accelerator_hours']:.4f} ETA {row['eta_s'] or 0:.0f}s"
             )
             if now - self.last_upload > 60:
                 self.flush()
