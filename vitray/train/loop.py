@@ -80,7 +80,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Train.
     engine.train()
-    loss_sum, loss_count, last_loss = torch.zeros((), dtype=torch.float64), 0, float("nan")
+    # The running loss stays on the device: a .item() per micro-step would stall a GPU every step.
+    loss_sum, loss_count, last_loss = torch.zeros((), dtype=torch.float64, device=device), 0, float("nan")
     while step < last_step:
         for _ in range(accumulation):
             batch, position = next(stream)
@@ -88,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss, _ = task.loss(engine, task.to_tensors(batch, device, dtype))
             engine.backward(loss)
             engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
             loss_count += 1
         step += 1
         if "first_step" not in timeline:
