@@ -136,9 +136,9 @@ def main() -> None:
     p.add_argument("--model", default="vit_smoke")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--warmup", type=int, default=15, help="steps left out of the steady state")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage of the vitray side")
     args = p.parse_args()
 

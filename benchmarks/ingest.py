@@ -107,12 +107,17 @@ def main() -> None:
         for _ in range(args.rounds):  # interleaved: both see the same machine noise
             ray_rates.append(run_ray(uri, s3.endpoint, args.size, args.batch))
             loader_rates.append(run_dataloader(files, args.size, args.workers, args.batch))
+        # The object store must not have spilled to disk (Ray reports a "Spilled … MiB" line when it has).
+        from ray._private.internal_api import memory_summary
+
+        spilled = [line for line in memory_summary(ray.get_runtime_context().gcs_address, stats_only=True).splitlines() if line.startswith("Spilled")]
         ray.shutdown()
     ratios = [r / d for r, d in zip(ray_rates, loader_rates)]
     write_result("ingest", {
         "what": "images/s, Ray Data from S3 tar shards vs torch DataLoader over local JPEG files; same decode+augment",
         "shards_on": "local disk" if args.local_shards else "S3 (embedded moto server)", "images": args.images, "image_size": args.size, "cpu_workers": args.workers,
         "ray_data_images_per_s": ray_rates, "dataloader_images_per_s": loader_rates,
+        "object_store_spilled": spilled[0] if spilled else "nothing",
         "ratio_per_round": ratios, "ratio_median": statistics.median(ratios), "goal": ">= 1.0",
     })
 

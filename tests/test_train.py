@@ -43,12 +43,16 @@ def test_checkpoint_then_resume_continues_exactly(ray_cluster, s3, digits):
     import torch
 
     # Run 1 stops at step 5 of 10 (and checkpoints); run 2 resumes it to the end.
-    first_cfg, first_plan = launch.prepare(_config(s3, digits, "resume", stop_at_step=5, optim=dict(total_steps=10)))
+    keep_two = dict(checkpoint_every=2, keep_checkpoints=2)
+    first_cfg, first_plan = launch.prepare(
+        _config(s3, digits, "resume", stop_at_step=5, optim=dict(total_steps=10)).replace(storage=keep_two))
     assert launch.fit(first_cfg, first_plan).error is None
+    kept = [name for name in storage.list_files(first_plan.run_uri, first_plan.endpoint) if name.startswith("step_")]
+    assert kept == ["step_00000004", "step_00000005"]  # steps 2 and 4 saved too; only the last 2 are kept
     saved = json.loads(storage.read_bytes(storage.join(first_plan.run_uri, "step_00000005", "vitray.json"), first_plan.endpoint))
     assert saved["step"] == 5
 
-    cfg, plan = launch.prepare(_config(s3, digits, "resume", optim=dict(total_steps=10)), resume=True)
+    cfg, plan = launch.prepare(_config(s3, digits, "resume", optim=dict(total_steps=10)).replace(storage=keep_two), resume=True)
     result = launch.fit(cfg, plan)
     assert result.error is None and result.metrics["step"] == 10
     rows = _metrics(plan)

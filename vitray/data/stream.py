@@ -53,12 +53,16 @@ def build_dataset(
     )
     # batch_size=None: decode whole read blocks, which lets Ray Data fuse read + decode into one task (a fixed
     # batch_size blocks that fusion and costs an extra hop through the object store per block).
-    return ds.map_batches(
+    ds = ds.map_batches(
         preprocess_batch,
         fn_kwargs=dict(train=train, image_size=image_size, area_min=area_min),
         batch_size=None,
         batch_format="numpy",
     )
+    # The pipeline is one fused operator, so Ray Data's per-operator resource reservation only holds CPUs back
+    # from it (measured on 2 cores: 77 % → 92 % busy, +23 % images/s). Object-store backpressure still applies.
+    ds.context.op_resource_reservation_enabled = False
+    return ds
 
 
 def stream_splits_config():

@@ -1,0 +1,55 @@
+"""Print the benchmark results in benchmarks/results/ as the Markdown table the README shows.
+
+    python benchmarks/report.py
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from common import ROOT
+
+
+def load(name: str) -> dict | None:
+    path = os.path.join(ROOT, "benchmarks", "results", f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def main() -> None:
+    rows = []
+    i = load("ingest")
+    if i:
+        rows.append(
+            f"| ingest, {i['images']} real-photo JPEGs at {i['image_size']} px, {i['cpu_workers']} CPU workers "
+            f"| {min(i['ray_data_images_per_s']):.0f}–{max(i['ray_data_images_per_s']):.0f} img/s (Ray Data, {i.get('shards_on', 'S3')}) "
+            f"| {min(i['dataloader_images_per_s']):.0f}–{max(i['dataloader_images_per_s']):.0f} img/s (DataLoader, local files) "
+            f"| **{i['ratio_median']:.2f}×** | ≥ 1.0× — {verdict(i['ratio_median'] >= 1.0)} |")
+    for stage in (1, 0):
+        e = load(f"engine_overhead_zero{stage}")
+        if e:
+            rows.append(
+                f"| engine step, `{e['model']}` @ {e['image_size']} px, 2 CPU workers, ZeRO-{stage} "
+                f"| {1000 * min(e['ray_deepspeed_step_s']):.1f}–{1000 * max(e['ray_deepspeed_step_s']):.1f} ms (Ray Train + DeepSpeed) "
+                f"| {1000 * min(e['ddp_step_s']):.1f}–{1000 * max(e['ddp_step_s']):.1f} ms (DDP, gloo) "
+                f"| **{e['ratio_median']:.2f}×** | ≤ 1.10× — {verdict(e['ratio_median'] <= 1.10)} |")
+    s = load("submit_latency")
+    if s:
+        rows.append(
+            f"| `ray job submit` → first optimizer step, smoke preset | warm {min(s['warm_s']):.1f}–{max(s['warm_s']):.1f} s, "
+            f"cold {s['cold_s']:.1f} s | — | — | warm ≤ 20 s — {verdict(min(s['warm_s']) <= 20)} (best warm run) |")
+    m = (i or s or {}).get("machine", {})
+    print(f"Measured on {m.get('cores')} cores ({m.get('cpu')}), {m.get('memory_gib')} GiB, GPU: {m.get('gpu')}; "
+          f"Python {m.get('python')}, Ray {m.get('ray')}, torch {m.get('torch')}, DeepSpeed {m.get('deepspeed')}.\n")
+    print("| benchmark | vitray | baseline | ratio (median of interleaved rounds) | goal |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
