@@ -106,3 +106,15 @@ def test_ray_job_submit_smoke_against_a_started_head():
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=90)
+
+
+def test_gpu_recipe_on_a_cluster_without_gpus(tmp_path):
+    """Data given, no GPUs: the ViT-H/14 recipe stops with what to do instead of waiting for GPUs forever."""
+    from vitray.data.datasets import write_digits
+
+    write_digits(str(tmp_path / "digits"))
+    proc = _job("--set", f"data.train_uri={tmp_path / 'digits' / 'train'}", "--set", f"storage.uri={tmp_path / 'runs'}",
+                "--set", "model.num_classes=10", "--set", "scaling.num_workers=2", "--set", "optim.global_batch=64")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "scaling.use_gpu: this recipe needs 2 GPU workers but the Ray cluster has no GPUs" in proc.stderr
+    assert "--preset smoke" in proc.stderr

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vitray.models.layers import Block
+from vitray.models.posemb import resize_pos_embed
 from vitray.models.registry import BUILDERS, ViTSpec
 
 
@@ -71,6 +72,24 @@ class ViT(nn.Module):
             nn.init.zeros_(fc.bias)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    def adapt_for_finetuning(
+        self, num_classes: int, image_size: int | tuple[int, int], posemb_method: str = "bilinear"
+    ) -> "ViT":
+        """The paper's transfer recipe (Sec. 3.2, App. B.1.1): the pretraining head (tanh MLP) gives way to one
+        zero-initialised linear layer, and the position embeddings are interpolated in 2-D to the new grid."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if h % self.spec.patch or w % self.spec.patch:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {self.spec.patch}")
+        new_grid = (h // self.spec.patch, w // self.spec.patch)
+        self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, self.grid, new_grid, posemb_method))
+        self.grid = new_grid
+        self.pre_logits = nn.Identity()
+        self.head = nn.Linear(self.spec.width, num_classes).to(self.pos_embed.device)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.num_classes = num_classes
+        return self
 
     def encode(self, images: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """All output tokens after the final LayerNorm (B, N+1, D), and per-layer attention weights if asked."""

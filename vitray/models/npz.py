@@ -1,0 +1,126 @@
+"""Released ViT checkpoints: the official `.npz` format of vit_jax / big_vision ↔ vitray's ViT.
+
+Parameter names (flattened with "/"):
+    embedding/kernel (P, P, 3, D), embedding/bias, cls (1, 1, D),
+    Transformer/posembed_input/pos_embedding (1, N, D),
+    Transformer/encoderblock_{i}/LayerNorm_0/{scale,bias}, .../MultiHeadDotProductAttention_1/{query,key,value}/kernel
+    (D, H, D/H) and bias (H, D/H), .../out/kernel (H, D/H, D), .../LayerNorm_2, .../MlpBlock_3/Dense_{0,1},
+    Transformer/encoder_norm/{scale,bias}, pre_logits/{kernel,bias} (optional), head/{kernel,bias}.
+Flax Dense kernels are (in, out): torch Linear weights are their transpose.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from vitray.models.posemb import resize_pos_embed
+from vitray.models.vit import ViT
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the key(s)."""
+
+
+def _attn(i: int) -> str:
+    return f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1"
+
+
+def to_npz_dict(model: ViT) -> dict[str, np.ndarray]:
+    """vitray ViT → the official parameter names and layouts."""
+    d, h = model.spec.width, model.spec.heads
+    t = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    out = {
+        "embedding/kernel": t["patch_embed.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": t["patch_embed.bias"],
+        "cls": t["cls_token"],
+        "Transformer/posembed_input/pos_embedding": t["pos_embed"],
+        "Transformer/encoder_norm/scale": t["norm.weight"],
+        "Transformer/encoder_norm/bias": t["norm.bias"],
+        "head/kernel": t["head.weight"].T,
+        "head/bias": t["head.bias"],
+    }
+    if "pre_logits.0.weight" in t:
+        out["pre_logits/kernel"], out["pre_logits/bias"] = t["pre_logits.0.weight"].T, t["pre_logits.0.bias"]
+    for i in range(model.spec.depth):
+        b, blk = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        out[blk + "LayerNorm_0/scale"], out[blk + "LayerNorm_0/bias"] = t[b + "norm1.weight"], t[b + "norm1.bias"]
+        out[blk + "LayerNorm_2/scale"], out[blk + "LayerNorm_2/bias"] = t[b + "norm2.weight"], t[b + "norm2.bias"]
+        qkv_w, qkv_b = t[b + "attn.qkv.weight"], t[b + "attn.qkv.bias"]
+        for j, name in enumerate(("query", "key", "value")):
+            out[f"{_attn(i)}/{name}/kernel"] = qkv_w[j * d:(j + 1) * d].T.reshape(d, h, d // h)
+            out[f"{_attn(i)}/{name}/bias"] = qkv_b[j * d:(j + 1) * d].reshape(h, d // h)
+        out[f"{_attn(i)}/out/kernel"] = t[b + "attn.proj.weight"].T.reshape(h, d // h, d)
+        out[f"{_attn(i)}/out/bias"] = t[b + "attn.proj.bias"]
+        for k, fc in ((0, "fc1"), (1, "fc2")):
+            out[f"{blk}MlpBlock_3/Dense_{k}/kernel"] = t[f"{b}mlp.{fc}.weight"].T
+            out[f"{blk}MlpBlock_3/Dense_{k}/bias"] = t[f"{b}mlp.{fc}.bias"]
+    return out
+
+
+def save_npz(model: ViT) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **to_npz_dict(model))
+    return buf.getvalue()
+
+
+def load_npz(model: ViT, data: bytes, where: str = "checkpoint", load_head: bool = True,
+             posemb_method: str = "bilinear") -> ViT:
+    """Copy an official `.npz` into `model` (in place). Position embeddings are resized to the model's grid; with
+    `load_head=False` the model keeps its own head (fine-tuning on new classes)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            params = {k: f[k] for k in f.files}
+    except Exception as e:  # zip/format errors come in many types
+        raise CheckpointError(f"{where}: not a readable .npz ({type(e).__name__}: {e})") from e
+    expected = to_npz_dict(model)
+    skip = () if load_head else ("head/kernel", "head/bias", "pre_logits/kernel", "pre_logits/bias")
+    missing = [k for k in expected if k not in params and k not in skip]
+    if missing:
+        raise CheckpointError(f"{where}: missing keys {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    pos_key = "Transformer/posembed_input/pos_embedding"
+    pos = params[pos_key]
+    if pos.shape != expected[pos_key].shape:  # another resolution: resize the grid, keep the class token
+        old = int(round(np.sqrt(pos.shape[1] - 1)))
+        if old * old != pos.shape[1] - 1 or pos.shape[2] != expected[pos_key].shape[2]:
+            raise CheckpointError(f"{where}: {pos_key} has shape {pos.shape}, cannot map to {expected[pos_key].shape}")
+        params[pos_key] = resize_pos_embed(torch.from_numpy(pos), (old, old), model.grid, posemb_method).numpy()
+    wrong = [f"{k} {params[k].shape} ≠ {v.shape}" for k, v in expected.items()
+             if k not in skip and k in params and params[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{where}: shape mismatch: {'; '.join(wrong[:5])}")
+    state = _to_state_dict(model, {k: v for k, v in params.items() if k in expected and k not in skip})
+    current = model.state_dict()
+    current.update(state)
+    model.load_state_dict(current)
+    return model
+
+
+def _to_state_dict(model: ViT, p: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    d = model.spec.width
+    T = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
+    s = {
+        "patch_embed.weight": T(p["embedding/kernel"].transpose(3, 2, 0, 1)),
+        "patch_embed.bias": T(p["embedding/bias"]),
+        "cls_token": T(p["cls"]),
+        "pos_embed": T(p["Transformer/posembed_input/pos_embedding"]),
+        "norm.weight": T(p["Transformer/encoder_norm/scale"]),
+        "norm.bias": T(p["Transformer/encoder_norm/bias"]),
+    }
+    if "head/kernel" in p:
+        s["head.weight"], s["head.bias"] = T(p["head/kernel"].T), T(p["head/bias"])
+    if "pre_logits/kernel" in p:
+        s["pre_logits.0.weight"], s["pre_logits.0.bias"] = T(p["pre_logits/kernel"].T), T(p["pre_logits/bias"])
+    for i in range(model.spec.depth):
+        b, blk = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        s[b + "norm1.weight"], s[b + "norm1.bias"] = T(p[blk + "LayerNorm_0/scale"]), T(p[blk + "LayerNorm_0/bias"])
+        s[b + "norm2.weight"], s[b + "norm2.bias"] = T(p[blk + "LayerNorm_2/scale"]), T(p[blk + "LayerNorm_2/bias"])
+        s[b + "attn.qkv.weight"] = torch.cat([T(p[f"{_attn(i)}/{n}/kernel"].reshape(d, d).T) for n in ("query", "key", "value")])
+        s[b + "attn.qkv.bias"] = torch.cat([T(p[f"{_attn(i)}/{n}/bias"].reshape(d)) for n in ("query", "key", "value")])
+        s[b + "attn.proj.weight"] = T(p[f"{_attn(i)}/out/kernel"].reshape(d, d).T)
+        s[b + "attn.proj.bias"] = T(p[f"{_attn(i)}/out/bias"])
+        for k, fc in ((0, "fc1"), (1, "fc2")):
+            s[f"{b}mlp.{fc}.weight"] = T(p[f"{blk}MlpBlock_3/Dense_{k}/kernel"].T)
+            s[f"{b}mlp.{fc}.bias"] = T(p[f"{blk}MlpBlock_3/Dense_{k}/bias"])
+    return s
