@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg, resume: bool) -> int:
-    from vitray import storage
     from vitray.config import validate
     from vitray.storage import EmbeddedS3
     from vitray.train import launch
@@ -57,25 +56,15 @@ def run(cfg, resume: bool) -> int:
         if embedded:
             embedded.start()
             print(f"embedded S3 server at {embedded.endpoint.url} (lives as long as this job)", flush=True)
-        cfg, plan = launch.prepare(cfg, resume, embedded)
-        print(f"run {plan.run_name}: {plan.train_samples} training images, {plan.total_steps} steps → {plan.run_uri}", flush=True)
-
-        import ray
-
-        # Under `ray job submit` (or with RAY_ADDRESS set) join that cluster; otherwise start a local one.
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), logging_level="WARNING")
-        launch.check_cluster(cfg)
-        result = launch.fit(cfg, plan, timeline={"driver_start": STARTED})
-        if result.error:
-            print(f"training failed: {result.error}", file=sys.stderr)
-            return 1
-        m = result.metrics or {}
-        print(json.dumps({"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"),
-                          "val_top1": m.get("val_top1"), "checkpoint": storage.join(plan.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None}))
-        return 0
+        summary = launch.run(cfg, resume, embedded, timeline={"driver_start": STARTED})
+    except launch.TrainingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if embedded:
             embedded.stop()
+    print(json.dumps(summary))
+    return 0
 
 
 if __name__ == "__main__":

@@ -118,3 +118,13 @@ def test_gpu_recipe_on_a_cluster_without_gpus(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "scaling.use_gpu: this recipe needs 2 GPU workers but the Ray cluster has no GPUs" in proc.stderr
     assert "--preset smoke" in proc.stderr
+
+
+def test_finetune_job_needs_weights_and_checks_them(tmp_path):
+    ft = os.path.join(ROOT, "jobs", "finetune.py")
+    run = lambda *a: subprocess.run([sys.executable, ft, *a], capture_output=True, text=True, timeout=120, cwd=ROOT)  # noqa: E731
+    _assert_clean_error(run("--preset", "b16_cifar10", "--set", "data.train_uri=s3://b/p"), "transfer.init_from: fine-tuning needs")
+    _assert_clean_error(run("--preset", "smoke", "--init-from", str(tmp_path / "nope"), "--set", f"storage.uri={tmp_path}"),
+                        f"transfer.init_from: {tmp_path / 'nope'}/vitray.json not found")
+    _assert_clean_error(run("--preset", "smoke", "--set", "transfer.ema_decay=0.9", "--set", "deepspeed.zero_stage=3"),
+                        "transfer.ema_decay: weight averaging needs whole parameters")

@@ -71,3 +71,52 @@ def test_checkpoint_then_resume_continues_exactly(ray_cluster, s3, digits):
         schedule.step()
     lr6 = next(r["lr"] for r in rows if r.get("step") == 6 and "lr" in r)
     assert lr6 == pytest.approx(schedule.get_lr()[0], rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_cluster, s3, digits):
+    """A short ZeRO-2 pretraining run at 16 px; its final checkpoint's URI."""
+    cfg, plan = launch.prepare(_config(s3, digits, "pretrained-for-ft", deepspeed=dict(zero_stage=2),
+                                       optim=dict(total_steps=6)))
+    result = launch.fit(cfg, plan)
+    assert result.error is None
+    return storage.join(plan.run_uri, "step_00000006")
+
+
+def test_finetune_from_checkpoint_with_ema_that_survives_resume(ray_cluster, s3, digits, pretrained):
+    import io
+    import math
+
+    import torch
+
+    from vitray.config import preset
+    from vitray.config.recipes import FINETUNE_PRESETS
+
+    def ft_config():
+        return preset("smoke", FINETUNE_PRESETS).replace(
+            data=dict(builtin="", train_uri=digits["train"], val_uri="", image_size=24, shuffle_buffer=128),
+            optim=dict(total_steps=8, warmup_steps=2, global_batch=32, micro_batch=8),
+            transfer=dict(init_from=pretrained, ema_decay=0.9),
+            storage=dict(uri=f"s3://{s3.bucket}/test-runs", endpoint_url=s3.endpoint.url, run_name="ft-ema",
+                         checkpoint_every=0),
+            log_every=1,
+        )
+
+    cfg, plan = launch.prepare(ft_config().replace(stop_at_step=4))
+    assert launch.fit(cfg, plan).error is None
+    rows = _metrics(plan)
+    # The new head is zero-initialised: the first loss is exactly that of uniform logits over 10 classes.
+    assert next(r["loss"] for r in rows if r.get("step") == 1 and "loss" in r) == pytest.approx(math.log(10), abs=1e-5)
+    ckpt = storage.join(plan.run_uri, "step_00000004")
+    saved = json.loads(storage.read_bytes(storage.join(ckpt, "vitray.json"), plan.endpoint))
+    ema = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, "ema.pt"), plan.endpoint)), weights_only=False)
+    raw = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, "state", "mp_rank_00_model_states.pt"),
+                                                   plan.endpoint)), weights_only=False)["module"]
+    assert ema["module.pos_embed"].shape == raw["pos_embed"].shape == (1, 37, 64)  # 6×6 patches + class token
+    assert not torch.allclose(ema["module.pos_embed"], raw["pos_embed"])  # averaged weights lag the raw ones
+
+    cfg, plan = launch.prepare(ft_config(), resume=True)
+    result = launch.fit(cfg, plan)
+    assert result.error is None and result.metrics["step"] == 8
+    resumed = next(r for r in _metrics(plan) if r.get("event") == "resumed")
+    assert resumed["ema_digest"] == pytest.approx(saved["ema_digest"], rel=1e-12) and resumed["step"] == 4

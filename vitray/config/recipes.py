@@ -75,6 +75,56 @@ def smoke() -> Config:
     )
 
 
+# Table 4 (fine-tuning): dataset → (classes, steps, LR grid). SGD momentum 0.9, no weight decay, batch 512, clip 1,
+# cosine decay; resolution 384 (Table 2's ImageNet runs: L/16 at 512, H/14 at 518 = 37 × 14).
+FINETUNE_TABLE = {
+    "imagenet": (1000, 20_000, (0.003, 0.01, 0.03, 0.06)),
+    "cifar10": (10, 10_000, (0.001, 0.003, 0.01, 0.03)),
+    "cifar100": (100, 10_000, (0.001, 0.003, 0.01, 0.03)),
+    "pets": (37, 500, (0.001, 0.003, 0.01, 0.03)),
+    "flowers": (102, 500, (0.001, 0.003, 0.01, 0.03)),
+    "vtab": (0, 2_500, (0.01,)),  # 19 tasks, each with its own classes: set model.num_classes
+}
+
+
+def finetune(model: str, dataset: str, lr: float | None = None) -> Config:
+    """A Table 4 fine-tuning recipe (the first LR of the grid unless `lr` is given). Point transfer.init_from at a
+    pretraining checkpoint or a released .npz, and data.train_uri / data.val_uri at the target dataset."""
+    from vitray.models.registry import canonical, get_spec
+
+    name = canonical(model)
+    if dataset not in FINETUNE_TABLE:
+        raise ConfigError(f"{dataset}: not a dataset of the paper's Table 4 ({', '.join(FINETUNE_TABLE)})")
+    classes, steps, grid = FINETUNE_TABLE[dataset]
+    resolution = {"vit_l16": 512, "vit_h14": 518}.get(name, 384) if dataset == "imagenet" else 384
+    if resolution % get_spec(name).patch:
+        # 384 is no multiple of 14: the official VALID-padded patch conv sees 27 × 27 patches, i.e. 378 px of it.
+        resolution -= resolution % get_spec(name).patch
+    return Config().replace(
+        model=dict(name=name, num_classes=classes or 1000, dropout=0.0, pre_logits=False),
+        data=dict(image_size=resolution),
+        optim=dict(optimizer="sgd", lr=lr or grid[0], momentum=0.9, weight_decay=0.0, schedule="cosine",
+                   warmup_steps=100 if dataset in ("pets", "flowers") else 500, grad_clip=1.0, global_batch=512,
+                   micro_batch=8, total_steps=steps),
+        deepspeed=dict(zero_stage=1, precision="auto"),
+        scaling=dict(num_workers=64, use_gpu=True, cpus_per_worker=8),
+        transfer=dict(posemb_method="bilinear", ema_decay=0.9999 if dataset == "imagenet" else 0.0),
+        storage=dict(checkpoint_every=1000),
+    )
+
+
+def finetune_smoke() -> Config:
+    """Fine-tune the smoke pretraining checkpoint on the digits at a larger size (16 → 24 px: 4×4 → 6×6 patches),
+    with the paper's SGD recipe scaled down and weight averaging on."""
+    return smoke().replace(
+        model=dict(pre_logits=False),
+        data=dict(image_size=24, crop_area_min=0.5),
+        optim=dict(optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=0.0, schedule="cosine", warmup_steps=20,
+                   global_batch=64, micro_batch=32, epochs=10, grad_clip=1.0),
+        transfer=dict(posemb_method="bilinear", ema_decay=0.99),
+    )
+
+
 PRESETS = {
     "h14_jft": lambda: pretrain("vit_h14", "jft"),
     "l16_jft": lambda: pretrain("vit_l16", "jft"),
@@ -87,8 +137,14 @@ PRESETS = {
     "smoke": smoke,
 }
 
+FINETUNE_PRESETS = {
+    **{f"{m}_{d}": (lambda m=m, d=d: finetune(m, d)) for m in ("b16", "l16", "h14") for d in FINETUNE_TABLE},
+    "smoke": finetune_smoke,
+}
 
-def preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    return PRESETS[name]()
+
+def preset(name: str, table: dict | None = None) -> Config:
+    table = PRESETS if table is None else table
+    if name not in table:
+        raise ConfigError(f"--preset: unknown preset {name!r} (known: {', '.join(table)})")
+    return table[name]()

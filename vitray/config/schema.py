@@ -77,6 +77,13 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    init_from: str = ""  # a vitray checkpoint (…/runs/<name>/step_N) or an official .npz; "" = train from scratch
+    posemb_method: str = "bilinear"  # bilinear = official scipy zoom | bicubic = timm's
+    ema_decay: float = 0.0  # Polyak averaging of the weights used for evaluation (paper: 0.9999); 0 = off
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -84,6 +91,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     seed: int = 0
     log_every: int = 50  # optimizer steps between metric lines
     max_failures: int = 0  # Ray Train restarts from the latest checkpoint this many times
@@ -220,6 +228,15 @@ def validate(cfg: Config) -> None:
     for name, uri in (("data.train_uri", d.train_uri), ("data.val_uri", d.val_uri), ("storage.uri", cfg.storage.uri)):
         if "://" in uri and not uri.startswith("s3://"):
             errors.append(f"{name}: {uri!r} is neither s3://bucket/prefix nor a local path")
+    t = cfg.transfer
+    if t.posemb_method not in ("bilinear", "bicubic"):
+        errors.append(f"transfer.posemb_method: must be bilinear or bicubic, got {t.posemb_method!r}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        errors.append(f"transfer.ema_decay: must be in [0, 1), got {t.ema_decay}")
+    elif t.ema_decay and z.zero_stage == 3:
+        errors.append("transfer.ema_decay: weight averaging needs whole parameters on each worker; use ZeRO ≤ 2")
+    if t.init_from and "://" in t.init_from and not t.init_from.startswith("s3://"):
+        errors.append(f"transfer.init_from: {t.init_from!r} is neither s3://… nor a local path")
     if cfg.storage.keep_checkpoints < 1:
         errors.append(f"storage.keep_checkpoints: must be ≥ 1, got {cfg.storage.keep_checkpoints}")
     if errors:

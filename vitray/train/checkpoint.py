@@ -27,8 +27,8 @@ from vitray.data.stream import Position
 TAG = "state"
 
 
-def save(engine, step: int, position: Position, metrics: dict, run_info: dict) -> None:
-    """Collective: every rank must call it at the same step."""
+def save(engine, step: int, position: Position, metrics: dict, run_info: dict, ema=None) -> None:
+    """Collective: every rank must call it at the same step. `ema` (torch's AveragedModel) is saved by rank 0."""
     rank = ray.train.get_context().get_world_rank()
     digest = optimizer_digest(engine)
     folder = tempfile.mkdtemp(prefix=f"vitray-ckpt-{step}-")
@@ -37,8 +37,12 @@ def save(engine, step: int, position: Position, metrics: dict, run_info: dict) -
         with open(os.path.join(folder, f"position-rank{rank:05d}.json"), "w") as f:
             json.dump({"epoch": position.epoch, "consumed": position.consumed}, f)
         if rank == 0:
+            extra = {}
+            if ema is not None:
+                torch.save(ema.state_dict(), os.path.join(folder, "ema.pt"))
+                extra["ema_digest"] = module_digest(ema.module)
             with open(os.path.join(folder, "vitray.json"), "w") as f:
-                json.dump({"step": step, "optimizer_digest": digest, **run_info}, f, indent=1)
+                json.dump({"step": step, "optimizer_digest": digest, **extra, **run_info}, f, indent=1)
         ray.train.report(
             {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
             checkpoint_dir_name=f"step_{step:08d}",
@@ -72,8 +76,9 @@ def read_position() -> Position:
         return Position(**json.loads(f.read()))
 
 
-def restore(engine) -> int | None:
-    """Load the latest reported checkpoint into `engine` (model, optimizer, LR schedule); its step, or None."""
+def restore(engine, ema=None) -> int | None:
+    """Load the latest reported checkpoint into `engine` (model, optimizer, LR schedule) and `ema`; its step, or
+    None when there is no checkpoint."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
@@ -81,4 +86,46 @@ def restore(engine) -> int | None:
         path, client_state = engine.load_checkpoint(folder, tag=TAG)
         if path is None:
             raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed found no state under {TAG}/")
+        if ema is not None:
+            if not os.path.exists(os.path.join(folder, "ema.pt")):
+                raise RuntimeError(f"checkpoint {checkpoint.path}: transfer.ema_decay is set but it holds no ema.pt")
+            ema.load_state_dict(torch.load(os.path.join(folder, "ema.pt"), map_location=engine.device))
     return int(client_state["step"])
+
+
+def module_digest(module: torch.nn.Module) -> float:
+    return float(sum(p.detach().double().abs().sum().item() for p in module.parameters()))
+
+
+def load_pretrained(cfg, endpoint) -> torch.nn.Module:
+    """The model to fine-tune: weights from `cfg.transfer.init_from` — a vitray checkpoint folder (any ZeRO stage)
+    or an official .npz — with the pretraining head swapped for a zero-initialised one for `cfg.model.num_classes`
+    and the position embeddings interpolated to `cfg.data.image_size`."""
+    from vitray import storage
+    from vitray.models.registry import build_model, get_spec
+
+    uri, t = cfg.transfer.init_from, cfg.transfer
+    if uri.endswith(".npz"):
+        from vitray.models.npz import load_npz
+
+        model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.data.image_size,
+                            dropout=cfg.model.dropout)
+        return load_npz(model, storage.read_bytes(uri, endpoint), uri, load_head=False, posemb_method=t.posemb_method)
+
+    with tempfile.TemporaryDirectory(prefix="vitray-init-") as local:
+        fs, path = storage.resolve(uri, endpoint)
+        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        with open(os.path.join(local, "vitray.json")) as f:
+            saved = json.load(f)["config"]
+        m = saved["model"]
+        spec = get_spec(m["name"])
+        model = build_model(m["name"], num_classes=m["num_classes"], image_size=saved["data"]["image_size"],
+                            dropout=cfg.model.dropout, representation_size=spec.width if m["pre_logits"] else None)
+        if saved["deepspeed"]["zero_stage"] == 0:
+            state = torch.load(os.path.join(local, TAG, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)["module"]
+        else:  # DeepSpeed reassembles the fp32 weights from the ZeRO partitions
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(local, tag=TAG)
+    model.load_state_dict(state)
+    return model.adapt_for_finetuning(cfg.model.num_classes, cfg.data.image_size, t.posemb_method)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 
 from vitray import storage
@@ -71,6 +72,16 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
             f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(manifest.classes)} classes of"
             f" {cfg.data.train_uri}"
         )
+
+    init = cfg.transfer.init_from
+    if init:
+        marker = init if init.endswith(".npz") else storage.join(init, "vitray.json")
+        try:
+            found = storage.exists(marker, endpoint)
+        except storage.StorageError as e:
+            raise ConfigError(f"transfer.init_from: {e}") from None
+        if not found:
+            raise ConfigError(f"transfer.init_from: {marker} not found (give a vitray checkpoint folder or a .npz)")
 
     name = cfg.storage.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     run_uri = storage.join(root, "runs", name)
@@ -144,3 +155,29 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None):
         dataset_config=stream_splits_config(),
     )
     return trainer.fit()
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None = None, timeline: dict | None = None) -> dict:
+    """The driver's whole sequence: prepare (no Ray) → join or start Ray → check the cluster → fit. Returns the
+    run's summary: run URI, final step, loss, held-out accuracy, final checkpoint URI."""
+    cfg, plan = prepare(cfg, resume, embedded)
+    print(f"run {plan.run_name}: {plan.train_samples} training images, {plan.total_steps} steps → {plan.run_uri}", flush=True)
+    import ray
+
+    if not ray.is_initialized():
+        # Under `ray job submit` (or with RAY_ADDRESS set) join that cluster; otherwise start a local one.
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), logging_level="WARNING")
+    check_cluster(cfg)
+    result = fit(cfg, plan, timeline)
+    if result.error:
+        raise TrainingFailed(f"run {plan.run_uri} failed: {result.error}")
+    m = result.metrics or {}
+    summary = {"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"), "val_top1": m.get("val_top1")}
+    if "val_top1_raw" in m:
+        summary["val_top1_raw"] = m["val_top1_raw"]
+    summary["checkpoint"] = storage.join(plan.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    return summary

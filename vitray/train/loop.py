@@ -15,6 +15,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from vitray import accounting
 from vitray.config.schema import Config
@@ -50,14 +51,18 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.get_dataset_shard("train"), cfg.optim.micro_batch, cfg.seed, rank, cfg.data.shuffle_buffer, position,
     ))
 
-    # Model and engine, restored from the latest checkpoint if there is one.
+    # Model (fresh, or pretrained weights adapted for fine-tuning) and engine, restored from the latest checkpoint
+    # if there is one. The optional Polyak average of the weights (paper: 0.9999) is what evaluation uses.
     task = TASKS["classification"](cfg)
-    model = task.build_model()
+    model = checkpoint.load_pretrained(cfg, endpoint) if cfg.transfer.init_from else task.build_model()
     total_steps = plan["total_steps"]
     engine = build_engine(model, cfg, world, total_steps, on_gpu)
+    ema = None
+    if cfg.transfer.ema_decay:
+        ema = AveragedModel(engine.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.transfer.ema_decay), use_buffers=True)
     timeline["engine_ready"] = time.time()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, on_gpu), torch.float32)
-    restored_step = checkpoint.restore(engine)
+    restored_step = checkpoint.restore(engine, ema)
     step = restored_step or 0
     if restored_step is not None:
         resumed_digest = checkpoint.optimizer_digest(engine)
@@ -74,7 +79,8 @@ def train_loop_per_worker(config: dict) -> None:
     )
     if restored_step is not None:
         log.lines.append(json.dumps({"step": step, "event": "resumed", "optimizer_digest": resumed_digest,
-                                     "epoch": position.epoch, "consumed": position.consumed}))
+                                     "epoch": position.epoch, "consumed": position.consumed,
+                                     **({"ema_digest": checkpoint.module_digest(ema.module)} if ema else {})}))
     run_info = {"world_size": world, "config": cfg.to_dict(), "total_steps": total_steps}
     last_step = min(total_steps, cfg.stop_at_step or total_steps)
 
@@ -92,6 +98,8 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum += loss.detach().double()
             loss_count += 1
         step += 1
+        if ema is not None:
+            ema.update_parameters(engine.module)
         if "first_step" not in timeline:
             timeline["first_step"] = time.time()
             log.lines.append(json.dumps({"step": step, "event": "startup", **timeline}))
@@ -101,25 +109,28 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum.zero_()
             loss_count = 0
         if cfg.storage.checkpoint_every and step % cfg.storage.checkpoint_every == 0 and step < last_step:
-            checkpoint.save(engine, step, position, {"loss": last_loss}, run_info)
+            checkpoint.save(engine, step, position, {"loss": last_loss}, run_info, ema)
             log.flush()
 
     # Evaluate on held-out shards, then save the final checkpoint with the results.
     results = {"step": step, "loss": last_loss}
     if plan.get("has_val") and step == total_steps:
-        results["val_top1"] = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
+        if ema is not None:  # both: the averaged weights (reported as val_top1) and the raw ones
+            results["val_top1_raw"] = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
+        results["val_top1"] = evaluate(ema.module if ema else engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
         if rank == 0:
             logger.info(f"held-out top-1 accuracy: {results['val_top1']:.4f}")
     log.lines.append(json.dumps({"step": step, "final": True, **results}))
     log.flush()
-    checkpoint.save(engine, step, position, results, run_info)
+    checkpoint.save(engine, step, position, results, run_info, ema)
 
 
 @torch.no_grad()
-def evaluate(engine, task, split, device, dtype, cfg: Config) -> float:
-    """Exact top-1 over a split that may give ranks unequal shares: ranks that run out keep stepping with an
-    empty batch until all are done, because with ZeRO-3 every forward pass is a collective."""
-    engine.eval()
+def evaluate(model, task, split, device, dtype, cfg: Config) -> float:
+    """Exact top-1 of `model` (the engine, or the averaged weights) over a split that may give ranks unequal shares:
+    ranks that run out keep stepping with an empty batch until all are done, because with ZeRO-3 every forward
+    pass is a collective."""
+    model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     batches = iter(split.iter_batches(batch_size=cfg.optim.micro_batch, batch_format="numpy"))
     size = cfg.data.image_size
@@ -131,11 +142,11 @@ def evaluate(engine, task, split, device, dtype, cfg: Config) -> float:
             break
         if batch is None:  # keep in step with the other ranks; counts nothing
             batch = {"image": np.zeros((1, size, size, 3), np.uint8), "label": np.zeros(1, np.int64)}
-            task.eval_counts(engine, task.to_tensors(batch, device, dtype))
+            task.eval_counts(model, task.to_tensors(batch, device, dtype))
             continue
-        counts += task.eval_counts(engine, task.to_tensors(batch, device, dtype)).to(device)
+        counts += task.eval_counts(model, task.to_tensors(batch, device, dtype)).to(device)
     dist.all_reduce(counts)
-    engine.train()
+    model.train()
     return (counts[0] / counts[1]).item()
 
 
