@@ -69,7 +69,7 @@ def run_dataloader(files, size: int, workers: int, batch: int) -> float:
 def run_ray(uri: str, endpoint, size: int, batch: int) -> float:
     from vitray.data.stream import build_dataset
 
-    ds = build_dataset(uri, endpoint, train=True, image_size=size, decode_batch=batch)
+    ds = build_dataset(uri, endpoint, train=True, image_size=size)
     t, n = time.perf_counter(), 0
     for b in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=4):
         n += len(b["label"])

@@ -61,10 +61,12 @@ def smoke() -> Config:
     2 Train workers under DeepSpeed ZeRO-2. Same code path as the paper recipes; only the sizes shrink."""
     return Config().replace(
         model=dict(name="vit_smoke", num_classes=10, dropout=0.0, pre_logits=True),
-        data=dict(builtin="digits", image_size=16, crop_area_min=0.5, shuffle_buffer=512, decode_batch=128),
+        # Digits are not mirror-symmetric, and an 8×8 image survives only mild crops (measured: flips and 50 %
+        # crops cost 13 points of held-out accuracy).
+        data=dict(builtin="digits", image_size=16, crop_area_min=0.9, flip=False, shuffle_buffer=512),
         # Fewer warmup steps and a higher LR than Table 3: the run is ~600 steps, not ~1M.
         optim=dict(
-            optimizer="adam", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_steps=40,
+            optimizer="adam", lr=4e-3, weight_decay=0.05, schedule="cosine", warmup_steps=40,
             global_batch=64, micro_batch=32, epochs=25, grad_clip=1.0,
         ),
         deepspeed=dict(zero_stage=2, precision="fp32"),
@@ -118,9 +120,9 @@ def finetune_smoke() -> Config:
     with the paper's SGD recipe scaled down and weight averaging on."""
     return smoke().replace(
         model=dict(pre_logits=False),
-        data=dict(image_size=24, crop_area_min=0.5),
+        data=dict(image_size=24),
         optim=dict(optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=0.0, schedule="cosine", warmup_steps=20,
-                   global_batch=64, micro_batch=32, epochs=10, grad_clip=1.0),
+                   global_batch=64, micro_batch=32, epochs=20, grad_clip=1.0),
         transfer=dict(posemb_method="bilinear", ema_decay=0.99),
     )
 

@@ -29,8 +29,8 @@ class DataConfig:
     builtin: str = ""  # "digits": write scikit-learn's digits as shards into storage first (the embedded default)
     image_size: int = 224
     crop_area_min: float = 0.05  # inception crop keeps 5%–100% of the image area (big_vision's default)
+    flip: bool = True  # random horizontal flips (off for mirror-sensitive data such as digits)
     shuffle_buffer: int = 10_000  # per-worker local shuffle buffer, in samples
-    decode_batch: int = 64  # images per Ray Data decode task call
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def build_dataset(
     image_size: int,
     seed: int = 0,
     area_min: float = 0.05,
-    decode_batch: int = 64,
+    flip: bool = True,
     field: str = "data.train_uri",
 ) -> "ray.data.Dataset":
     import ray.data
@@ -55,7 +55,7 @@ def build_dataset(
     # batch_size blocks that fusion and costs an extra hop through the object store per block).
     ds = ds.map_batches(
         preprocess_batch,
-        fn_kwargs=dict(train=train, image_size=image_size, area_min=area_min),
+        fn_kwargs=dict(train=train, image_size=image_size, area_min=area_min, flip=flip),
         batch_size=None,
         batch_format="numpy",
     )

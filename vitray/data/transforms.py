@@ -56,7 +56,8 @@ def center_crop(img: Image.Image, size: int, resize_ratio: float = 256 / 224) ->
 
 
 def preprocess_batch(
-    batch: dict[str, np.ndarray], train: bool, image_size: int, area_min: float = 0.05, seed: int | None = None
+    batch: dict[str, np.ndarray], train: bool, image_size: int, area_min: float = 0.05, seed: int | None = None,
+    flip: bool = True,
 ) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` body: WebDataset rows (`__key__`, `__url__`, `jpg`|`png`, `cls`) →
     {"image": uint8 (B, S, S, 3), "label": int64 (B,), "key": str (B,)}.
@@ -81,7 +82,7 @@ def preprocess_batch(
             raise DataError(f"{where}: label {cls!r} is not an integer") from e
         img = decode_rgb(data, where)
         img = inception_crop(img, image_size, rng, area_min) if train else center_crop(img, image_size)
-        if train and rng.random() < 0.5:
+        if train and flip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         images[i] = np.asarray(img)
     return {"image": images, "label": labels, "key": np.asarray(keys).astype(str)}

@@ -129,9 +129,9 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None):
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     d = cfg.data
-    datasets = {"train": build_dataset(plan.train_uri, plan.endpoint, True, d.image_size, cfg.seed, d.crop_area_min, d.decode_batch)}
+    datasets = {"train": build_dataset(plan.train_uri, plan.endpoint, True, d.image_size, cfg.seed, d.crop_area_min, d.flip)}
     if plan.val_uri:
-        datasets["val"] = build_dataset(plan.val_uri, plan.endpoint, False, d.image_size, decode_batch=d.decode_batch, field="data.val_uri")
+        datasets["val"] = build_dataset(plan.val_uri, plan.endpoint, False, d.image_size, field="data.val_uri")
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
