@@ -56,28 +56,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, resume: bool, chain: bool) -> int:
     from vitray.config import smoke, validate
-    from vitray.storage import EmbeddedS3
+    from vitray.storage import embedded_unless
     from vitray.train import launch
 
     validate(cfg)
-    embedded = EmbeddedS3() if not cfg.storage.uri else None
     try:
-        if embedded:
-            embedded.start()
-        if chain:  # the smoke chain: pretrain first, into the same storage
-            base = smoke().replace(storage=dict(uri=cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url))
-            pre = launch.run(base, embedded=embedded)
-            print(json.dumps({"pretrain": pre}), flush=True)
-            cfg = cfg.replace(transfer=dict(init_from=pre["checkpoint"]))
-        summary = launch.run(cfg, resume, embedded, timeline={"driver_start": STARTED})
-        if chain:
-            summary = {"pretrain_val_top1": pre["val_top1"], **summary, "wall_s": time.time() - STARTED}
+        with embedded_unless(cfg.storage.uri) as embedded:
+            if chain:  # the smoke chain: pretrain first, into the same storage
+                base = smoke().replace(storage=dict(uri=cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url))
+                pre = launch.run(base, embedded=embedded)
+                print(json.dumps({"pretrain": pre}), flush=True)
+                cfg = cfg.replace(transfer=dict(init_from=pre["checkpoint"]))
+            summary = launch.run(cfg, resume, embedded, timeline={"driver_start": STARTED})
     except launch.TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    finally:
-        if embedded:
-            embedded.stop()
+    if chain:
+        summary = {"pretrain_val_top1": pre["val_top1"], **summary, "wall_s": time.time() - STARTED}
     print(json.dumps(summary))
     return 0
 

@@ -47,22 +47,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, resume: bool) -> int:
     from vitray.config import validate
-    from vitray.storage import EmbeddedS3
+    from vitray.storage import embedded_unless
     from vitray.train import launch
 
     validate(cfg)  # cheap checks first: no server, no Ray for a bad config
-    embedded = EmbeddedS3() if not cfg.storage.uri else None
     try:
-        if embedded:
-            embedded.start()
-            print(f"embedded S3 server at {embedded.endpoint.url} (lives as long as this job)", flush=True)
-        summary = launch.run(cfg, resume, embedded, timeline={"driver_start": STARTED})
+        with embedded_unless(cfg.storage.uri) as embedded:
+            summary = launch.run(cfg, resume, embedded, timeline={"driver_start": STARTED})
     except launch.TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    finally:
-        if embedded:
-            embedded.stop()
     print(json.dumps(summary))
     return 0
 

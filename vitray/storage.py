@@ -10,6 +10,7 @@ server, which checks no credentials, gets fixed placeholder keys.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -153,6 +154,16 @@ class EmbeddedS3:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def embedded_unless(uri: str) -> Iterator[EmbeddedS3 | None]:
+    """A running EmbeddedS3 for the duration when no storage URI is given (the laptop default), else None."""
+    if uri:
+        yield None
+        return
+    with EmbeddedS3() as server:
+        yield server
 
 
 def walk(uri: str, endpoint: Endpoint | None = None) -> Iterator[str]:
