@@ -49,12 +49,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as runs:
             for _ in range(args.submissions):
                 t0 = time.time()
-                proc = subprocess.run(
-                    [ray, "job", "submit", "--address", address, "--working-dir", ROOT, "--", "python",
-                     "jobs/pretrain_vit_h14.py", "--preset", "smoke", "--set", "optim.total_steps=3",
-                     "--set", "log_every=1", "--set", "data.val_uri=", "--set", f"storage.uri={runs}"],
-                    env=env, capture_output=True, text=True, check=True,
-                )
+                for _ in range(30):  # the job agent can come up a little after the dashboard answers
+                    proc = subprocess.run(
+                        [ray, "job", "submit", "--address", address, "--working-dir", ROOT, "--", "python",
+                         "jobs/pretrain_vit_h14.py", "--preset", "smoke", "--set", "optim.total_steps=3",
+                         "--set", "log_every=1", "--set", "data.val_uri=", "--set", f"storage.uri={runs}"],
+                        env=env, capture_output=True, text=True,
+                    )
+                    if "No available agent to submit job" not in proc.stderr:
+                        break
+                    time.sleep(2)
+                    t0 = time.time()
+                proc.check_returncode()
                 summary = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith('{"run"')))
                 rows = storage.read_bytes(storage.join(summary["run"], "metrics.jsonl")).decode().splitlines()
                 startup = next(json.loads(r) for r in rows if json.loads(r).get("event") == "startup")
