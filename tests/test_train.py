@@ -120,3 +120,15 @@ def test_finetune_from_checkpoint_with_ema_that_survives_resume(ray_cluster, s3,
     assert result.error is None and result.metrics["step"] == 8
     resumed = next(r for r in _metrics(plan) if r.get("event") == "resumed")
     assert resumed["ema_digest"] == pytest.approx(saved["ema_digest"], rel=1e-12) and resumed["step"] == 4
+
+
+def test_frozen_features_over_ray_data_for_fewshot(ray_cluster, s3, digits, pretrained):
+    from vitray.eval.features import extract
+    from vitray.eval.linear import fewshot
+
+    tx, ty = extract(pretrained, digits["train"], s3.endpoint, image_size=16)
+    vx, vy = extract(pretrained, digits["val"], s3.endpoint, image_size=16)
+    assert tx.shape == (1500, 64) and vx.shape == (297, 64)  # every sample exactly once; pre-logit width 64
+    assert sorted(set(ty.tolist())) == list(range(10))
+    res = fewshot(tx, ty, vx, vy, shots=(10,), seeds=(0, 1))
+    assert res[10][0] > 0.2  # twice chance after 6 pretraining steps

@@ -97,12 +97,37 @@ def module_digest(module: torch.nn.Module) -> float:
     return float(sum(p.detach().double().abs().sum().item() for p in module.parameters()))
 
 
-def load_pretrained(cfg, endpoint) -> torch.nn.Module:
-    """The model to fine-tune: weights from `cfg.transfer.init_from` — a vitray checkpoint folder (any ZeRO stage)
-    or an official .npz — with the pretraining head swapped for a zero-initialised one for `cfg.model.num_classes`
-    and the position embeddings interpolated to `cfg.data.image_size`."""
+def load_model(uri: str, endpoint=None, dropout: float = 0.0) -> tuple[torch.nn.Module, dict]:
+    """The model saved in a vitray checkpoint folder (any ZeRO stage), as it was trained; and that run's config."""
     from vitray import storage
     from vitray.models.registry import build_model, get_spec
+
+    with tempfile.TemporaryDirectory(prefix="vitray-load-") as local:
+        fs, path = storage.resolve(uri, endpoint)
+        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        with open(os.path.join(local, "vitray.json")) as f:
+            saved = json.load(f)["config"]
+        m = saved["model"]
+        spec = get_spec(m["name"])
+        model = build_model(m["name"], num_classes=m["num_classes"], image_size=saved["data"]["image_size"],
+                            dropout=dropout, representation_size=spec.width if m["pre_logits"] else None)
+        if saved["deepspeed"]["zero_stage"] == 0:
+            state = torch.load(os.path.join(local, TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
+                               weights_only=False)["module"]
+        else:  # DeepSpeed reassembles the fp32 weights from the ZeRO partitions
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(local, tag=TAG)
+    model.load_state_dict(state)
+    return model, saved
+
+
+def load_pretrained(cfg, endpoint) -> torch.nn.Module:
+    """The model to fine-tune: weights from `cfg.transfer.init_from` — a vitray checkpoint folder or an official
+    .npz — with the pretraining head swapped for a zero-initialised one for `cfg.model.num_classes` and the position
+    embeddings interpolated to `cfg.data.image_size`."""
+    from vitray import storage
+    from vitray.models.registry import build_model
 
     uri, t = cfg.transfer.init_from, cfg.transfer
     if uri.endswith(".npz"):
@@ -111,21 +136,5 @@ def load_pretrained(cfg, endpoint) -> torch.nn.Module:
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.data.image_size,
                             dropout=cfg.model.dropout)
         return load_npz(model, storage.read_bytes(uri, endpoint), uri, load_head=False, posemb_method=t.posemb_method)
-
-    with tempfile.TemporaryDirectory(prefix="vitray-init-") as local:
-        fs, path = storage.resolve(uri, endpoint)
-        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        with open(os.path.join(local, "vitray.json")) as f:
-            saved = json.load(f)["config"]
-        m = saved["model"]
-        spec = get_spec(m["name"])
-        model = build_model(m["name"], num_classes=m["num_classes"], image_size=saved["data"]["image_size"],
-                            dropout=cfg.model.dropout, representation_size=spec.width if m["pre_logits"] else None)
-        if saved["deepspeed"]["zero_stage"] == 0:
-            state = torch.load(os.path.join(local, TAG, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)["module"]
-        else:  # DeepSpeed reassembles the fp32 weights from the ZeRO partitions
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(local, tag=TAG)
-    model.load_state_dict(state)
+    model, _ = load_model(uri, endpoint, cfg.model.dropout)
     return model.adapt_for_finetuning(cfg.model.num_classes, cfg.data.image_size, t.posemb_method)
