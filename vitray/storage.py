@@ -164,11 +164,3 @@ def embedded_unless(uri: str) -> Iterator[EmbeddedS3 | None]:
         return
     with EmbeddedS3() as server:
         yield server
-
-
-def walk(uri: str, endpoint: Endpoint | None = None) -> Iterator[str]:
-    """Every file below `uri`, as paths relative to it (for tests and tools that copy whole trees)."""
-    fs, path = resolve(uri, endpoint)
-    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
-        if info.type == pafs.FileType.File:
-            yield info.path[len(path):].lstrip("/")
