@@ -54,7 +54,9 @@ def train_loop_per_worker(config: dict) -> None:
     # Model (fresh, or pretrained weights adapted for fine-tuning) and engine, restored from the latest checkpoint
     # if there is one. The optional Polyak average of the weights (paper: 0.9999) is what evaluation uses.
     task = TASKS["classification"](cfg)
-    model = checkpoint.load_pretrained(cfg, endpoint) if cfg.transfer.init_from else task.build_model()
+    # A restart restores everything from its own checkpoint, so the pretrained weights are only fetched once.
+    fresh_finetune = cfg.transfer.init_from and ray.train.get_checkpoint() is None
+    model = checkpoint.load_pretrained(cfg, endpoint) if fresh_finetune else task.build_model()
     total_steps = plan["total_steps"]
     engine = build_engine(model, cfg, world, total_steps, on_gpu)
     ema = None
