@@ -60,3 +60,19 @@ def test_dropout_placement():
     drops = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)]
     assert "pos_drop" in drops and "blocks.0.attn.drop" in drops and "blocks.0.mlp.drop" in drops
     assert not any("qkv" in n for n in drops)
+
+
+def test_layer_features_are_the_encoder_tokens_at_that_depth():
+    torch.manual_seed(0)
+    model = build_model("vit_tiny_test", num_classes=10, image_size=32, representation_size=32).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens, _ = model.encode(images)
+        last_cls, last_mean, embed_mean = (*model.layer_features(images, [2], "cls"), *model.layer_features(images, [2, 0]))
+        embedded = model.patch_embed(images).flatten(2).transpose(1, 2) + model.pos_embed[:, 1:]
+    # The last block's [class] token, through the final LayerNorm, is what the head reads.
+    torch.testing.assert_close(model.norm(last_cls), tokens[:, 0])
+    torch.testing.assert_close(embed_mean, embedded.mean(1))  # layer 0: the embedded patches
+    assert last_mean.shape == (3, 32) and not torch.allclose(last_mean, last_cls)
+    with pytest.raises(ValueError, match="layer 3: this model has layers 0..2"):
+        model.layer_features(images, [3])

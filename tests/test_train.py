@@ -121,14 +121,75 @@ def test_finetune_from_checkpoint_with_ema_that_survives_resume(ray_cluster, s3,
     resumed = next(r for r in _metrics(plan) if r.get("event") == "resumed")
     assert resumed["ema_digest"] == pytest.approx(saved["ema_digest"], rel=1e-12) and resumed["step"] == 4
 
+    # Evaluation loads the averaged weights by default; the raw ones on request.
+    from vitray.train import checkpoint
+    from vitray.train.checkpoint import load_model
+
+    final = storage.join(plan.run_uri, "step_00000008")
+    averaged, meta = load_model(final, plan.endpoint)
+    raw, _ = load_model(final, plan.endpoint, weights="raw")
+    assert meta["weights"] == "ema" and meta["step"] == 8
+    assert checkpoint.module_digest(averaged) == pytest.approx(
+        json.loads(storage.read_bytes(storage.join(final, "vitray.json"), plan.endpoint))["ema_digest"], rel=1e-12)
+    assert not torch.allclose(averaged.pos_embed, raw.pos_embed)
+
 
 def test_frozen_features_over_ray_data_for_fewshot(ray_cluster, s3, digits, pretrained):
-    from vitray.eval.features import extract
-    from vitray.eval.linear import fewshot
+    from vitray.eval.features import FINAL, extract
+    from vitray.eval.linear import fewshot, linear_probe
 
-    tx, ty = extract(pretrained, digits["train"], s3.endpoint, image_size=16)
-    vx, vy = extract(pretrained, digits["val"], s3.endpoint, image_size=16)
-    assert tx.shape == (1500, 64) and vx.shape == (297, 64)  # every sample exactly once; pre-logit width 64
+    train, ty = extract(pretrained, digits["train"], s3.endpoint, image_size=16, layers=(FINAL, 1))
+    val, vy = extract(pretrained, digits["val"], s3.endpoint, image_size=16, layers=(FINAL, 1))
+    # Every sample exactly once; pre-logit width 64, and the width-64 tokens after block 1, in one pass.
+    assert train[FINAL].shape == train[1].shape == (1500, 64) and val[FINAL].shape == (297, 64)
     assert sorted(set(ty.tolist())) == list(range(10))
-    res = fewshot(tx, ty, vx, vy, shots=(10,), seeds=(0, 1))
+    res = fewshot(train[FINAL], ty, val[FINAL], vy, shots=(10,), seeds=(0, 1))
     assert res[10][0] > 0.2  # twice chance after 6 pretraining steps
+    assert linear_probe(train[1], ty, val[1], vy) > 0.5  # an intermediate layer, iGPT-style
+
+
+def test_top1_over_ray_data_counts_every_sample_exactly(ray_cluster, s3, digits, pretrained):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vitray.data.datasets import digits_arrays
+    from vitray.data.transforms import center_crop
+    from vitray.eval.features import top1
+    from vitray.train.checkpoint import load_model
+
+    accuracy, count = top1(pretrained, digits["val"], s3.endpoint, image_size=16, actors=2, batch_size=50)
+    # The same checkpoint applied here, in one process, to the same 297 images.
+    images, labels = digits_arrays("val")
+    x = np.stack([np.asarray(center_crop(Image.fromarray(a).convert("RGB"), 16)) for a in images])
+    model, meta = load_model(pretrained, s3.endpoint)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1).argmax(-1).numpy()
+    assert count == 297 and meta["weights"] == "raw" and meta["step"] == 6
+    assert accuracy == pytest.approx(float((pred == labels).mean()), abs=1e-12)
+
+
+def _evaluate_job():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "evaluate.py")
+    spec = importlib.util.spec_from_file_location("evaluate_job", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_evaluate_job_runs_every_protocol_and_checks_layers_first(ray_cluster, s3, digits, pretrained, capsys):
+    main = _evaluate_job()
+    common = ["--checkpoint", pretrained, "--test", digits["val"], "--endpoint-url", s3.endpoint.url]
+    assert main([*common, "--layers", "final,9"]) == 2
+    assert "--layers: 9 is not final or a block index 0..4" in capsys.readouterr().err
+    assert main([*common, "--eval", "probe"]) == 2
+    assert "need --train" in capsys.readouterr().err
+
+    assert main([*common, "--train", digits["train"], "--layers", "final,2", "--shots", "1,5", "--seeds", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["top1"]["samples"] == 297 and result["test_samples"] == 297 and result["train_samples"] == 1500
+    assert set(result["fewshot"]) == {"1", "5"} and set(result["linear_probe"]) == {"final", "2"}
+    assert result["fewshot"]["5"]["mean"] > result["fewshot"]["1"]["mean"] - 0.05 and result["fewshot"]["5"]["std"] >= 0

@@ -64,10 +64,11 @@ def smoke() -> Config:
         # Digits are not mirror-symmetric, and an 8×8 image survives only mild crops (measured: flips and 50 %
         # crops cost 13 points of held-out accuracy).
         data=dict(builtin="digits", image_size=16, crop_area_min=0.9, flip=False, shuffle_buffer=512),
-        # Fewer warmup steps and a higher LR than Table 3: the run is ~600 steps, not ~1M.
+        # Fewer warmup steps and a higher LR than Table 3: the run is ~1,400 steps, not ~1M. 60 epochs because 25
+        # left the fine-tuning chain at 0.95–0.97 held-out and 60 at 0.98–0.99 (measured over 5 seeds).
         optim=dict(
             optimizer="adam", lr=4e-3, weight_decay=0.05, schedule="cosine", warmup_steps=40,
-            global_batch=64, micro_batch=32, epochs=25, grad_clip=1.0,
+            global_batch=64, micro_batch=32, epochs=60, grad_clip=1.0,
         ),
         deepspeed=dict(zero_stage=2, precision="fp32"),
         # Half a CPU per worker leaves the rest of a 2-core laptop to Ray Data's decode tasks.

@@ -1,39 +1,70 @@
-"""Frozen features of a checkpoint over a sharded dataset, computed by Ray Data (a pool of model actors), for the
-few-shot and linear-probe evaluations in `vitray.eval.linear`."""
+"""A checkpoint applied to a sharded dataset by Ray Data (a pool of model actors): its top-1 accuracy, or the frozen
+features the few-shot and linear-probe evaluations of `vitray.eval.linear` read.
+
+Both are exact: every sample of the dataset is seen once (evaluation preprocessing, no drop-last), whatever the
+number of actors.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from vitray.storage import Endpoint
 
+FINAL = "final"  # the pre-logit features; an int k names the tokens after block k (see ViT.layer_features)
 
-class Featurizer:
-    """Ray Data actor: loads the checkpoint once, then maps image batches to pre-logit features."""
 
-    def __init__(self, checkpoint_uri: str, endpoint: Endpoint | None):
+class CheckpointActor:
+    """Ray Data actor: loads the checkpoint once, then maps image batches to predicted labels or features."""
+
+    def __init__(self, checkpoint_uri: str, endpoint: Endpoint | None, weights: str, layers: list, pool: str):
         import torch
 
         from vitray.train.checkpoint import load_model
 
         torch.set_num_threads(1)
-        self.model, _ = load_model(checkpoint_uri, endpoint)
+        self.model, _ = load_model(checkpoint_uri, endpoint, weights=weights)
         self.model.eval()
+        self.layers, self.pool = layers, pool
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         with torch.no_grad():
             images = torch.from_numpy(np.require(batch["image"], requirements="W")).permute(0, 3, 1, 2).float() / 127.5 - 1
-            return {"features": self.model.forward_features(images).numpy(), "label": batch["label"]}
+            out = {"label": batch["label"]}
+            if not self.layers:
+                out["prediction"] = self.model(images).argmax(-1).numpy()
+                return out
+            blocks = [k for k in self.layers if k != FINAL]
+            per_layer = dict(zip(blocks, self.model.layer_features(images, blocks, self.pool))) if blocks else {}
+            for k in self.layers:
+                out[f"features_{k}"] = (self.model.forward_features(images) if k == FINAL else per_layer[k]).numpy()
+            return out
 
 
-def extract(checkpoint_uri: str, data_uri: str, endpoint: Endpoint | None, image_size: int,
-            actors: int = 2, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D), labels (N,)) of every sample of `data_uri`, evaluation preprocessing, exact count."""
+def _apply(checkpoint_uri: str, data_uri: str, endpoint: Endpoint | None, image_size: int, weights: str,
+           layers: list, pool: str, actors: int, batch_size: int) -> dict[str, np.ndarray]:
     from vitray.data.stream import build_dataset
 
     ds = build_dataset(data_uri, endpoint, train=False, image_size=image_size, field=data_uri)
-    ds = ds.map_batches(Featurizer, fn_constructor_kwargs=dict(checkpoint_uri=checkpoint_uri, endpoint=endpoint),
-                        batch_size=batch_size, concurrency=actors, num_cpus=0.5)
-    parts = [(b["features"], b["label"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    ds = ds.map_batches(CheckpointActor, batch_size=batch_size, concurrency=actors, num_cpus=0.5,
+                        fn_constructor_kwargs=dict(checkpoint_uri=checkpoint_uri, endpoint=endpoint, weights=weights,
+                                                   layers=layers, pool=pool))
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def top1(checkpoint_uri: str, data_uri: str, endpoint: Endpoint | None, image_size: int, weights: str = "auto",
+         actors: int = 2, batch_size: int = 64) -> tuple[float, int]:
+    """(top-1 accuracy, samples counted) of the checkpoint's own head on every sample of `data_uri`."""
+    out = _apply(checkpoint_uri, data_uri, endpoint, image_size, weights, [], "mean", actors, batch_size)
+    return float((out["prediction"] == out["label"]).mean()), len(out["label"])
+
+
+def extract(checkpoint_uri: str, data_uri: str, endpoint: Endpoint | None, image_size: int,
+            layers: tuple = (FINAL,), pool: str = "mean", weights: str = "auto", actors: int = 2,
+            batch_size: int = 64) -> tuple[dict, np.ndarray]:
+    """({layer: features (N, D)}, labels (N,)) for every sample of `data_uri`, all layers in one pass. A layer is
+    FINAL (pre-logits) or a block index k (tokens after block k, pooled by `pool`)."""
+    out = _apply(checkpoint_uri, data_uri, endpoint, image_size, weights, list(layers), pool, actors, batch_size)
+    return {k: out[f"features_{k}"] for k in layers}, out["label"]

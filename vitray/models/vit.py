@@ -108,6 +108,25 @@ class ViT(nn.Module):
         tokens, _ = self.encode(images)
         return self.pre_logits(tokens[:, 0])
 
+    def layer_features(self, images: torch.Tensor, layers: list[int], pool: str = "mean") -> list[torch.Tensor]:
+        """Features of intermediate layers, (B, D) each: the tokens after block k (k = 0: the embeddings, k =
+        depth: the last block, before the final LayerNorm), averaged over the image tokens ("mean", iGPT's linear
+        probe protocol) or the [class] token ("cls"). Runs only as many blocks as the deepest layer asked for."""
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"pool: {pool!r} is not 'mean' or 'cls'")
+        bad = [k for k in layers if not 0 <= k <= len(self.blocks)]
+        if bad:
+            raise ValueError(f"layer {bad[0]}: this model has layers 0..{len(self.blocks)}")
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        outputs = {}
+        for k in range(max(layers, default=0) + 1):
+            if k > 0:
+                x, _ = self.blocks[k - 1](x, False)
+            if k in layers:
+                outputs[k] = x[:, 1:].mean(1) if pool == "mean" else x[:, 0]
+        return [outputs[k] for k in layers]
+
     def forward(self, images: torch.Tensor, return_attention: bool = False):
         tokens, attention = self.encode(images, need_weights=return_attention)
         logits = self.head(self.pre_logits(tokens[:, 0]))

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from vitray.data.stream import Position
+from vitray.models.npz import CheckpointError
 
 TAG = "state"
 
@@ -97,8 +98,13 @@ def module_digest(module: torch.nn.Module) -> float:
     return float(sum(p.detach().double().abs().sum().item() for p in module.parameters()))
 
 
-def load_model(uri: str, endpoint=None, dropout: float = 0.0) -> tuple[torch.nn.Module, dict]:
-    """The model saved in a vitray checkpoint folder (any ZeRO stage), as it was trained; and that run's config."""
+def load_model(uri: str, endpoint=None, dropout: float = 0.0, weights: str = "auto") -> tuple[torch.nn.Module, dict]:
+    """The model saved in a vitray checkpoint folder (any ZeRO stage). `weights`: "raw" (the
+    trained weights), "ema" (their Polyak average; an error if the run kept none) or "auto" (the average when the
+    run kept one: the paper evaluates the averaged weights). Returns the model and the checkpoint's vitray.json
+    (step, config, ...) with "weights" saying which were loaded."""
+    if weights not in ("auto", "raw", "ema"):
+        raise ValueError(f"weights: {weights!r} is not 'auto', 'raw' or 'ema'")
     from vitray import storage
     from vitray.models.registry import build_model, get_spec
 
@@ -106,7 +112,8 @@ def load_model(uri: str, endpoint=None, dropout: float = 0.0) -> tuple[torch.nn.
         fs, path = storage.resolve(uri, endpoint)
         pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         with open(os.path.join(local, "vitray.json")) as f:
-            saved = json.load(f)["config"]
+            meta = json.load(f)
+        saved = meta["config"]
         m = saved["model"]
         spec = get_spec(m["name"])
         model = build_model(m["name"], num_classes=m["num_classes"], image_size=saved["data"]["image_size"],
@@ -118,8 +125,17 @@ def load_model(uri: str, endpoint=None, dropout: float = 0.0) -> tuple[torch.nn.
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state = get_fp32_state_dict_from_zero_checkpoint(local, tag=TAG)
+        ema_path = os.path.join(local, "ema.pt")
+        if weights == "ema" and not os.path.exists(ema_path):
+            raise CheckpointError(f"{uri}: holds no averaged (EMA) weights; the run had transfer.ema_decay = 0")
+        if weights != "raw" and os.path.exists(ema_path):
+            averaged = torch.load(ema_path, map_location="cpu")  # torch's AveragedModel: module.* + n_averaged
+            state = {k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")}
+            meta["weights"] = "ema"
+        else:
+            meta["weights"] = "raw"
     model.load_state_dict(state)
-    return model, saved
+    return model, meta
 
 
 def load_pretrained(cfg, endpoint) -> torch.nn.Module:
