@@ -44,6 +44,12 @@ def main() -> None:
         rows.append(
             f"| `ray job submit` → first optimizer step, smoke preset | warm {min(s['warm_s']):.1f}–{max(s['warm_s']):.1f} s, "
             f"cold {s['cold_s']:.1f} s | — | — | warm ≤ 20 s — {verdict(min(s['warm_s']) <= 20)} (best warm run) |")
+    c = load("smoke_chain")
+    if c:
+        rows.append(
+            f"| transfer smoke chain: `vit_smoke` digits, pretrain 16 px → fine-tune 24 px | held-out top-1 "
+            f"{c['pretrain_val_top1']:.3f} → {c['finetune_val_top1_ema']:.3f} (EMA; raw {c['finetune_val_top1_raw']:.3f}), "
+            f"{c['wall_s']:.0f} s | — | — | ≥ 0.97 — {verdict(c['finetune_val_top1_ema'] >= 0.97)} |")
     m = (i or s or {}).get("machine", {})
     print(f"Measured on {m.get('cores')} cores ({m.get('cpu')}), {m.get('memory_gib')} GiB, GPU: {m.get('gpu')}; "
           f"Python {m.get('python')}, Ray {m.get('ray')}, torch {m.get('torch')}, DeepSpeed {m.get('deepspeed')}.\n")
