@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 
@@ -12,23 +11,9 @@ sys.path.insert(0, ROOT)
 
 
 def machine() -> dict:
-    import deepspeed
-    import ray
-    import torch
+    from vitray.cost import machine as vitray_machine
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__, "platform": platform.platform(),
-    }
+    return vitray_machine()
 
 
 def write_result(name: str, result: dict) -> str:

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="smoke", help="smoke or <model>_<dataset>, e.g. b16_cifar10")
     parser.add_argument("--init-from", help="vitray checkpoint folder or official .npz (= transfer.init_from)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--model", help="= model.name: vit_b16, R50+ViT-B/16, bit_r152x2, ... (any registered model)")
     parser.add_argument("--run-name", help="= storage.run_name")
     parser.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
     parser.add_argument("--print-config", action="store_true")
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = ([f"transfer.init_from={args.init_from}"] if args.init_from else []) + (
         [f"storage.run_name={args.run_name}"] if args.run_name else [])
     try:
+        extra += _model_override(args.model)
         cfg = apply_overrides(preset(args.preset, FINETUNE_PRESETS), args.overrides + extra)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1))
@@ -75,6 +77,17 @@ def run(cfg, resume: bool, chain: bool) -> int:
         summary = {"pretrain_val_top1": pre["val_top1"], **summary, "wall_s": time.time() - STARTED}
     print(json.dumps(summary))
     return 0
+
+
+def _model_override(name: str | None) -> list[str]:
+    from vitray.models.registry import canonical
+
+    if not name:
+        return []
+    try:
+        return [f"model.name={canonical(name)}"]
+    except KeyError as e:
+        raise ConfigError(f"--model: {e.args[0]}") from None
 
 
 if __name__ == "__main__":

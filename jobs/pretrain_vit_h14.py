@@ -29,13 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="h14_jft", help=f"recipe: {', '.join(PRESETS)} (default h14_jft)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
+    parser.add_argument("--model", help="= model.name: vit_b16, R50+ViT-B/16, bit_r152x2, ... (any registered model)")
     parser.add_argument("--run-name", help="name of the run folder under <storage>/runs (= storage.run_name)")
     parser.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
 
     try:
-        cfg = apply_overrides(preset(args.preset), args.overrides + ([f"storage.run_name={args.run_name}"] if args.run_name else []))
+        extra = ([f"storage.run_name={args.run_name}"] if args.run_name else []) + _model_override(args.model)
+        cfg = apply_overrides(preset(args.preset), args.overrides + extra)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1))
             return 0
@@ -59,6 +61,17 @@ def run(cfg, resume: bool) -> int:
         return 1
     print(json.dumps(summary))
     return 0
+
+
+def _model_override(name: str | None) -> list[str]:
+    from vitray.models.registry import canonical
+
+    if not name:
+        return []
+    try:
+        return [f"model.name={canonical(name)}"]
+    except KeyError as e:
+        raise ConfigError(f"--model: {e.args[0]}") from None
 
 
 if __name__ == "__main__":

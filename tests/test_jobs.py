@@ -146,3 +146,17 @@ def test_smoke_chain_pretrain_then_finetune_at_higher_resolution():
     assert summary["pretrain_val_top1"] > 0.93
     assert summary["val_top1"] >= 0.97, summary
     assert summary["checkpoint"].endswith("step_00000468")
+
+
+def test_planner_job_and_training_job_refuse_what_cannot_fit(s3, digits):
+    plan = os.path.join(ROOT, "jobs", "plan.py")
+    run = lambda *a: subprocess.run([sys.executable, plan, *a], capture_output=True, text=True, timeout=120, cwd=ROOT)  # noqa: E731
+    ok = run("--preset", "h14_jft", "--set", "scaling.num_workers=1024", "--set", "optim.micro_batch=4", "--accelerator", "H100")
+    assert ok.returncode == 0 and "1024 × H100, ZeRO-1" in ok.stdout and "H100-days" in ok.stdout, ok.stderr
+    too_big = ["--set", "scaling.num_workers=8", "--set", "deepspeed.zero_stage=0", "--set", "optim.micro_batch=256",
+               "--set", "scaling.accelerator=A100"]
+    _assert_clean_error(run("--preset", "h14_jft", *too_big), "vit_h14 @ 224 px needs", "but has 80 GiB; try deepspeed.zero_stage=1")
+    # The training job runs the same check after reading its data, still before any Ray resource.
+    proc = _job("--preset", "h14_jft", *too_big, "--set", f"data.train_uri={digits['train']}",
+                "--set", f"storage.uri=s3://{s3.bucket}/runs-fit", "--set", f"storage.endpoint_url={s3.endpoint.url}")
+    _assert_clean_error(proc, "needs", "but has 80 GiB")

@@ -37,6 +37,15 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero):
     assert all(r["images_per_s"] > 0 and r["accelerator_hours"] > 0 and 0 < r["mfu"] < 1 for r in rows)
     assert result.checkpoint.path.endswith("step_00000040")
 
+    # ZeRO's memory formulas against the tensors each rank really holds (fp32 on CPU, 2 ranks).
+    from vitray import cost
+
+    params = 143_114  # vit_smoke with its pre-logits layer and a 10-class head
+    formula = cost.model_state_bytes(params, world=2, zero_stage=zero, mixed_precision=False)
+    measured = result.metrics["model_state_bytes"]
+    assert measured["parameters"] == pytest.approx(formula["parameters"], rel=0.10)
+    assert measured["optimizer"] == pytest.approx(formula["optimizer"], rel=0.10)
+
 
 def test_checkpoint_then_resume_continues_exactly(ray_cluster, s3, digits):
     import deepspeed.runtime.lr_schedules as schedules
@@ -193,3 +202,25 @@ def test_evaluate_job_runs_every_protocol_and_checks_layers_first(ray_cluster, s
     assert result["top1"]["samples"] == 297 and result["test_samples"] == 297 and result["train_samples"] == 1500
     assert set(result["fewshot"]) == {"1", "5"} and set(result["linear_probe"]) == {"final", "2"}
     assert result["fewshot"]["5"]["mean"] > result["fewshot"]["1"]["mean"] - 0.05 and result["fewshot"]["5"]["std"] >= 0
+
+
+@pytest.mark.parametrize("model", ["bit_tiny_test", "hybrid_tiny_test"])
+def test_cnn_baselines_train_on_the_same_engine_and_evaluate(ray_cluster, s3, digits, model):
+    """BiT ResNetV2 and the R50+ViT hybrid (tiny versions) through the same job path, checkpoints readable by the
+    evaluation tools, and the run's accelerator-days row appended."""
+    from vitray.eval.features import FINAL, extract
+
+    cfg, plan = launch.prepare(_config(s3, digits, f"cnn-{model}", model=dict(name=model), data=dict(image_size=32),
+                                       optim=dict(total_steps=6), log_every=2))
+    summary = launch.run(cfg)
+    assert summary["step"] == 6 and summary["checkpoint"].endswith("step_00000006")
+    rows = [r for r in _metrics(plan) if "loss" in r and "final" not in r]
+    assert rows and all(r["mfu"] > 0 for r in rows)
+    features, labels = extract(summary["checkpoint"], digits["val"], s3.endpoint, image_size=32, layers=(FINAL, 1))
+    assert len(labels) == 297 and features[FINAL].shape[0] == features[1].shape[0] == 297
+
+    log = storage.read_bytes(storage.join(plan.run_uri.rsplit("/", 1)[0], "accelerator_days.jsonl"), s3.endpoint).decode()
+    row = next(json.loads(line) for line in log.splitlines() if json.loads(line)["run"] == plan.run_name)
+    assert row["model"] == model and row["workers"] == 2 and row["zero_stage"] == 2 and row["steps"] == 6
+    assert row["images_per_s_per_accelerator"] > 0 and 0 < row["mfu"] < 1 and row["memory_per_device_gib"] > 0
+    assert row["projected_accelerator_days"]["jft_14ep"] == pytest.approx(2 * row["projected_accelerator_days"]["jft_7ep"])

@@ -21,15 +21,69 @@ PEAK_FLOPS = {
 }
 
 
-def vit_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, representation_size: int = 0) -> float:
-    """Forward FLOPs for one image: 2·[patch embed + L·(12·N·D² + 2·N²·D) + pre-logits + head] with MLP ratio 4."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    n = spec.tokens((h, w))  # includes the class token
+def _side(image_size) -> tuple[int, int]:
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
+def _conv_out(n: int, k: int, stride: int) -> int:
+    return (n + 2 * (k // 2) - k) // stride + 1  # "same"-style padding k // 2, as the models use
+
+
+def _conv(cin: int, cout: int, k: int, hw: tuple[int, int]) -> float:
+    return 2.0 * cin * cout * k * k * hw[0] * hw[1]
+
+
+def _resnet_flops(blocks: tuple[int, ...], width: int, image_size) -> tuple[float, tuple[int, int], int]:
+    """(FLOPs, output grid, output channels) of the stem + bottleneck stages shared by BiT and the hybrids: the
+    convolutions only (norms, activations and pooling are not multiply-adds and FlopCounterMode skips them too)."""
+    h, w = _side(image_size)
+    hw = (_conv_out(h, 7, 2), _conv_out(w, 7, 2))
+    flops = _conv(3, 64 * width, 7, hw)
+    hw = ((hw[0] + 2 - 3) // 2 + 1, (hw[1] + 2 - 3) // 2 + 1)  # 3×3/2 max-pool, padding 1
+    cin = 64 * width
+    for s, n in enumerate(blocks):
+        cout, mid = 256 * width * 2**s, 64 * width * 2**s
+        for i in range(n):
+            stride = (1 if s == 0 else 2) if i == 0 else 1
+            out = (_conv_out(hw[0], 3, stride), _conv_out(hw[1], 3, stride))
+            flops += _conv(cin, mid, 1, hw) + _conv(mid, mid, 3, out) + _conv(mid, cout, 1, out)
+            if stride != 1 or cin != cout:
+                flops += _conv(cin, cout, 1, out)  # projection shortcut
+            hw, cin = out, cout
+    return flops, hw, cin
+
+
+def _transformer_flops(spec, n: int) -> float:
+    """L encoder blocks over n tokens: qkv, QKᵀ and AV, output projection, MLP (2 FLOPs per multiply-add)."""
     d, m = spec.width, spec.mlp_dim
-    patch = (n - 1) * 3 * spec.patch**2 * d
-    per_layer = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * m  # qkv, QKᵀ and AV, out proj, MLP
-    head = d * representation_size + (representation_size or d) * num_classes
-    return 2.0 * (patch + spec.depth * per_layer + head)
+    return 2.0 * spec.depth * (n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * m)
+
+
+def vit_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, representation_size: int = 0) -> float:
+    """Forward FLOPs for one image: 2·[patch embed + L·(12·N·D² + 2·N²·D) + pre-logits + head] with MLP ratio 4.
+    Hybrids replace the patch embedding by their ResNet and a 1×1 projection of its feature map."""
+    h, w = _side(image_size)
+    d = spec.width
+    if spec.family == "hybrid":
+        embed, grid, channels = _resnet_flops(spec.resnet, spec.resnet_width, (h, w))
+        embed += _conv(channels, d, 1, grid)
+        n = grid[0] * grid[1] + 1
+    else:
+        n = spec.tokens((h, w))  # includes the class token
+        embed = 2.0 * (n - 1) * 3 * spec.patch**2 * d
+    head = 2.0 * (d * representation_size + (representation_size or d) * num_classes)
+    return embed + _transformer_flops(spec, n) + head
+
+
+def resnet_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, representation_size: int = 0) -> float:
+    flops, _, channels = _resnet_flops(spec.blocks, spec.width, image_size)
+    return flops + 2.0 * (channels * representation_size + (representation_size or channels) * num_classes)
+
+
+def forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, pre_logits: bool = False) -> float:
+    """Analytic forward FLOPs per image of any registered model (`pre_logits`: with the pretraining tanh layer)."""
+    fn = resnet_forward_flops if spec.family == "bit" else vit_forward_flops
+    return fn(spec, image_size, num_classes, spec.features if pre_logits else 0)
 
 
 def train_flops_per_image(forward_flops: float) -> float:

@@ -100,9 +100,9 @@ def finetune(model: str, dataset: str, lr: float | None = None) -> Config:
         raise ConfigError(f"{dataset}: not a dataset of the paper's Table 4 ({', '.join(FINETUNE_TABLE)})")
     classes, steps, grid = FINETUNE_TABLE[dataset]
     resolution = {"vit_l16": 512, "vit_h14": 518}.get(name, 384) if dataset == "imagenet" else 384
-    if resolution % get_spec(name).patch:
+    if resolution % get_spec(name).size_multiple:
         # 384 is no multiple of 14: the official VALID-padded patch conv sees 27 × 27 patches, i.e. 378 px of it.
-        resolution -= resolution % get_spec(name).patch
+        resolution -= resolution % get_spec(name).size_multiple
     return Config().replace(
         model=dict(name=name, num_classes=classes or 1000, dropout=0.0, pre_logits=False),
         data=dict(image_size=resolution),

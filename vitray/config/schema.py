@@ -74,6 +74,7 @@ class StorageConfig:
     run_name: str = ""  # "" = <model>-<UTC time>; reuse it with --resume
     keep_checkpoints: int = 3
     checkpoint_every: int = 1000  # optimizer steps; 0 = only at the end
+    cost_log: str = ""  # accelerator-days rows are appended here; "" = <uri>/accelerator_days.jsonl, "none" = off
 
 
 @dataclass(frozen=True)
@@ -187,9 +188,9 @@ def validate(cfg: Config) -> None:
     d, o, s, z = cfg.data, cfg.optim, cfg.scaling, cfg.deepspeed
     if d.image_size <= 0:
         errors.append(f"data.image_size: must be positive, got {d.image_size}")
-    elif spec is not None and d.image_size % spec.patch:
+    elif spec is not None and d.image_size % spec.size_multiple:
         errors.append(
-            f"data.image_size: {d.image_size} is not divisible by the patch size {spec.patch} of {cfg.model.name}"
+            f"data.image_size: {d.image_size} is not divisible by the patch size {spec.size_multiple} of {cfg.model.name}"
         )
     if cfg.model.num_classes < 1:
         errors.append(f"model.num_classes: must be ≥ 1, got {cfg.model.num_classes}")

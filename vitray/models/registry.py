@@ -24,6 +24,46 @@ class ViTSpec:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         return (h // self.patch) * (w // self.patch) + 1  # + class token
 
+    @property
+    def features(self) -> int:  # width of the pooled representation (and of the pre-logits layer)
+        return self.width
+
+    @property
+    def size_multiple(self) -> int:  # image sides must be multiples of this
+        return self.patch
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridSpec(ViTSpec):
+    """A ViT whose patches are the 1×1 cells of a ResNet feature map (paper Sec. 3.1, Table 6). `resnet` blocks per
+    stage: (3, 4, 9) is R50 with stage 4 folded into stage 3 (output stride 16), (3, 4, 6, 3) the full R50 (32)."""
+
+    resnet: tuple[int, ...] = (3, 4, 9)
+    resnet_width: int = 1
+    family: str = "hybrid"
+
+    def __post_init__(self) -> None:
+        assert self.patch == 4 * 2 ** (len(self.resnet) - 1), "patch must be the ResNet's output stride"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+    """BiT ResNetV2: bottleneck blocks per stage and the width multiplier k of "R50x{k}"."""
+
+    blocks: tuple[int, ...]
+    width: int
+    family: str = "bit"
+
+    @property
+    def features(self) -> int:
+        return 256 * self.width * 2 ** (len(self.blocks) - 1)
+
+    @property
+    def depth(self) -> int:  # "layers" for probes: the stem (0) and each stage
+        return len(self.blocks)
+
+    size_multiple = 1  # any resolution; global pooling absorbs the grid
+
 
 # ViT paper, Table 1 (Ti and S from DeiT / the AugReg follow-up, same layout).
 _VIT_SIZES = {
@@ -41,18 +81,30 @@ MODELS: dict[str, object] = {
 MODELS["vit_tiny_test"] = ViTSpec(width=32, depth=2, mlp_dim=64, heads=2, patch=8)
 MODELS["vit_smoke"] = ViTSpec(width=64, depth=4, mlp_dim=128, heads=4, patch=4)
 
+# BiT ResNetV2 baselines (paper Table 2 and 6; R152x4 is BiT-L). R200's blocks as in He et al. 2016 (v2).
+_RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+for _depth, _width in ((50, 1), (50, 2), (101, 1), (152, 1), (152, 2), (200, 3), (152, 4)):
+    MODELS[f"bit_r{_depth}x{_width}"] = ResNetSpec(blocks=_RESNET_BLOCKS[_depth], width=_width)
+MODELS["bit_tiny_test"] = ResNetSpec(blocks=(1, 1), width=1)
+
+# Hybrids (Table 6): "/16" folds R50's stage 4 into stage 3, "/32" keeps all four stages.
+for _size in ("b", "l"):
+    MODELS[f"r50_vit_{_size}16"] = HybridSpec(patch=16, resnet=(3, 4, 9), **_VIT_SIZES[_size])
+    MODELS[f"r50_vit_{_size}32"] = HybridSpec(patch=32, resnet=(3, 4, 6, 3), **_VIT_SIZES[_size])
+MODELS["hybrid_tiny_test"] = HybridSpec(width=32, depth=2, mlp_dim=64, heads=2, patch=8, resnet=(1, 1))
+
 # family → function(spec, **model kwargs) -> torch.nn.Module; filled by the modules that define the family.
 BUILDERS: dict[str, Callable] = {}
 
 
 def canonical(name: str) -> str:
-    """`ViT-H/14` → `vit_h14`; unknown names raise KeyError listing what exists."""
-    key = re.sub(r"[\s/\-]+", "", name.strip().lower()).replace("_", "")
-    if not key.startswith("vit"):
-        key = "vit" + key
-    for known in MODELS:
-        if known.replace("_", "") == key:
-            return known
+    """`ViT-H/14` → `vit_h14`, `BiT-R50x1` and `R50x1` → `bit_r50x1`, `R50+ViT-B/16` → `r50_vit_b16`; unknown
+    names raise KeyError listing what exists."""
+    key = re.sub(r"[\s/\-+_]+", "", name.strip().lower())
+    for candidate in (key, "vit" + key, "bit" + key):
+        for known in MODELS:
+            if known.replace("_", "") == candidate:
+                return known
     raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
 
 
@@ -63,5 +115,6 @@ def get_spec(name: str):
 def build_model(name: str, **kwargs):
     spec = get_spec(name)
     if spec.family not in BUILDERS:  # families register on import
+        import vitray.models.resnet  # noqa: F401
         import vitray.models.vit  # noqa: F401
     return BUILDERS[spec.family](spec, **kwargs)

@@ -8,6 +8,8 @@ image (B, 3, H, W)
   → pre-logits: Linear + tanh (the pretraining head's hidden layer; dropped for fine-tuning)
   → head: Linear to the classes (zero-initialised)                               (B, classes)
 
+Hybrids (R50+ViT-B/16, Table 6) are this same class with a ResNet as the patch embedding (`resnet.HybridStem`).
+
 Initialisation follows the official vit_jax code: class token zeros, position embeddings N(0, 0.02), every
 Dense Xavier-uniform with near-zero bias (MLP biases N(0, 1e-6)), the patch conv LeCun-normal, the head zeros.
 """
@@ -40,7 +42,12 @@ class ViT(nn.Module):
         self.grid = (h // spec.patch, w // spec.patch)
         d = spec.width
 
-        self.patch_embed = nn.Conv2d(3, d, kernel_size=spec.patch, stride=spec.patch)
+        if spec.family == "hybrid":  # ResNet stages, then their feature map's 1×1 cells as patches
+            from vitray.models.resnet import HybridStem
+
+            self.patch_embed = HybridStem(spec.resnet, spec.resnet_width, d)
+        else:
+            self.patch_embed = nn.Conv2d(3, d, kernel_size=spec.patch, stride=spec.patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.empty(1, self.grid[0] * self.grid[1] + 1, d))
         self.pos_drop = nn.Dropout(dropout)  # dropout after the position-embedding add (App. B.1)
@@ -54,9 +61,10 @@ class ViT(nn.Module):
     @torch.no_grad()
     def _init_weights(self) -> None:
         nn.init.normal_(self.pos_embed, std=0.02)
-        fan_in = self.patch_embed.in_channels * math.prod(self.patch_embed.kernel_size)
-        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1.0 / fan_in) / 0.8796, a=-2.0 * 0.8796, b=2.0 * 0.8796)
-        nn.init.zeros_(self.patch_embed.bias)
+        embed = self.patch_embed.proj if self.spec.family == "hybrid" else self.patch_embed  # the ResNet inits itself
+        fan_in = embed.in_channels * math.prod(embed.kernel_size)
+        nn.init.trunc_normal_(embed.weight, std=math.sqrt(1.0 / fan_in) / 0.8796, a=-2.0 * 0.8796, b=2.0 * 0.8796)
+        nn.init.zeros_(embed.bias)
         for block in self.blocks:
             for chunk in block.attn.qkv.weight.chunk(3):  # q, k, v initialised as three separate D×D kernels
                 nn.init.xavier_uniform_(chunk)
@@ -133,4 +141,4 @@ class ViT(nn.Module):
         return (logits, attention) if return_attention else logits
 
 
-BUILDERS["vit"] = ViT
+BUILDERS["vit"] = BUILDERS["hybrid"] = ViT

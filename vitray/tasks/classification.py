@@ -23,7 +23,7 @@ class ClassificationTask:
         spec = get_spec(m.name)
         return build_model(
             m.name, num_classes=m.num_classes, image_size=self.cfg.data.image_size, dropout=m.dropout,
-            representation_size=spec.width if m.pre_logits else None,
+            representation_size=spec.features if m.pre_logits else None,
         )
 
     def to_tensors(self, batch: dict[str, np.ndarray], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -117,7 +117,7 @@ def load_model(uri: str, endpoint=None, dropout: float = 0.0, weights: str = "au
         m = saved["model"]
         spec = get_spec(m["name"])
         model = build_model(m["name"], num_classes=m["num_classes"], image_size=saved["data"]["image_size"],
-                            dropout=dropout, representation_size=spec.width if m["pre_logits"] else None)
+                            dropout=dropout, representation_size=spec.features if m["pre_logits"] else None)
         if saved["deepspeed"]["zero_stage"] == 0:
             state = torch.load(os.path.join(local, TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
                                weights_only=False)["module"]
@@ -148,6 +148,10 @@ def load_pretrained(cfg, endpoint) -> torch.nn.Module:
     uri, t = cfg.transfer.init_from, cfg.transfer
     if uri.endswith(".npz"):
         from vitray.models.npz import load_npz
+        from vitray.models.registry import get_spec
+
+        if get_spec(cfg.model.name).family != "vit":
+            raise CheckpointError(f"{uri}: .npz import covers the plain ViT layout; {cfg.model.name} is not one")
 
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.data.image_size,
                             dropout=cfg.model.dropout)

@@ -10,7 +10,7 @@ import math
 import os
 import time
 
-from vitray import storage
+from vitray import cost, storage
 from vitray.config.schema import Config, ConfigError, validate
 from vitray.data.shards import DataError, read_manifest
 from vitray.storage import Endpoint
@@ -166,6 +166,10 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
     run's summary: run URI, final step, loss, held-out accuracy, final checkpoint URI."""
     cfg, plan = prepare(cfg, resume, embedded)
     print(f"run {plan.run_name}: {plan.train_samples} training images, {plan.total_steps} steps → {plan.run_uri}", flush=True)
+    # The cost plan, before any cluster resource: refuses a configuration that cannot fit on its accelerator.
+    estimate = cost.estimate(cfg.replace(optim=dict(total_steps=plan.total_steps)), plan.train_samples)
+    cost.check_fits(estimate)
+    print(estimate.summary(), flush=True)
     import ray
 
     if not ray.is_initialized():
@@ -180,4 +184,51 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
     if "val_top1_raw" in m:
         summary["val_top1_raw"] = m["val_top1_raw"]
     summary["checkpoint"] = storage.join(plan.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    if "images_per_s_per_accelerator" in m:
+        row = cost_row(cfg, plan, m, estimate)
+        summary["cost"] = {k: row[k] for k in ("images_per_s_per_accelerator", "mfu", "accelerator_days",
+                                                "memory_per_device_gib", "planned_memory_per_device_gib")}
+        print(f"actual: {row['images_per_s_per_accelerator']:.1f} img/s per {row['accelerator']}, MFU {row['mfu']:.1%}, "
+              f"{row['accelerator_days']:.5f} accelerator-days, peak memory/device {row['memory_per_device_gib']:.2f} GiB "
+              f"(planned {row['planned_memory_per_device_gib']:.2f})", flush=True)
+        log_uri = cfg.storage.cost_log or storage.join(plan.run_uri.rsplit("/", 1)[0], "accelerator_days.jsonl")
+        if log_uri != "none":
+            append_jsonl(log_uri, row, plan.endpoint)
     return summary
+
+
+def cost_row(cfg: Config, plan: Plan, metrics: dict, estimate) -> dict:
+    """One accelerator-days row: the configuration, what it measured, and its projection to the paper's schedules
+    (accelerator-days at the measured images/s per accelerator)."""
+    from vitray.config.recipes import DATASETS
+
+    per_accel = metrics["images_per_s_per_accelerator"]
+    return {
+        "run": plan.run_name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": cfg.model.name, "image_size": cfg.data.image_size, "global_batch": cfg.optim.global_batch,
+        "micro_batch": cfg.optim.micro_batch, "zero_stage": cfg.deepspeed.zero_stage,
+        "workers": cfg.scaling.num_workers, "nodes": _nodes(), "accelerator": estimate.accelerator,
+        "steps": metrics.get("step"), "images_per_s_per_accelerator": per_accel, "mfu": metrics["mfu"],
+        "mfu_peak_source": metrics.get("mfu_peak_source"), "train_flops_per_image": metrics["train_flops_per_image"],
+        "accelerator_days": metrics["accelerator_hours"] / 24.0,
+        "memory_per_device_gib": metrics["memory_per_device"] / cost.GIB,
+        "planned_memory_per_device_gib": estimate.memory_total / cost.GIB,
+        "projected_accelerator_days": {
+            f"{name}_{epochs}ep": epochs * d["num_images"] / per_accel / 86400
+            for name, d in DATASETS.items() for epochs in cost.SCHEDULES[name]},
+        "machine": cost.machine(),
+    }
+
+
+def append_jsonl(uri: str, row: dict, endpoint: Endpoint | None) -> None:
+    """Append one JSON line by rewriting the object whole (S3 has no append; each write is atomic)."""
+    import json
+
+    old = storage.read_bytes(uri, endpoint).decode() if storage.exists(uri, endpoint) else ""
+    storage.write_bytes(uri, (old + json.dumps(row) + "\n").encode(), endpoint)
+
+
+def _nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from vitray import accounting
+from vitray import accounting, cost
 from vitray.config.schema import Config
 from vitray.data.stream import micro_batches, start_early
 from vitray.models.registry import get_spec
@@ -73,8 +73,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     accumulation = engine.gradient_accumulation_steps()
     spec = get_spec(cfg.model.name)
-    flops = accounting.train_flops_per_image(accounting.vit_forward_flops(
-        spec, cfg.data.image_size, cfg.model.num_classes, spec.width if cfg.model.pre_logits else 0))
+    flops = accounting.train_flops_per_image(accounting.forward_flops(
+        spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
     peak, peak_source = accounting.peak_flops(cfg.scaling.accelerator, on_gpu)
     log = MetricsLog(
         plan["run_uri"], endpoint, world, total_steps, cfg.optim.global_batch, flops, peak, peak_source, step, rank == 0,
@@ -114,8 +114,9 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint.save(engine, step, position, {"loss": last_loss}, run_info, ema)
             log.flush()
 
-    # Evaluate on held-out shards, then save the final checkpoint with the results.
-    results = {"step": step, "loss": last_loss}
+    # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
+    results = {"step": step, "loss": last_loss, **log.totals(step), "memory_per_device": _peak_memory(device),
+               "model_state_bytes": _max_over_ranks(cost.measured_state_bytes(engine), device)}
     if plan.get("has_val") and step == total_steps:
         if ema is not None:  # both: the averaged weights (reported as val_top1) and the raw ones
             results["val_top1_raw"] = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
@@ -150,6 +151,25 @@ def evaluate(model, task, split, device, dtype, cfg: Config) -> float:
     dist.all_reduce(counts)
     model.train()
     return (counts[0] / counts[1]).item()
+
+
+def _peak_memory(device: torch.device) -> float:
+    """Peak bytes per device, the largest over ranks: allocated GPU memory, or on CPU the worker's peak RSS."""
+    if device.type == "cuda":
+        peak = float(torch.cuda.max_memory_allocated(device))
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux reports KiB
+    t = torch.tensor([peak], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(values, t.tolist()))
 
 
 def _global_mean(value: torch.Tensor, device: torch.device) -> float:

@@ -59,6 +59,14 @@ class MetricsLog:
                 self.flush()
         return row
 
+    def totals(self, step: int) -> dict:
+        """Whole-run averages since this process started (or resumed): what the accelerator-days log records."""
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        per_accel = (step - self.start_step) * self.global_batch / elapsed / self.world
+        return {"images_per_s_per_accelerator": per_accel, "mfu": per_accel * self.flops_per_image / self.peak,
+                "accelerator_hours": elapsed * self.world / 3600.0, "train_flops_per_image": self.flops_per_image,
+                "mfu_peak_source": self.peak_source}
+
     def flush(self) -> None:
         """Rewrite `<run>/metrics.jsonl` whole: each upload is one atomic object, never a torn file."""
         if self.write and self.lines:

@@ -1,0 +1,233 @@
+"""What a configuration costs, before it runs (the planner) and as the paper reported it (Tables 2 and 6).
+
+Memory per device = model states (ZeRO's formulas, Rajbhandari et al. 2020, Ψ parameters over N ranks) +
+activations (measured: one forward pass on PyTorch's meta device, summing the tensors autograd keeps for
+backward — exact for eager PyTorch, no arithmetic to keep in sync with the model code).
+
+Compute = analytic FLOPs (`vitray.accounting`) × images × epochs; accelerator-days = compute ÷ (peak × MFU).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from vitray import accounting
+from vitray.config.schema import Config, ConfigError
+
+GIB = 2**30
+
+# Device memory per accelerator (GiB; vendor datasheets, the largest common SKU).
+ACCELERATOR_MEMORY_GIB = {
+    "TPUv3-core": 16, "V100": 32, "A10G": 24, "L4": 24, "A100": 80, "H100": 80, "H200": 141, "B200": 192,
+}
+
+# Paper Table 6: pretraining compute on JFT-300M, exaFLOPs, by (model, epochs).
+TABLE6_EXAFLOPS = {
+    ("vit_b16", 7): 224, ("vit_l16", 7): 783, ("vit_l16", 14): 1567, ("vit_h14", 14): 4262,
+    ("bit_r50x1", 7): 50, ("bit_r152x2", 14): 1126, ("bit_r200x3", 14): 3306,
+    ("r50_vit_b16", 7): 274, ("r50_vit_l16", 14): 1668,
+}
+
+# Paper Table 2: TPUv3-core-days to pretrain, by (model, dataset) → (core-days, candidate epochs). Table 2 does not
+# say how many epochs its L/16 rows ran (Table 3 allows 7 or 14 on JFT, 30 or 90 on I21k), so the report shows
+# the utilisation each would imply. BiT-L (R152x4) trained 40 epochs on JFT (BiT paper). Noisy Student
+# (EfficientNet-L2, 12.3k) is not a vitray model.
+TABLE2_CORE_DAYS = {
+    ("vit_h14", "jft"): (2500, (14,)), ("vit_l16", "jft"): (680, (7, 14)), ("vit_l16", "i21k"): (230, (30, 90)),
+    ("bit_r152x4", "jft"): (9900, (40,)),
+}
+
+# The paper's schedules, in epochs, for projections.
+SCHEDULES = {"jft": (7, 14), "i21k": (30, 90), "imagenet": (300,)}
+
+
+def model_state_bytes(params: int, world: int, zero_stage: int, mixed_precision: bool) -> dict[str, float]:
+    """Bytes per device of parameters, gradients and Adam states. Mixed precision: 2 + 2 + 12 (fp32 master, m, v)
+    bytes per parameter — ZeRO's 16Ψ. fp32: 4 + 4, and 8 (m, v) without ZeRO or 12 with it, because DeepSpeed's
+    ZeRO optimizers keep their own fp32 copy of the partition even when the model is fp32. Stage 1 partitions the
+    optimizer states, 2 also the gradients, 3 also the parameters."""
+    p, g, o = (2, 2, 12) if mixed_precision else (4, 4, 12 if zero_stage else 8)
+    n = max(world, 1)
+    return {
+        "parameters": params * p / (n if zero_stage >= 3 else 1),
+        "gradients": params * g / (n if zero_stage >= 2 else 1),
+        "optimizer": params * o / (n if zero_stage >= 1 else 1),
+    }
+
+
+def measured_state_bytes(engine) -> dict[str, float]:
+    """This rank's persistent model-state bytes in a DeepSpeed engine: parameters it holds (ZeRO-3: its partition)
+    and optimizer state (ZeRO's fp32 partition + Adam moments). Gradients are not counted: DeepSpeed frees them
+    after each step, so between steps there is nothing to measure."""
+    params = 0
+    for p in engine.module.parameters():
+        held = getattr(p, "ds_tensor", None)  # ZeRO-3 parameters are placeholders; the rank holds ds_tensor
+        params += (held if held is not None else p).numel() * p.element_size()
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    optimizer = sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
+                    if hasattr(t, "numel") and t.dim() > 0)
+    if engine.zero_optimization_stage() > 0:  # the flat fp32 partitions the inner optimizer updates
+        zero = engine.optimizer  # stage 1/2 and stage 3 name them differently; stage 3 swaps them out of param_groups
+        flat = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat", [])
+        optimizer += sum(t.numel() * t.element_size() for t in flat)
+    return {"parameters": float(params), "optimizer": float(optimizer)}
+
+
+def activation_bytes(cfg: Config, micro_batch: int | None = None, bf16: bool = True) -> float:
+    """Bytes autograd saves for backward in one micro-batch's forward pass, measured on the meta device."""
+    import torch
+
+    from vitray.tasks.classification import TASKS
+
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage._cdata] = storage.nbytes()  # one entry per storage: views of one tensor count once
+        return t
+
+    b = micro_batch or cfg.optim.micro_batch
+    with torch.device("meta"):
+        model = TASKS["classification"](cfg).build_model()
+        if bf16:
+            model = model.to(torch.bfloat16)
+        weights = {p.untyped_storage()._cdata for p in model.parameters()}
+        images = torch.empty(b, 3, cfg.data.image_size, cfg.data.image_size, dtype=next(model.parameters()).dtype)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(images)
+    return float(sum(n for key, n in saved.items() if key not in weights))
+
+
+@dataclasses.dataclass
+class Estimate:
+    model: str
+    image_size: int
+    params: int
+    train_flops_per_image: float
+    world: int
+    accelerator: str
+    zero_stage: int
+    micro_batch: int
+    memory: dict[str, float]  # bytes per device
+    device_memory: float | None  # bytes, None when unknown (CPU)
+    images: float  # images seen over the run
+    total_flops: float
+    mfu: float
+    accelerator_days: float | None
+    wall_clock_days: float | None
+
+    @property
+    def memory_total(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.device_memory is None or self.memory_total <= self.device_memory
+
+    def summary(self) -> str:
+        mem = ", ".join(f"{k} {v / GIB:.3g}" for k, v in self.memory.items())
+        cap = f" of {self.device_memory / GIB:.0f} GiB" if self.device_memory else ""
+        days = (f"{self.accelerator_days:,.1f} {self.accelerator}-days, {self.wall_clock_days:,.2f} days wall-clock"
+                f" at MFU {self.mfu:.0%}" if self.accelerator_days is not None else "accelerator peak unknown")
+        return (f"plan: {self.model} @ {self.image_size} px, {self.params / 1e6:.4g}M params, "
+                f"{self.train_flops_per_image / 1e9:.4g} GFLOPs/img train; {self.world} × {self.accelerator}, "
+                f"ZeRO-{self.zero_stage}, micro-batch {self.micro_batch}; memory/device {self.memory_total / GIB:.3g} GiB"
+                f"{cap} ({mem}); {self.total_flops / 1e18:.4g} EFLOPs; {days}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "memory_total": self.memory_total, "fits": self.fits}
+
+
+def _lookup(table: dict, accelerator: str):
+    for name, value in table.items():
+        if accelerator and name.lower() in accelerator.lower():
+            return name, value
+    return None, None
+
+
+def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str | None = None) -> Estimate:
+    """The plan for `cfg` over a dataset of `num_images` (its `optim.epochs`, or `optim.total_steps` × batch)."""
+    import torch
+
+    from vitray.models.registry import build_model, get_spec
+
+    accel = accelerator if accelerator is not None else cfg.scaling.accelerator
+    spec = get_spec(cfg.model.name)
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.data.image_size,
+                            representation_size=spec.features if cfg.model.pre_logits else None)
+    params = sum(p.numel() for p in model.parameters())
+    mixed = cfg.deepspeed.precision in ("bf16", "fp16") or (cfg.deepspeed.precision == "auto" and cfg.scaling.use_gpu)
+    world = cfg.scaling.num_workers
+    memory = model_state_bytes(params, world, cfg.deepspeed.zero_stage, mixed)
+    memory["activations"] = activation_bytes(cfg, bf16=mixed)
+    flops = accounting.train_flops_per_image(accounting.forward_flops(
+        spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
+    images = cfg.optim.total_steps * cfg.optim.global_batch if cfg.optim.total_steps else cfg.optim.epochs * num_images
+    name, peak = _lookup(accounting.PEAK_FLOPS, accel)
+    _, gib = _lookup(ACCELERATOR_MEMORY_GIB, accel)
+    days = images * flops / (peak * mfu) / 86400 if peak else None
+    return Estimate(
+        model=cfg.model.name, image_size=cfg.data.image_size, params=params, train_flops_per_image=flops,
+        world=world, accelerator=name or accel or ("GPU" if cfg.scaling.use_gpu else "CPU"),
+        zero_stage=cfg.deepspeed.zero_stage, micro_batch=cfg.optim.micro_batch, memory=memory,
+        device_memory=gib * GIB if gib else None, images=images, total_flops=images * flops, mfu=mfu,
+        accelerator_days=days, wall_clock_days=days / world if days is not None else None,
+    )
+
+
+def check_fits(est: Estimate) -> None:
+    """One clear error, naming what to change, for a configuration whose model states and activations exceed a
+    device's memory."""
+    if est.fits:
+        return
+    m = {k: v / GIB for k, v in est.memory.items()}
+    hints = []
+    if est.zero_stage < 3:
+        hints.append(f"deepspeed.zero_stage={est.zero_stage + 1}")
+    if est.micro_batch > 1:
+        hints.append(f"a smaller optim.micro_batch (activations are {m['activations']:.1f} GiB at {est.micro_batch})")
+    hints.append("more scaling.num_workers" if est.zero_stage >= 1 else "ZeRO to partition across workers")
+    raise ConfigError(
+        f"optim.micro_batch / deepspeed.zero_stage: {est.model} @ {est.image_size} px needs "
+        f"{est.memory_total / GIB:.1f} GiB per {est.accelerator} ({', '.join(f'{k} {v:.1f}' for k, v in m.items())}) "
+        f"but has {est.device_memory / GIB:.0f} GiB; try {', or '.join(hints)}"
+    )
+
+
+def paper_exaflops(model: str, epochs: float, num_images: float = 303e6, image_size: int = 224,
+                   num_classes: int = 18291) -> float:
+    """Pretraining compute as Table 6 counts it: images × epochs × 3 × forward FLOPs (with the pre-logits layer)."""
+    from vitray.models.registry import get_spec
+
+    spec = get_spec(model)
+    fwd = accounting.forward_flops(spec, image_size, num_classes, pre_logits=spec.family != "bit")
+    return num_images * epochs * accounting.train_flops_per_image(fwd) / 1e18
+
+
+def utilisation(exaflops: float, accelerator_days: float, accelerator: str = "TPUv3-core") -> float:
+    """Achieved fraction of peak: e.g. ViT-H/14's 4262 EF in 2.5k TPUv3-core-days → 0.32."""
+    return exaflops * 1e18 / (accelerator_days * 86400 * accounting.PEAK_FLOPS[accelerator])
+
+
+def machine() -> dict:
+    """The machine and versions a measurement is written with."""
+    import os
+    import platform
+
+    import deepspeed
+    import ray
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__, "platform": platform.platform(),
+    }
