@@ -50,6 +50,13 @@ def main() -> None:
             f"| transfer smoke chain: `vit_smoke` digits, pretrain 16 px → fine-tune 24 px | held-out top-1 "
             f"{c['pretrain_val_top1']:.3f} → {c['finetune_val_top1_ema']:.3f} (EMA; raw {c['finetune_val_top1_raw']:.3f}), "
             f"{c['wall_s']:.0f} s | — | — | ≥ 0.97 — {verdict(c['finetune_val_top1_ema'] >= 0.97)} |")
+    t = load("peer_timm")
+    for r in (t or {}).get("rows", []):
+        ours, theirs = r["vitray_images_per_s"], r["timm_images_per_s"]
+        rows.append(
+            f"| train step `{r['vitray']}` vs timm `{r['timm']}` ({t['what'].split(', ', 1)[1]}) "
+            f"| {min(ours):.2f}–{max(ours):.2f} img/s | {min(theirs):.2f}–{max(theirs):.2f} img/s (timm {t['timm']}) "
+            f"| **{r['ratio_median']:.2f}×** | ≥ 1.0× — {verdict(r['ratio_median'] >= 1.0)} |")
     m = (i or s or {}).get("machine", {})
     print(f"Measured on {m.get('cores')} cores ({m.get('cpu')}), {m.get('memory_gib')} GiB, GPU: {m.get('gpu')}; "
           f"Python {m.get('python')}, Ray {m.get('ray')}, torch {m.get('torch')}, DeepSpeed {m.get('deepspeed')}.\n")

@@ -91,3 +91,14 @@ def test_activation_estimate_grows_with_batch_and_resolution():
     assert cost.activation_bytes(cfg, micro_batch=4) == pytest.approx(2 * base, rel=0.01)
     big = cost.activation_bytes(cfg.replace(data=dict(image_size=384)), micro_batch=2)
     assert big > 2.5 * base  # 577 vs 197 tokens
+
+
+def test_gpu_mfu_script_runs_its_code_path_on_cpu():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_mfu.py"), "--cpu-smoke"],
+                          capture_output=True, text=True, timeout=300, cwd=os.path.join(root, "benchmarks"))
+    assert proc.returncode == 0 and "vit_tiny_test @ 32, batch 4:" in proc.stdout, proc.stderr[-2000:]
