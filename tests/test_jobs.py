@@ -160,3 +160,36 @@ def test_planner_job_and_training_job_refuse_what_cannot_fit(s3, digits):
     proc = _job("--preset", "h14_jft", *too_big, "--set", f"data.train_uri={digits['train']}",
                 "--set", f"storage.uri=s3://{s3.bucket}/runs-fit", "--set", f"storage.endpoint_url={s3.endpoint.url}")
     _assert_clean_error(proc, "needs", "but has 80 GiB")
+
+
+def test_no_credential_reaches_logs_checkpoints_or_results(s3, digits):
+    """The smoke job with recognisable fake AWS credentials (moto accepts any): neither its output, nor any object
+    it wrote (checkpoints, configs, metrics, accelerator-days rows), nor its Ray session's logs contain them."""
+    import glob
+
+    import boto3
+
+    key, secret = "AKIAVITRAYFAKE0000042", "vitrayFakeSecret/DoNotLog+0123456789abcdef"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, JOB, "--preset", "smoke", "--set", "optim.total_steps=4", "--set", "data.builtin=",
+         "--set", f"data.train_uri={digits['train']}", "--set", f"data.val_uri={digits['val']}",
+         "--set", f"storage.uri=s3://{s3.bucket}/runs-secrets", "--set", f"storage.endpoint_url={s3.endpoint.url}"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    written = {}
+    client = boto3.client("s3", endpoint_url=s3.endpoint.url, region_name="us-east-1")
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix="runs-secrets/"):
+        for obj in page.get("Contents", []):
+            written[obj["Key"]] = client.get_object(Bucket=s3.bucket, Key=obj["Key"])["Body"].read()
+    assert any(k.endswith("vitray.json") for k in written) and any(k.endswith("accelerator_days.jsonl") for k in written)
+    session = os.path.realpath("/tmp/ray/session_latest")
+    for path in glob.glob(os.path.join(session, "logs", "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                written[path] = f.read()
+    written["stdout+stderr"] = (proc.stdout + proc.stderr).encode()
+    for needle in (key, secret):
+        leaks = [name for name, data in written.items() if needle.encode() in data]
+        assert not leaks, f"{needle[:8]}… found in {leaks}"

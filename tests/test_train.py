@@ -224,3 +224,23 @@ def test_cnn_baselines_train_on_the_same_engine_and_evaluate(ray_cluster, s3, di
     assert row["model"] == model and row["workers"] == 2 and row["zero_stage"] == 2 and row["steps"] == 6
     assert row["images_per_s_per_accelerator"] > 0 and 0 < row["mfu"] < 1 and row["memory_per_device_gib"] > 0
     assert row["projected_accelerator_days"]["jft_14ep"] == pytest.approx(2 * row["projected_accelerator_days"]["jft_7ep"])
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_cluster, s3, digits):
+    import re
+
+    good, plan = launch.prepare(_config(s3, digits, "diverge", optim=dict(total_steps=4), storage=dict(checkpoint_every=2)))
+    assert launch.fit(good, plan).error is None
+    # Resume the same run with an absurd learning rate: the weights overflow within a few steps.
+    cfg, plan = launch.prepare(_config(s3, digits, "diverge", optim=dict(total_steps=12, lr=1e37, warmup_steps=1),
+                                       storage=dict(checkpoint_every=2)), resume=True)
+    with pytest.raises(Exception) as failure:  # Ray Train V2 raises the workers' error from fit()
+        result = launch.fit(cfg, plan)
+        raise RuntimeError(str(result.error))
+    found = re.search(r"non-finite training loss by step (\d+); stopping without saving: the latest checkpoint "
+                      r"\(step (\d+)\) is kept as it was", str(failure.value))
+    assert found, str(failure.value)[-2000:]
+    diverged, kept = int(found.group(1)), int(found.group(2))
+    assert 4 <= kept < diverged
+    saved = [name for name in storage.list_files(plan.run_uri, plan.endpoint) if name.startswith("step_")]
+    assert max(saved) == f"step_{kept:08d}", saved  # nothing saved after the divergence

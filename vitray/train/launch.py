@@ -176,7 +176,10 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
         # Under `ray job submit` (or with RAY_ADDRESS set) join that cluster; otherwise start a local one.
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), logging_level="WARNING")
     check_cluster(cfg)
-    result = fit(cfg, plan, timeline)
+    try:
+        result = fit(cfg, plan, timeline)
+    except Exception as e:  # Ray Train V2 raises the workers' error (e.g. a non-finite loss) from fit()
+        raise TrainingFailed(f"run {plan.run_uri} failed: {e}") from e
     if result.error:
         raise TrainingFailed(f"run {plan.run_uri} failed: {result.error}")
     m = result.metrics or {}

@@ -90,6 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine.train()
     # The running loss stays on the device: a .item() per micro-step would stall a GPU every step.
     loss_sum, loss_count, last_loss = torch.zeros((), dtype=torch.float64, device=device), 0, float("nan")
+    last_good = restored_step  # the latest checkpoint, which a non-finite loss must not overwrite
     while step < last_step:
         for _ in range(accumulation):
             batch, position = next(stream)
@@ -105,13 +106,19 @@ def train_loop_per_worker(config: dict) -> None:
         if "first_step" not in timeline:
             timeline["first_step"] = time.time()
             log.lines.append(json.dumps({"step": step, "event": "startup", **timeline}))
+        # Checked at every log and before every save (one host sync each, not one per step): a diverged run stops
+        # with the step named, and no checkpoint ever holds non-finite weights.
+        saving = bool(cfg.storage.checkpoint_every) and step % cfg.storage.checkpoint_every == 0
+        if step % cfg.log_every == 0 or step == last_step or saving:
+            _check_finite(loss_sum, step, last_good, device)
         if step % cfg.log_every == 0 or step == last_step:
             last_loss = _global_mean(loss_sum / loss_count, device)
             log.record(step, last_loss, engine.get_lr()[0], epoch=position.epoch)
             loss_sum.zero_()
             loss_count = 0
-        if cfg.storage.checkpoint_every and step % cfg.storage.checkpoint_every == 0 and step < last_step:
+        if saving and step < last_step:
             checkpoint.save(engine, step, position, {"loss": last_loss}, run_info, ema)
+            last_good = step
             log.flush()
 
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
@@ -151,6 +158,20 @@ def evaluate(model, task, split, device, dtype, cfg: Config) -> float:
     dist.all_reduce(counts)
     model.train()
     return (counts[0] / counts[1]).item()
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _check_finite(loss_sum: torch.Tensor, step: int, last_good: int | None, device: torch.device) -> None:
+    """Stop every rank together when any rank's running loss is NaN or infinite."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss_sum).item() else 1.0], device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        kept = f"the latest checkpoint (step {last_good}) is kept as it was" if last_good else "no checkpoint was written"
+        raise NonFiniteLoss(f"non-finite training loss by step {step}; stopping without saving: {kept}. Lower "
+                            "optim.lr, raise optim.warmup_steps or check the data")
 
 
 def _peak_memory(device: torch.device) -> float:
