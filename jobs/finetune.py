@@ -26,7 +26,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vitray.config import FINETUNE_PRESETS, ConfigError, apply_overrides, preset  # noqa: E402
+from vitray.config import FINETUNE_PRESETS, ConfigError, apply_overrides, model_override, preset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = ([f"transfer.init_from={args.init_from}"] if args.init_from else []) + (
         [f"storage.run_name={args.run_name}"] if args.run_name else [])
     try:
-        extra += _model_override(args.model)
+        extra += model_override(args.model)
         cfg = apply_overrides(preset(args.preset, FINETUNE_PRESETS), args.overrides + extra)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1))
@@ -77,17 +77,6 @@ def run(cfg, resume: bool, chain: bool) -> int:
         summary = {"pretrain_val_top1": pre["val_top1"], **summary, "wall_s": time.time() - STARTED}
     print(json.dumps(summary))
     return 0
-
-
-def _model_override(name: str | None) -> list[str]:
-    from vitray.models.registry import canonical
-
-    if not name:
-        return []
-    try:
-        return [f"model.name={canonical(name)}"]
-    except KeyError as e:
-        raise ConfigError(f"--model: {e.args[0]}") from None
 
 
 if __name__ == "__main__":

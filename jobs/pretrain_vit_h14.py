@@ -21,7 +21,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
-from vitray.config import PRESETS, ConfigError, apply_overrides, preset  # noqa: E402
+from vitray.config import PRESETS, ConfigError, apply_overrides, model_override, preset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        extra = ([f"storage.run_name={args.run_name}"] if args.run_name else []) + _model_override(args.model)
+        extra = ([f"storage.run_name={args.run_name}"] if args.run_name else []) + model_override(args.model)
         cfg = apply_overrides(preset(args.preset), args.overrides + extra)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1))
@@ -61,17 +61,6 @@ def run(cfg, resume: bool) -> int:
         return 1
     print(json.dumps(summary))
     return 0
-
-
-def _model_override(name: str | None) -> list[str]:
-    from vitray.models.registry import canonical
-
-    if not name:
-        return []
-    try:
-        return [f"model.name={canonical(name)}"]
-    except KeyError as e:
-        raise ConfigError(f"--model: {e.args[0]}") from None
 
 
 if __name__ == "__main__":

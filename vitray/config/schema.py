@@ -149,6 +149,18 @@ def _parse(text: str, hint, where: str):
     raise ConfigError(f"{where}: fields of type {hint} cannot be overridden from the command line")
 
 
+def model_override(name: str | None) -> list[str]:
+    """The jobs' `--model NAME` as an override, the name resolved (`R50+ViT-B/16` → `r50_vit_b16`)."""
+    from vitray.models.registry import canonical
+
+    if not name:
+        return []
+    try:
+        return [f"model.name={canonical(name)}"]
+    except KeyError as e:
+        raise ConfigError(f"--model: {e.args[0]}") from None
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `section.field=value` strings (`--set optim.lr=1e-3`)."""
     for item in overrides:
