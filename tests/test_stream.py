@@ -2,36 +2,79 @@
 import numpy as np
 import pytest
 
-from vitray.data.stream import Position, _take, build_dataset, micro_batches, stream_splits_config
+from vitray.data.stream import Position, TrainStream, _take, build_dataset, micro_batches, rank_shards, stream_splits_config
 
 
-def test_two_workers_disjoint_union_once_per_epoch(ray_cluster, s3, digits):
-    import ray
+def _keys(stream, n):
+    """n micro-batches of a stream: their keys, images and the position after each."""
+    out = [next(stream) for _ in range(n)]
+    return [b["key"].tolist() for b, _ in out], [b["image"] for b, _ in out], [p for _, p in out]
 
-    def _consume(split, epochs, micro_batch, rank):
-        """What a Train worker does: exact micro-batches across epochs; returns the keys in order and positions."""
-        stream = micro_batches(split, micro_batch, seed=0, rank=rank, shuffle_buffer=64)
-        keys, positions = [], []
-        while len(keys) < epochs * 750:
-            batch, pos = next(stream)
-            assert batch["image"].shape[1:] == (16, 16, 3) and len(batch["key"]) == micro_batch
-            keys += batch["key"].tolist()
-            positions.append(pos)
-        return keys, positions
 
-    ds = build_dataset(digits["train"], s3.endpoint, train=True, image_size=16, seed=0)
-    splits = stream_splits_config().configure({"train": ds}, world_size=2, worker_handles=None, worker_node_ids=None)
-    consume = ray.remote(num_cpus=0.5)(_consume)
-    # 1,500 training digits, 2 workers, micro-batch 30: each epoch is exactly 25 micro-batches per worker.
-    a, b = ray.get([consume.remote(splits[i]["train"], 2, 30, i) for i in range(2)])
-    keys_a, pos_a = a
-    keys_b, pos_b = b
+def test_two_ranks_disjoint_union_once_per_epoch(ray_cluster, s3, digits):
+    def consume(rank, epochs):
+        data = TrainStream(digits["train"], s3.endpoint, rank, 2, image_size=16, seed=0, micro_batch=30, shuffle_buffer=64)
+        keys, _, positions = _keys(micro_batches(data.epoch, 30, rank=rank), epochs * 25)
+        assert all(len(k) == 30 for k in keys)
+        return sum(keys, []), positions
+
+    # 1,500 training digits in 6 shards of 250, 2 ranks: 3 shards (750 samples, 25 micro-batches of 30) each per epoch.
+    (keys_a, pos_a), (keys_b, pos_b) = consume(0, 2), consume(1, 2)
     for epoch in range(2):
         ea, eb = set(keys_a[epoch * 750:(epoch + 1) * 750]), set(keys_b[epoch * 750:(epoch + 1) * 750])
         assert len(ea) == len(eb) == 750 and not ea & eb  # no sample twice, none shared
         assert len(ea | eb) == 1500  # the union is the whole training set
     assert pos_a[24] == Position(0, 750) and pos_a[25] == Position(1, 30)
     assert keys_a[:750] != keys_a[750:1500]  # reshuffled between epochs
+
+
+def test_resumed_stream_replays_exactly(ray_cluster, s3, digits):
+    """A stream restarted from any saved position (mid-epoch, or across an epoch boundary) yields exactly the
+    samples — and the same augmented pixels — an uninterrupted stream yields from there on."""
+    def stream(start=Position()):
+        data = TrainStream(digits["train"], s3.endpoint, 1, 2, image_size=16, seed=3, micro_batch=32,
+                           shuffle_buffer=100, area_min=0.5, flip=True)
+        return micro_batches(data.epoch, 32, start, rank=1)
+
+    keys, images, positions = _keys(stream(), 30)  # 750 samples per epoch: batch 23 straddles the boundary
+    for cut in (9, 22):
+        again_keys, again_images, again_positions = _keys(stream(positions[cut]), 30 - cut - 1)
+        assert again_keys == keys[cut + 1:] and again_positions == positions[cut + 1:]
+        assert all(np.array_equal(a, b) for a, b in zip(again_images, images[cut + 1:]))
+    assert positions[22] == Position(0, 736) and positions[23] == Position(1, 18)
+
+
+def test_rank_shards_deal_every_shard_once():
+    names = [f"s{i}" for i in range(7)]
+    for epoch in range(3):
+        dealt = [rank_shards(names, 0, epoch, r, 3) for r in range(3)]
+        assert sorted(sum(dealt, [])) == names and [len(d) for d in dealt] == [3, 2, 2]
+    assert rank_shards(names, 0, 0, 0, 3) != rank_shards(names, 0, 1, 0, 3)
+
+
+def test_bad_sample_named_or_skipped_and_counted(ray_cluster, s3, tmp_path):
+    from sklearn.datasets import load_digits
+
+    from vitray.data.datasets import samples_from_arrays
+    from vitray.data.shards import DataError, Sample, write_shards
+
+    d = load_digits()
+    images = np.repeat(np.repeat((d.images[:40] * 16).clip(0, 255).astype(np.uint8), 2, 1), 2, 2)
+    samples = list(samples_from_arrays(np.stack([images] * 3, -1), d.target[:40]))
+    samples[7] = Sample(samples[7].key, b"not an image", "png", samples[7].label)
+    uri = str(tmp_path / "bad")
+    write_shards(samples, uri, [str(i) for i in range(10)], max_shard_samples=10)
+
+    def stream(policy):
+        data = TrainStream(uri, None, 0, 1, image_size=16, seed=0, micro_batch=13, bad_samples=policy)
+        return data, micro_batches(data.epoch, 13)
+
+    _, strict = stream("error")
+    with pytest.raises(Exception, match=f"shard .*shard-00000.tar sample {samples[7].key}: cannot decode image"):
+        _keys(strict, 3)
+    data, lenient = stream("skip")
+    keys, _, positions = _keys(lenient, 3)  # 39 good samples: exactly 3 micro-batches of 13
+    assert data.skipped == 1 and samples[7].key not in sum(keys, []) and positions[-1] == Position(0, 39)
 
 
 def test_eval_split_counts_every_sample_once(ray_cluster, s3, digits):

@@ -95,7 +95,8 @@ def measured_cpu_peak(threads: int | None = None, n: int = 1024, repeats: int = 
     """fp32 matmul FLOP/s this process reaches with its torch threads: the CPU stand-in for a datasheet peak."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: training's dropout draws must not depend on this
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b  # warm up
     best = float("inf")
     for _ in range(repeats):

@@ -31,6 +31,7 @@ class DataConfig:
     crop_area_min: float = 0.05  # inception crop keeps 5%–100% of the image area (big_vision's default)
     flip: bool = True  # random horizontal flips (off for mirror-sensitive data such as digits)
     shuffle_buffer: int = 10_000  # per-worker local shuffle buffer, in samples
+    bad_samples: str = "error"  # error = stop naming shard and key | skip = drop, count and log each one
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,8 @@ def validate(cfg: Config) -> None:
         errors.append("optim.epochs: give a positive number of epochs or optim.total_steps")
     if not 0.0 < d.crop_area_min <= 1.0:
         errors.append(f"data.crop_area_min: must be in (0, 1], got {d.crop_area_min}")
+    if d.bad_samples not in ("error", "skip"):
+        errors.append(f"data.bad_samples: must be error or skip, got {d.bad_samples!r}")
     if d.builtin not in ("", "digits"):
         errors.append(f"data.builtin: unknown built-in dataset {d.builtin!r} (known: digits)")
     if not d.train_uri and not d.builtin:

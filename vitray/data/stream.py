@@ -1,19 +1,30 @@
-"""The Ray Data pipeline: shards in storage → decoded, augmented uint8 images → one split per Train worker.
+"""The Ray Data pipeline: shards in storage → decoded, augmented uint8 images → each Train worker.
 
-Driver side, `build_dataset` describes the pipeline (read tar shards, decode + augment in CPU tasks). Ray Train
-hands each worker its split through `StreamSplits` (a `DataConfig`): training data is split with
-`streaming_split(equal=True)` so every rank runs the same number of steps; evaluation data with `equal=False` so
-every held-out sample is counted exactly once.
+Training (`TrainStream`, worker side): every epoch, a seeded permutation of the shards is dealt round-robin to the
+ranks, and each rank streams its shards through its own Ray Data pipeline (read + decode + augment in CPU tasks,
+in order), then through a local shuffle buffer seeded by (seed, epoch, rank). Augmentation draws from a generator
+seeded per sample by (seed, epoch, sample key). So what a rank sees is a pure function of (seed, epoch, rank,
+world size): a restarted or resumed run replays exactly what an uninterrupted one would have seen, which Ray
+Data's dynamic `streaming_split` cannot promise (its epochs are reseeded by execution count, which restarts at
+zero in a new process).
 
-Worker side, `micro_batches` turns a split into an endless stream of exact micro-batches that runs across epoch
-boundaries (no sample dropped at the end of an epoch), reshuffled each epoch from `seed`, and reports where it is
-(`Position`: epoch and samples consumed in it) so a checkpoint can record it.
+`micro_batches` turns a rank's epochs into an endless stream of exact micro-batches that runs across epoch
+boundaries (no sample dropped at the end of an epoch) and reports where it is (`Position`: epoch and samples
+consumed in it), so a checkpoint can record it and a resume can skip exactly that much.
+
+Evaluation (`build_dataset` + `stream_splits_config`, driver side): Ray Train splits the held-out set with
+`streaming_split(equal=False)`, so every held-out sample is counted exactly once.
+
+Bad samples (undecodable image, missing or non-integer label) raise a DataError naming shard and key; with
+`data.bad_samples = "skip"` they are dropped instead, counted, and named in the worker's log.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
-from typing import TYPE_CHECKING, Iterator, TypeVar
+import zlib
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -23,7 +34,50 @@ from vitray.data.transforms import preprocess_batch
 from vitray.storage import Endpoint
 
 if TYPE_CHECKING:
+    import pyarrow.fs as pafs
     import ray.data
+
+logger = logging.getLogger("vitray")
+
+
+def read_images(
+    paths: list[str],
+    fs: "pafs.FileSystem",
+    train: bool,
+    image_size: int,
+    area_min: float = 0.05,
+    flip: bool = True,
+    aug_seed: tuple[int, int] | None = None,
+    file_shuffle_seed: int | None = None,
+    ordered: bool = False,
+    bad_samples: str = "error",
+) -> "ray.data.Dataset":
+    """Tar shards → {"image", "label", "key", "error"} batches, decoded and augmented in Ray Data tasks."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    ds = ray.data.read_webdataset(
+        paths,
+        filesystem=fs,
+        decoder=None,  # raw bytes: our decoder handles CMYK/EXIF/palette and names the bad sample
+        shuffle=FileShuffleConfig(seed=file_shuffle_seed) if file_shuffle_seed is not None else None,
+        override_num_blocks=len(paths),
+    )
+    # batch_size=None: decode whole read blocks, which lets Ray Data fuse read + decode into one task (a fixed
+    # batch_size blocks that fusion and costs an extra hop through the object store per block).
+    ds = ds.map_batches(
+        preprocess_batch,
+        fn_kwargs=dict(train=train, image_size=image_size, area_min=area_min, flip=flip, seed=aug_seed,
+                       on_error=bad_samples),
+        batch_size=None,
+        batch_format="numpy",
+    )
+    # The pipeline is one fused operator, so Ray Data's per-operator resource reservation only holds CPUs back
+    # from it (measured on 2 cores: 77 % → 92 % busy, +23 % images/s). Object-store backpressure still applies.
+    ds.context.op_resource_reservation_enabled = False
+    if ordered:
+        ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def build_dataset(
@@ -35,38 +89,20 @@ def build_dataset(
     area_min: float = 0.05,
     flip: bool = True,
     field: str = "data.train_uri",
+    bad_samples: str = "error",
 ) -> "ray.data.Dataset":
-    import ray.data
-    from ray.data import FileShuffleConfig
-
+    """A whole split as one dataset (evaluation, feature extraction, benchmarks). For training, shard order is
+    reshuffled per execution; training runs use `TrainStream`, which is reproducible."""
     manifest = read_manifest(uri, endpoint, field)
     fs, root = storage.resolve(uri, endpoint)
     paths = [f"{root}/{s.name}" for s in manifest.shards]
-    ds = ray.data.read_webdataset(
-        paths,
-        filesystem=fs,
-        decoder=None,  # raw bytes: our decoder handles CMYK/EXIF/palette and names the bad sample
-        # Shard order reshuffled each epoch (a new seed per execution); samples mix further in the
-        # per-worker local shuffle buffer.
-        shuffle=FileShuffleConfig(seed=seed) if train else None,
-        override_num_blocks=len(paths),
-    )
-    # batch_size=None: decode whole read blocks, which lets Ray Data fuse read + decode into one task (a fixed
-    # batch_size blocks that fusion and costs an extra hop through the object store per block).
-    ds = ds.map_batches(
-        preprocess_batch,
-        fn_kwargs=dict(train=train, image_size=image_size, area_min=area_min, flip=flip),
-        batch_size=None,
-        batch_format="numpy",
-    )
-    # The pipeline is one fused operator, so Ray Data's per-operator resource reservation only holds CPUs back
-    # from it (measured on 2 cores: 77 % → 92 % busy, +23 % images/s). Object-store backpressure still applies.
-    ds.context.op_resource_reservation_enabled = False
-    return ds
+    return read_images(paths, fs, train, image_size, area_min, flip, file_shuffle_seed=seed if train else None,
+                       bad_samples=bad_samples)
 
 
 def stream_splits_config():
-    """A Ray Train `DataConfig`: "train" split equally across workers, every other dataset split exactly."""
+    """A Ray Train `DataConfig` that splits every dataset it is given exactly across workers (`equal=False`):
+    evaluation must count every held-out sample once."""
     from ray.train import DataConfig
 
     class StreamSplits(DataConfig):
@@ -75,14 +111,19 @@ def stream_splits_config():
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
-                # Equal splits keep ranks in lockstep (each step is a collective); they drop at most
-                # world_size − 1 samples per epoch. Evaluation needs exact counts instead.
-                splits = ds.streaming_split(world_size, equal=(name == "train"), locality_hints=worker_node_ids)
+                splits = ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
                 for i, split in enumerate(splits):
                     output[i][name] = split
             return output
 
     return StreamSplits()
+
+
+def rank_shards(names: list[str], seed: int, epoch: int, rank: int, world: int) -> list[str]:
+    """The shards `rank` reads in `epoch`: a permutation seeded by (seed, epoch), dealt round-robin. Every shard
+    goes to exactly one rank per epoch; a rank's share changes from epoch to epoch."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(names))
+    return [names[i] for i in order[rank::world]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,36 +134,68 @@ class Position:
     consumed: int = 0
 
 
-def micro_batches(
-    split, micro_batch: int, seed: int, rank: int, shuffle_buffer: int = 0, start: Position = Position()
-) -> Iterator[tuple[dict[str, np.ndarray], Position]]:
-    """Endless exact-size micro-batches from a worker's `DataIterator`, with the position after each one.
+class TrainStream:
+    """One rank's training data, epoch by epoch (see the module docstring for why per rank)."""
 
-    Resuming from `start` skips the samples that epoch already delivered (counts are exact; which samples
-    they are depends on Ray Data's dynamic split).
-    """
+    def __init__(self, uri: str, endpoint: Endpoint | None, rank: int, world: int, image_size: int, seed: int,
+                 micro_batch: int, shuffle_buffer: int = 0, area_min: float = 0.05, flip: bool = True,
+                 bad_samples: str = "error"):
+        manifest = read_manifest(uri, endpoint)
+        self.fs, root = storage.resolve(uri, endpoint)
+        self.paths = [f"{root}/{s.name}" for s in manifest.shards]
+        self.rank, self.world, self.seed = rank, world, seed
+        self.image_size, self.micro_batch, self.shuffle_buffer = image_size, micro_batch, shuffle_buffer
+        self.area_min, self.flip, self.bad_samples = area_min, flip, bad_samples
+        self.skipped = 0  # bad samples dropped under bad_samples="skip"
+
+    def epoch(self, epoch: int) -> Iterable[dict[str, np.ndarray]]:
+        paths = rank_shards(self.paths, self.seed, epoch, self.rank, self.world)
+        if not paths:
+            return []
+        ds = read_images(paths, self.fs, True, self.image_size, self.area_min, self.flip,
+                         aug_seed=(self.seed, epoch), ordered=True, bad_samples=self.bad_samples)
+        batches = ds.iter_batches(
+            batch_size=self.micro_batch,
+            batch_format="numpy",
+            local_shuffle_buffer_size=self.shuffle_buffer or None,
+            local_shuffle_seed=(self.seed * 1_000_003 + epoch * 7919 + self.rank) if self.shuffle_buffer else None,
+            prefetch_batches=2,
+        )
+        return (self._drop_bad(b) for b in batches)
+
+    def _drop_bad(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = batch.pop("error")
+        bad = errors != ""
+        if bad.any():
+            for message in errors[bad]:
+                logger.warning(f"skipped: {message}")
+            self.skipped += int(bad.sum())
+            batch = {k: v[~bad] for k, v in batch.items()}
+        return batch
+
+
+def micro_batches(
+    epochs: Callable[[int], Iterable[dict[str, np.ndarray]]], micro_batch: int, start: Position = Position(),
+    rank: int = 0,
+) -> Iterator[tuple[dict[str, np.ndarray], Position]]:
+    """Endless exact-size micro-batches from `epochs(e)` (the batches of epoch e, in a reproducible order), with
+    the position after each one. Resuming from `start` skips the samples that epoch already delivered."""
     epoch, skip = start.epoch, start.consumed
     queue: list[dict[str, np.ndarray]] = []  # pieces not yet emitted, oldest first
     queued = 0
     emitted_in = {epoch: start.consumed}  # epoch → samples emitted so far
     last_epoch = epoch
+    empty_epochs = 0
     while True:
-        batches = split.iter_batches(
-            batch_size=micro_batch,
-            batch_format="numpy",
-            local_shuffle_buffer_size=shuffle_buffer or None,
-            local_shuffle_seed=(seed * 1_000_003 + epoch * 7919 + rank) if shuffle_buffer else None,
-            prefetch_batches=2,
-        )
         got_any = False
-        for b in batches:
-            got_any = True
+        for b in epochs(epoch):
             if skip:
                 drop = min(skip, len(b["label"]))
                 b = {k: v[drop:] for k, v in b.items()}
                 skip -= drop
-                if not len(b["label"]):
-                    continue
+            if not len(b["label"]):
+                continue
+            got_any = True
             b["_epoch"] = np.full(len(b["label"]), epoch)
             queue.append(b)
             queued += len(b["label"])
@@ -133,8 +206,10 @@ def micro_batches(
                     emitted_in[int(e)] = emitted_in.get(int(e), 0) + int(n)
                     last_epoch = int(e)
                 yield out, Position(last_epoch, emitted_in[last_epoch])
-        if not got_any and not skip:
-            raise RuntimeError(f"rank {rank}: the training split delivered no samples in epoch {epoch}")
+        empty_epochs = 0 if got_any else empty_epochs + 1
+        if empty_epochs >= 3 and not skip:  # a rank may draw no shard in one epoch, never in several
+            raise RuntimeError(f"rank {rank}: the training data delivered no samples in epochs {epoch - 2}–{epoch}")
+        skip = 0
         epoch += 1
         emitted_in.setdefault(epoch, 0)
 

@@ -2,33 +2,45 @@
 
 Each rank saves into its own local folder and hands it to `ray.train.report`; Ray Train uploads all of them into
 one checkpoint folder in storage (local or s3://) and records it only once every rank has reported, keeping the
-last `storage.keep_checkpoints`. Resuming (`ray.train.get_checkpoint()`) restores model, optimizer, LR schedule,
-step and data position.
+last `storage.keep_checkpoints`. After a barrier — every rank's upload finished — rank 0 writes the commit
+marker `COMMIT` last. A folder without it is a save that was interrupted: resume skips it and says so, and
+`load_model` refuses it. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks'
+shards are stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
 
 Layout of `<run>/step_00001000/`:
     vitray.json                      step, world size, the run's config (no credentials: there are none in it)
-    position-rank00000.json ...      each rank's data position
+    position-rank00000.json ...      each rank's data position and torch RNG state
     state/                           DeepSpeed: mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt
+    COMMIT                           written last: the checkpoint is complete
 """
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 
 import pyarrow.fs as pafs
 import ray.train
 import torch
 import torch.distributed as dist
 
+from vitray import storage
 from vitray.data.stream import Position
 from vitray.models.npz import CheckpointError
 
 TAG = "state"
+COMMIT = "COMMIT"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+logger = logging.getLogger("vitray")
 
 
-def save(engine, step: int, position: Position, metrics: dict, run_info: dict, ema=None) -> None:
+def save(engine, step: int, position: Position, metrics: dict, run_info: dict, run_uri: str, endpoint,
+         ema=None) -> None:
     """Collective: every rank must call it at the same step. `ema` (torch's AveragedModel) is saved by rank 0."""
     rank = ray.train.get_context().get_world_rank()
     digest = optimizer_digest(engine)
@@ -36,7 +48,8 @@ def save(engine, step: int, position: Position, metrics: dict, run_info: dict, e
     try:
         engine.save_checkpoint(folder, tag=TAG, client_state={"step": step})
         with open(os.path.join(folder, f"position-rank{rank:05d}.json"), "w") as f:
-            json.dump({"epoch": position.epoch, "consumed": position.consumed}, f)
+            json.dump({"epoch": position.epoch, "consumed": position.consumed,
+                       "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}, f)
         if rank == 0:
             extra = {}
             if ema is not None:
@@ -50,7 +63,44 @@ def save(engine, step: int, position: Position, metrics: dict, run_info: dict, e
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()  # every rank's report has returned: its files are in storage
+    if rank == 0:
+        _test_crash_point("before-commit", step, rank)
+        marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
+        storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
 
+
+def step_dir(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def scan(run_uri: str, endpoint) -> tuple[list[int], list[int]]:
+    """(complete, incomplete) checkpoint steps of a run, oldest first: complete ones hold the commit marker."""
+    fs, path = storage.resolve(run_uri, endpoint)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise storage.StorageError(f"{run_uri}: cannot list checkpoints ({e})") from e
+    complete, incomplete = [], []
+    for info in infos:
+        m = STEP_DIR.match(info.base_name)
+        if m and info.type == pafs.FileType.Directory:
+            committed = fs.get_file_info(f"{info.path}/{COMMIT}").type != pafs.FileType.NotFound
+            (complete if committed else incomplete).append(int(m.group(1)))
+    return sorted(complete), sorted(incomplete)
+
+
+def _test_crash_point(where: str, step: int, rank: int) -> None:
+    """Fault injection for the reliability tests: VITRAY_TEST_CRASH=<where>:<step>:<rank>:<flag file> makes that
+    rank die abruptly there, once (the flag file records that it happened). Unset in every real run."""
+    spec = os.environ.get("VITRAY_TEST_CRASH", "")
+    if not spec:
+        return
+    at, at_step, at_rank, flag = spec.split(":", 3)
+    if at != where or int(at_step) != step or int(at_rank) != rank or os.path.exists(flag):
+        return
+    open(flag, "w").close()
+    os._exit(17)
 
 def optimizer_digest(engine) -> float:
     """Sum of |x| over every optimizer-state tensor on every rank: equal before a save and after its restore."""
@@ -62,34 +112,55 @@ def optimizer_digest(engine) -> float:
     return total.item()
 
 
-def read_position() -> Position:
-    """This rank's data position in the latest checkpoint (a fresh Position when there is none). Reads one small
-    file, so the data stream can start before the engine state is downloaded."""
-    checkpoint = ray.train.get_checkpoint()
+def latest_complete(run_uri: str, endpoint) -> "ray.train.Checkpoint | None":
+    """The checkpoint to resume from: the newest committed one in the run's folder, or None on a fresh start. The
+    marker decides, not Ray Train's own record: Ray registers a checkpoint asynchronously, so after a crash it
+    may offer one step too few (registration still pending) or one too many (registered, marker never written).
+    Rank 0 logs every checkpoint it skips."""
+    complete, incomplete = scan(run_uri, endpoint)
+    if not complete:
+        if incomplete:
+            raise CheckpointError(f"{run_uri}: no complete checkpoint to resume from (none holds a {COMMIT} marker;"
+                                  f" incomplete: {', '.join(map(step_dir, incomplete))})")
+        return None
+    chosen = complete[-1]
+    skipped = [s for s in incomplete if s > chosen]
+    if skipped and ray.train.get_context().get_world_rank() == 0:
+        logger.warning(f"skipped incomplete checkpoint {', '.join(map(step_dir, skipped))} (no {COMMIT} marker: a"
+                       f" save was interrupted); resuming from {step_dir(chosen)}")
+    fs, path = storage.resolve(storage.join(run_uri, step_dir(chosen)), endpoint)
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
+def read_position(checkpoint: "ray.train.Checkpoint | None") -> tuple[Position, torch.Tensor | None]:
+    """This rank's data position in `checkpoint` and its torch RNG state (fresh / None when there is none). Reads
+    one small file, so the data stream can start before the engine state is downloaded."""
     if checkpoint is None:
-        return Position()
+        return Position(), None
     rank = ray.train.get_context().get_world_rank()
     fs = checkpoint.filesystem
     path = f"{checkpoint.path}/position-rank{rank:05d}.json"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:  # resumed on more workers than saved it
-        path = f"{checkpoint.path}/position-rank00000.json"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise CheckpointError(f"checkpoint {checkpoint.path}: holds no data position for rank {rank}; it was saved"
+                              " by a different number of workers")
     with fs.open_input_stream(path) as f:
-        return Position(**json.loads(f.read()))
+        saved = json.loads(f.read())
+    rng = torch.frombuffer(bytearray(base64.b64decode(saved["torch_rng"])), dtype=torch.uint8)
+    return Position(saved["epoch"], saved["consumed"]), rng
 
 
-def restore(engine, ema=None) -> int | None:
-    """Load the latest reported checkpoint into `engine` (model, optimizer, LR schedule) and `ema`; its step, or
-    None when there is no checkpoint."""
-    checkpoint = ray.train.get_checkpoint()
+def restore(engine, checkpoint: "ray.train.Checkpoint | None", ema=None) -> int | None:
+    """Load `checkpoint` into `engine` (model, optimizer, LR schedule) and `ema`; its step, or None when there is
+    no checkpoint."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
         path, client_state = engine.load_checkpoint(folder, tag=TAG)
         if path is None:
-            raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed found no state under {TAG}/")
+            raise CheckpointError(f"checkpoint {checkpoint.path}: DeepSpeed found no state under {TAG}/")
         if ema is not None:
             if not os.path.exists(os.path.join(folder, "ema.pt")):
-                raise RuntimeError(f"checkpoint {checkpoint.path}: transfer.ema_decay is set but it holds no ema.pt")
+                raise CheckpointError(f"checkpoint {checkpoint.path}: transfer.ema_decay is set but it holds no ema.pt")
             ema.load_state_dict(torch.load(os.path.join(folder, "ema.pt"), map_location=engine.device))
     return int(client_state["step"])
 
@@ -105,12 +176,14 @@ def load_model(uri: str, endpoint=None, dropout: float = 0.0, weights: str = "au
     (step, config, ...) with "weights" saying which were loaded."""
     if weights not in ("auto", "raw", "ema"):
         raise ValueError(f"weights: {weights!r} is not 'auto', 'raw' or 'ema'")
-    from vitray import storage
     from vitray.models.registry import build_model, get_spec
 
     with tempfile.TemporaryDirectory(prefix="vitray-load-") as local:
         fs, path = storage.resolve(uri, endpoint)
         pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if not os.path.exists(os.path.join(local, COMMIT)):
+            raise CheckpointError(f"{uri}: incomplete checkpoint (no {COMMIT} marker: its save was interrupted);"
+                                  " use an earlier step")
         with open(os.path.join(local, "vitray.json")) as f:
             meta = json.load(f)
         saved = meta["config"]
@@ -142,7 +215,6 @@ def load_pretrained(cfg, endpoint) -> torch.nn.Module:
     """The model to fine-tune: weights from `cfg.transfer.init_from` — a vitray checkpoint folder or an official
     .npz — with the pretraining head swapped for a zero-initialised one for `cfg.model.num_classes` and the position
     embeddings interpolated to `cfg.data.image_size`."""
-    from vitray import storage
     from vitray.models.registry import build_model
 
     uri, t = cfg.transfer.init_from, cfg.transfer

@@ -65,8 +65,11 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
             read_manifest(cfg.data.val_uri, endpoint, "data.val_uri")
     except DataError as e:
         raise ConfigError(str(e)) from None
-    if manifest.num_samples < cfg.scaling.num_workers:
-        raise ConfigError(f"data.train_uri: {manifest.num_samples} samples cannot feed {cfg.scaling.num_workers} workers")
+    if len(manifest.shards) < cfg.scaling.num_workers:
+        raise ConfigError(
+            f"data.train_uri: {len(manifest.shards)} shards cannot feed {cfg.scaling.num_workers} workers (each epoch"
+            " deals whole shards to workers); rewrite the data with smaller shards (jobs/write_shards.py --shard-samples)"
+        )
     if cfg.model.num_classes < len(manifest.classes):
         raise ConfigError(
             f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(manifest.classes)} classes of"
@@ -75,11 +78,15 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
 
     init = cfg.transfer.init_from
     if init:
-        marker = init if init.endswith(".npz") else storage.join(init, "vitray.json")
+        marker = init if init.endswith(".npz") else storage.join(init, "COMMIT")
         try:
             found = storage.exists(marker, endpoint)
+            folder = not init.endswith(".npz") and storage.exists(storage.join(init, "vitray.json"), endpoint)
         except storage.StorageError as e:
             raise ConfigError(f"transfer.init_from: {e}") from None
+        if folder and not found:
+            raise ConfigError(f"transfer.init_from: {init} is an incomplete checkpoint (no COMMIT marker: its save"
+                              " was interrupted); use an earlier step")
         if not found:
             raise ConfigError(f"transfer.init_from: {marker} not found (give a vitray checkpoint folder or a .npz)")
 
@@ -91,6 +98,8 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
         raise ConfigError(f"storage.uri: {e}") from None
     if resume and not has_checkpoint:
         raise ConfigError(f"storage.run_name: --resume found no checkpoint of run {name!r} under {run_uri}")
+    if resume:
+        check_resumable(cfg, run_uri, endpoint)
     if not resume and storage.exists(run_uri, endpoint):
         raise ConfigError(
             f"storage.run_name: run {name!r} already exists at {run_uri}; pass --resume to continue it or choose"
@@ -102,6 +111,29 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
     total = cfg.optim.total_steps or max(1, math.floor(cfg.optim.epochs * usable / cfg.optim.global_batch))
     cfg = cfg.replace(storage=dict(run_name=name))
     return cfg, Plan(name, run_uri, endpoint, cfg.data.train_uri, cfg.data.val_uri, manifest.num_samples, total, resume)
+
+
+def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> None:
+    """Before Ray: the run has a complete checkpoint saved by as many workers as this config asks for. Names the
+    interrupted saves that the resume will skip."""
+    import json
+
+    from vitray.train.checkpoint import COMMIT, scan, step_dir
+
+    complete, incomplete = scan(run_uri, endpoint)
+    if not complete:
+        raise ConfigError(f"storage.run_name: {run_uri} holds no complete checkpoint (none has a {COMMIT} marker)")
+    for s in incomplete:
+        if s > complete[-1]:
+            print(f"skipping incomplete checkpoint {step_dir(s)} (no {COMMIT} marker: its save was interrupted);"
+                  f" resuming from {step_dir(complete[-1])}", flush=True)
+    latest = storage.join(run_uri, step_dir(complete[-1]))
+    saved = json.loads(storage.read_bytes(storage.join(latest, "vitray.json"), endpoint))["world_size"]
+    if saved != cfg.scaling.num_workers:
+        raise ConfigError(
+            f"scaling.num_workers: {latest} was saved by {saved} workers, and its ZeRO partitions and data positions"
+            f" are per worker: resume with --set scaling.num_workers={saved}"
+        )
 
 
 def check_cluster(cfg: Config) -> None:
@@ -129,9 +161,12 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None):
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     d = cfg.data
-    datasets = {"train": build_dataset(plan.train_uri, plan.endpoint, True, d.image_size, cfg.seed, d.crop_area_min, d.flip)}
+    # Training data is read by each worker itself (`TrainStream`: reproducible per rank); Ray Train splits only
+    # the held-out set.
+    datasets = {}
     if plan.val_uri:
-        datasets["val"] = build_dataset(plan.val_uri, plan.endpoint, False, d.image_size, field="data.val_uri")
+        datasets["val"] = build_dataset(plan.val_uri, plan.endpoint, False, d.image_size, field="data.val_uri",
+                                        bad_samples=d.bad_samples)
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
@@ -184,8 +219,9 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
         raise TrainingFailed(f"run {plan.run_uri} failed: {result.error}")
     m = result.metrics or {}
     summary = {"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"), "val_top1": m.get("val_top1")}
-    if "val_top1_raw" in m:
-        summary["val_top1_raw"] = m["val_top1_raw"]
+    for key in ("val_top1_raw", "skipped_samples", "data_position"):
+        if key in m:
+            summary[key] = m[key]
     summary["checkpoint"] = storage.join(plan.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
     if "images_per_s_per_accelerator" in m:
         row = cost_row(cfg, plan, m, estimate)

@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from vitray import accounting, cost
 from vitray.config.schema import Config
-from vitray.data.stream import micro_batches, start_early
+from vitray.data.stream import TrainStream, micro_batches, start_early
 from vitray.models.registry import get_spec
 from vitray.storage import Endpoint
 from vitray.tasks.classification import TASKS
@@ -41,21 +41,23 @@ def train_loop_per_worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")  # before DeepSpeed is imported
     if not on_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     endpoint = Endpoint(**plan["endpoint"])
 
     # Data first: Ray Data starts its read and decode tasks while DeepSpeed builds the engine. A restarted or
-    # resumed run continues from each rank's position in the latest checkpoint.
-    position = checkpoint.read_position()
-    stream = start_early(micro_batches(
-        ray.train.get_dataset_shard("train"), cfg.optim.micro_batch, cfg.seed, rank, cfg.data.shuffle_buffer, position,
-    ))
+    # resumed run continues from each rank's position in the newest complete checkpoint.
+    resume_from = checkpoint.latest_complete(plan["run_uri"], endpoint)
+    position, rng_state = checkpoint.read_position(resume_from)
+    d = cfg.data
+    train_data = TrainStream(plan["train_uri"], endpoint, rank, world, d.image_size, cfg.seed, cfg.optim.micro_batch,
+                             d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples)
+    stream = start_early(micro_batches(train_data.epoch, cfg.optim.micro_batch, position, rank))
 
     # Model (fresh, or pretrained weights adapted for fine-tuning) and engine, restored from the latest checkpoint
     # if there is one. The optional Polyak average of the weights (paper: 0.9999) is what evaluation uses.
     task = TASKS["classification"](cfg)
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     # A restart restores everything from its own checkpoint, so the pretrained weights are only fetched once.
-    fresh_finetune = cfg.transfer.init_from and ray.train.get_checkpoint() is None
+    fresh_finetune = cfg.transfer.init_from and resume_from is None
     model = checkpoint.load_pretrained(cfg, endpoint) if fresh_finetune else task.build_model()
     total_steps = plan["total_steps"]
     engine = build_engine(model, cfg, world, total_steps, on_gpu)
@@ -64,7 +66,7 @@ def train_loop_per_worker(config: dict) -> None:
         ema = AveragedModel(engine.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.transfer.ema_decay), use_buffers=True)
     timeline["engine_ready"] = time.time()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, on_gpu), torch.float32)
-    restored_step = checkpoint.restore(engine, ema)
+    restored_step = checkpoint.restore(engine, resume_from, ema)
     step = restored_step or 0
     if restored_step is not None:
         resumed_digest = checkpoint.optimizer_digest(engine)
@@ -86,7 +88,11 @@ def train_loop_per_worker(config: dict) -> None:
     run_info = {"world_size": world, "config": cfg.to_dict(), "total_steps": total_steps}
     last_step = min(total_steps, cfg.stop_at_step or total_steps)
 
-    # Train.
+    # Train. Dropout draws differ per rank and continue where the checkpoint left them.
+    if rng_state is not None:
+        torch.set_rng_state(rng_state)
+    else:
+        torch.manual_seed(cfg.seed * 1_000_003 + rank + 1)
     engine.train()
     # The running loss stays on the device: a .item() per micro-step would stall a GPU every step.
     loss_sum, loss_count, last_loss = torch.zeros((), dtype=torch.float64, device=device), 0, float("nan")
@@ -113,17 +119,21 @@ def train_loop_per_worker(config: dict) -> None:
             _check_finite(loss_sum, step, last_good, device)
         if step % cfg.log_every == 0 or step == last_step:
             last_loss = _global_mean(loss_sum / loss_count, device)
-            log.record(step, last_loss, engine.get_lr()[0], epoch=position.epoch)
+            log.record(step, last_loss, engine.get_lr()[0], epoch=position.epoch, consumed=position.consumed,
+                       **({"skipped_samples": _sum_over_ranks(train_data.skipped, device)} if d.bad_samples == "skip" else {}))
             loss_sum.zero_()
             loss_count = 0
         if saving and step < last_step:
-            checkpoint.save(engine, step, position, {"loss": last_loss}, run_info, ema)
+            checkpoint.save(engine, step, position, {"loss": last_loss}, run_info, plan["run_uri"], endpoint, ema)
             last_good = step
             log.flush()
 
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
     results = {"step": step, "loss": last_loss, **log.totals(step), "memory_per_device": _peak_memory(device),
-               "model_state_bytes": _max_over_ranks(cost.measured_state_bytes(engine), device)}
+               "model_state_bytes": _max_over_ranks(cost.measured_state_bytes(engine), device),
+               "data_position": {"epoch": position.epoch, "consumed": position.consumed}}
+    if d.bad_samples == "skip":
+        results["skipped_samples"] = _sum_over_ranks(train_data.skipped, device)
     if plan.get("has_val") and step == total_steps:
         if ema is not None:  # both: the averaged weights (reported as val_top1) and the raw ones
             results["val_top1_raw"] = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
@@ -132,7 +142,7 @@ def train_loop_per_worker(config: dict) -> None:
             logger.info(f"held-out top-1 accuracy: {results['val_top1']:.4f}")
     log.lines.append(json.dumps({"step": step, "final": True, **results}))
     log.flush()
-    checkpoint.save(engine, step, position, results, run_info, ema)
+    checkpoint.save(engine, step, position, results, run_info, plan["run_uri"], endpoint, ema)
 
 
 @torch.no_grad()
@@ -191,6 +201,12 @@ def _max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return dict(zip(values, t.tolist()))
+
+
+def _sum_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
 
 
 def _global_mean(value: torch.Tensor, device: torch.device) -> float:
