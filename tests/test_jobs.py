@@ -83,7 +83,9 @@ def test_ray_job_submit_smoke_against_a_started_head():
     port, dash = _free_port(), _free_port()
     head = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=4", "--object-store-memory=1000000000", "--block"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=4", "--object-store-memory=1000000000", "--block",
+         # its own agent port: another Ray on this machine (the tests' session cluster) may hold the default one
+         f"--dashboard-agent-listen-port={_free_port()}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
@@ -163,14 +165,17 @@ def test_planner_job_and_training_job_refuse_what_cannot_fit(s3, digits):
 
 
 def test_no_credential_reaches_logs_checkpoints_or_results(s3, digits):
-    """The smoke job with recognisable fake AWS credentials (moto accepts any): neither its output, nor any object
-    it wrote (checkpoints, configs, metrics, accelerator-days rows), nor its Ray session's logs contain them."""
+    """The smoke job with recognisable fake AWS credentials (moto accepts any) and a recognisable Ray token: neither
+    its output, nor any object it wrote (checkpoints, configs, metrics, accelerator-days rows), nor its Ray
+    session's logs contain them."""
     import glob
 
     import boto3
 
     key, secret = "AKIAVITRAYFAKE0000042", "vitrayFakeSecret/DoNotLog+0123456789abcdef"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    token = "vitrayfakeraytoken" + "0123456789abcdef" * 2
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, JOB, "--preset", "smoke", "--set", "optim.total_steps=4", "--set", "data.builtin=",
@@ -190,6 +195,6 @@ def test_no_credential_reaches_logs_checkpoints_or_results(s3, digits):
             with open(path, "rb") as f:
                 written[path] = f.read()
     written["stdout+stderr"] = (proc.stdout + proc.stderr).encode()
-    for needle in (key, secret):
+    for needle in (key, secret, token):
         leaks = [name for name, data in written.items() if needle.encode() in data]
         assert not leaks, f"{needle[:8]}… found in {leaks}"

@@ -63,24 +63,42 @@ def test_training_matches_the_stored_known_good_loss_curve(reference):
     assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx(stored, rel=2e-3)
 
 
-def test_killed_worker_restarts_from_checkpoint_and_replays_exactly(ray_cluster, s3, digits, reference):
+def test_killed_worker_and_flaky_s3_replay_exactly(ray_cluster, s3, digits, reference):
+    """One Train worker is SIGKILLed after the first checkpoint while every S3 request (data, checkpoints,
+    metrics) passes through a proxy that fails a fifth of them with 503 SlowDown, 500 or a dropped connection.
+    Ray Train restarts the workers from the newest complete checkpoint, the S3 client retries with backoff, and
+    every loss after the restart equals the uninterrupted run's: the same samples, none skipped or repeated."""
     losses, position = reference
-    cfg, plan = launch.prepare(apply_overrides(smoke(), _overrides(s3, digits, "worker-killed") + ["max_failures=1"]))
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.setdefault("result", launch.fit(cfg, plan)), daemon=True)
-    runner.start()
-    faults.wait_for(lambda: EVERY in checkpoint.scan(plan.run_uri, plan.endpoint)[0], 300, what="first checkpoint")
-    faults.kill_train_worker()
-    runner.join(600)
+    with faults.FaultyS3Proxy(s3.endpoint.url, rate=0.2) as proxy:
+        sets = _overrides(s3, digits, "worker-killed") + ["max_failures=1", f"storage.endpoint_url={proxy.url}"]
+        cfg, plan = launch.prepare(apply_overrides(smoke(), sets))
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.setdefault("result", launch.fit(cfg, plan)), daemon=True)
+        runner.start()
+        faults.wait_for(lambda: EVERY in checkpoint.scan(plan.run_uri, s3.endpoint)[0], 300, what="first checkpoint")
+        faults.kill_train_worker()
+        runner.join(600)
+    assert proxy.injected >= 20, (proxy.requests, proxy.injected)
     result = outcome["result"]
     assert result.error is None and result.metrics["step"] == STEPS
-    rows = [json.loads(x) for x in storage.read_bytes(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint).decode().splitlines()]
-    resumed = [r for r in rows if r.get("event") == "resumed"]
+    text = storage.read_bytes(storage.join(plan.run_uri, "metrics.jsonl"), s3.endpoint).decode()
+    resumed = [r for r in map(json.loads, text.splitlines()) if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [EVERY]  # restarted once, from the checkpoint taken before the kill
-    after = _losses(plan, plan.endpoint)
+    after = _losses(plan.run_uri, s3.endpoint)
     assert sorted(after) == list(range(1, STEPS + 1))
     assert [after[s] for s in range(EVERY + 1, STEPS + 1)] == [losses[s] for s in range(EVERY + 1, STEPS + 1)]
     assert result.metrics["data_position"] == position  # same samples consumed: none skipped, none twice
+
+
+def test_denied_access_and_missing_bucket_fail_at_once_with_the_reason(s3, digits):
+    from vitray.config.schema import ConfigError
+
+    with faults.FaultyS3Proxy(s3.endpoint.url, mode="deny") as proxy:
+        with pytest.raises(ConfigError, match=r"data.train_uri: s3://.*: access denied — check the credentials"):
+            launch.prepare(apply_overrides(smoke(), _overrides(s3, digits, "denied") + [f"storage.endpoint_url={proxy.url}"]))
+    assert proxy.requests <= 3  # not retried: no storm of requests against a bucket we may not read
+    with pytest.raises(ConfigError, match="data.train_uri: s3://no-such-bucket/digits does not exist"):
+        launch.prepare(apply_overrides(smoke(), _overrides(s3, digits, "nobucket") + ["data.train_uri=s3://no-such-bucket/digits"]))
 
 
 def _job(args, env, **kw):

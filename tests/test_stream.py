@@ -52,29 +52,66 @@ def test_rank_shards_deal_every_shard_once():
     assert rank_shards(names, 0, 0, 0, 3) != rank_shards(names, 0, 1, 0, 3)
 
 
-def test_bad_sample_named_or_skipped_and_counted(ray_cluster, s3, tmp_path):
+def _dataset_with_faults(path, faults):
+    """40 real digits in 4 shards of 10 under `path`, then damaged: "image" (sample 7 is not an image), "label"
+    (sample 12 has a non-integer label), "checksum" (shard 2 truncated), "missing" (shard 3 deleted)."""
+    import io
+    import tarfile
+
     from sklearn.datasets import load_digits
 
     from vitray.data.datasets import samples_from_arrays
-    from vitray.data.shards import DataError, Sample, write_shards
+    from vitray.data.shards import Sample, write_shards
 
     d = load_digits()
     images = np.repeat(np.repeat((d.images[:40] * 16).clip(0, 255).astype(np.uint8), 2, 1), 2, 2)
     samples = list(samples_from_arrays(np.stack([images] * 3, -1), d.target[:40]))
-    samples[7] = Sample(samples[7].key, b"not an image", "png", samples[7].label)
-    uri = str(tmp_path / "bad")
-    write_shards(samples, uri, [str(i) for i in range(10)], max_shard_samples=10)
+    if "image" in faults:
+        samples[7] = Sample(samples[7].key, b"not an image", "png", samples[7].label)
+    write_shards(samples, str(path), [str(i) for i in range(10)], max_shard_samples=10)
+    if "label" in faults:  # rewrite shard 1 with one label that is not a number, and fix its manifest entry
+        import hashlib
+        import json
 
-    def stream(policy):
-        data = TrainStream(uri, None, 0, 1, image_size=16, seed=0, micro_batch=13, bad_samples=policy)
-        return data, micro_batches(data.epoch, 13)
+        buf = io.BytesIO()
+        with tarfile.open(path / "shard-00001.tar") as src, tarfile.open(fileobj=buf, mode="w") as dst:
+            for m in src:
+                data = src.extractfile(m).read()
+                if m.name == f"{samples[12].key}.cls":
+                    data, m.size = b"seven", 5
+                dst.addfile(m, io.BytesIO(data))
+        (path / "shard-00001.tar").write_bytes(buf.getvalue())
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["shards"][1].update(sha256=hashlib.sha256(buf.getvalue()).hexdigest(), bytes=len(buf.getvalue()))
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    if "checksum" in faults:
+        data = (path / "shard-00002.tar").read_bytes()
+        (path / "shard-00002.tar").write_bytes(data[: len(data) // 2])
+    if "missing" in faults:
+        (path / "shard-00003.tar").unlink()
+    return samples
 
-    _, strict = stream("error")
-    with pytest.raises(Exception, match=f"shard .*shard-00000.tar sample {samples[7].key}: cannot decode image"):
-        _keys(strict, 3)
-    data, lenient = stream("skip")
-    keys, _, positions = _keys(lenient, 3)  # 39 good samples: exactly 3 micro-batches of 13
-    assert data.skipped == 1 and samples[7].key not in sum(keys, []) and positions[-1] == Position(0, 39)
+
+@pytest.mark.parametrize("fault, message", [
+    ("image", r"shard .*shard-00000.tar sample img0000007: cannot decode image"),
+    ("label", r"shard .*shard-00001.tar sample img0000012: label 'seven' is not an integer"),
+    ("checksum", r"shard .*shard-00002.tar: checksum mismatch against manifest.json"),
+    ("missing", r"shard .*shard-00003.tar: missing \(listed in manifest.json but not in storage\)"),
+])
+def test_bad_data_is_named_by_default(ray_cluster, tmp_path, fault, message):
+    _dataset_with_faults(tmp_path / "ds", [fault])
+    data = TrainStream(str(tmp_path / "ds"), None, 0, 1, image_size=16, seed=0, micro_batch=10)
+    with pytest.raises(Exception, match=message):
+        _keys(micro_batches(data.epoch, 10), 4)
+
+
+def test_bad_data_skipped_and_counted_when_asked(ray_cluster, tmp_path):
+    samples = _dataset_with_faults(tmp_path / "ds", ["image", "label", "checksum", "missing"])
+    data = TrainStream(str(tmp_path / "ds"), None, 0, 1, image_size=16, seed=0, micro_batch=9, bad_samples="skip")
+    keys, _, positions = _keys(micro_batches(data.epoch, 9), 2)  # 40 − 1 − 1 − 10 − 10 = 18 good samples
+    seen = sum(keys, [])
+    assert data.skipped == 22 and positions[-1] == Position(0, 18)
+    assert sorted(seen) == sorted(s.key for s in samples[:20] if s.key not in (samples[7].key, samples[12].key))
 
 
 def test_eval_split_counts_every_sample_once(ray_cluster, s3, digits):

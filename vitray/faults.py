@@ -47,3 +47,117 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
             return value
         time.sleep(interval)
     raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
+
+
+_ERRORS = {
+    503: b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+    500: b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>",
+    403: b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>",
+}
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+
+class FaultyS3Proxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 endpoint. mode="flaky": each request fails with probability
+    `rate` — 503 SlowDown (throttling), 500 InternalError, or a dropped connection (what a timeout looks like to
+    the client) — at most `max_failures_per_request` times for the same request, so clients whose retry policy
+    allows that many retries always get through. mode="deny": every request gets 403 AccessDenied.
+
+        with FaultyS3Proxy(s3.endpoint.url, rate=0.2) as proxy:   # proxy.url is the endpoint to give clients
+    """
+
+    def __init__(self, target_url: str, mode: str = "flaky", rate: float = 0.2, max_failures_per_request: int = 2,
+                 seed: int = 0):
+        self.target = target_url.split("://", 1)[-1]
+        self.mode, self.rate, self.max_failures = mode, rate, max_failures_per_request
+        self.random = random.Random(seed)
+        self.lock = threading.Lock()
+        self.failures: dict[tuple, int] = {}
+        self.requests = self.injected = 0
+        self.server: socketserver.ThreadingTCPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _decide(self, key: tuple) -> int | str | None:
+        with self.lock:
+            self.requests += 1
+            if self.mode == "deny":
+                return 403
+            if self.failures.get(key, 0) >= self.max_failures or self.random.random() >= self.rate:
+                return None
+            self.failures[key] = self.failures.get(key, 0) + 1
+            self.injected += 1
+            return self.random.choice([503, 500, "drop"])
+
+    def __enter__(self) -> "FaultyS3Proxy":
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return data
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+
+            def _handle(self):
+                body = self._body()
+                fault = proxy._decide((self.command, self.path, self.headers.get("Range"), len(body)))
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fault is not None:
+                    payload = _ERRORS[fault]
+                    self.send_response(fault)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(proxy.target, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    response = conn.getresponse()
+                    data = response.read()
+                    self.send_response(response.status)
+                    for k, v in response.getheaders():
+                        if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
+                            self.send_header(k, v)
+                    length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                    self.send_header("Content-Length", length or "0")
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True, name="faulty-s3-proxy").start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

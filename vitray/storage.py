@@ -69,7 +69,7 @@ def exists(uri: str, endpoint: Endpoint | None = None) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as e:  # unreachable endpoint, missing bucket, denied: say which URI
-        raise StorageError(f"{uri}: cannot reach storage ({e})") from e
+        raise _storage_error(uri, "cannot reach storage", e) from e
 
 
 def read_bytes(uri: str, endpoint: Endpoint | None = None) -> bytes:
@@ -80,7 +80,20 @@ def read_bytes(uri: str, endpoint: Endpoint | None = None) -> bytes:
     except FileNotFoundError as e:
         raise StorageError(f"{uri}: not found") from e
     except OSError as e:
-        raise StorageError(f"{uri}: cannot read ({e})") from e
+        raise _storage_error(uri, "cannot read", e) from e
+
+
+def _storage_error(uri: str, doing: str, e: OSError) -> StorageError:
+    """One clear message per failure. Transient faults (throttling, 5xx, dropped connections) never get here: the
+    S3 client retries them with backoff (pyarrow's AwsStandardS3RetryStrategy, in every process). Permission and
+    missing-bucket errors are not retried, so a wrong bucket or role fails at once instead of in a retry storm."""
+    text = str(e)
+    if "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
+        return StorageError(f"{uri}: access denied — check the credentials (the standard AWS chain: environment,"
+                            f" config files, instance role) and the bucket policy ({text})")
+    if "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
+        return StorageError(f"{uri}: the bucket does not exist ({text})")
+    return StorageError(f"{uri}: {doing} ({text})")
 
 
 def write_bytes(uri: str, data: bytes, endpoint: Endpoint | None = None) -> None:
@@ -97,8 +110,11 @@ def write_bytes(uri: str, data: bytes, endpoint: Endpoint | None = None) -> None
             f.write(data)
         fs.move(tmp, path)
     else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        try:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+        except OSError as e:
+            raise _storage_error(uri, "cannot write", e) from e
 
 
 def list_files(uri: str, endpoint: Endpoint | None = None) -> list[str]:
@@ -107,7 +123,7 @@ def list_files(uri: str, endpoint: Endpoint | None = None) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as e:
-        raise StorageError(f"{uri}: cannot list ({e})") from e
+        raise _storage_error(uri, "cannot list", e) from e
     return sorted(i.base_name for i in infos)
 
 

@@ -65,6 +65,7 @@ class ScalingConfig:
     cpus_per_worker: float = 8.0
     accelerator: str = ""  # e.g. A100, H100: Ray accelerator_type and the peak FLOP/s used for MFU
     autoscale: bool = False  # the cluster adds GPU nodes on demand: don't fail when none are up yet
+    placement_strategy: str = "PACK"  # Ray placement group: PACK fills nodes first | SPREAD across nodes | STRICT_*
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,8 @@ def validate(cfg: Config) -> None:
         errors.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {z.zero_stage}")
     if z.precision not in ("auto", "bf16", "fp16", "fp32"):
         errors.append(f"deepspeed.precision: must be auto, bf16, fp16 or fp32, got {z.precision!r}")
+    if s.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        errors.append(f"scaling.placement_strategy: must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {s.placement_strategy!r}")
     if s.num_workers < 1:
         errors.append(f"scaling.num_workers: must be ≥ 1, got {s.num_workers}")
     if o.micro_batch < 1:

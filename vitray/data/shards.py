@@ -164,23 +164,35 @@ def verify_shards(uri: str, endpoint: Endpoint | None = None) -> Manifest:
     return manifest
 
 
-def iter_tar(data: bytes, where: str) -> Iterator[tuple[str, bytes, str, int]]:
-    """(key, image bytes, ext, label) for each sample of one shard, without Ray (tools, tests, baselines)."""
+def tar_samples(data: bytes, where: str) -> list[tuple[str, bytes | None, str, str | None]]:
+    """(key, image bytes or None, image extension, label text or None) for each sample of one shard, in order. A sample missing its
+    image or label comes back with None there (the caller names it); a corrupt archive raises a DataError."""
+    parts: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            parts: dict[str, dict[str, bytes]] = {}
-            order: list[str] = []
             for m in tar:
                 key, _, ext = m.name.partition(".")
-                if key not in parts:
-                    parts[key] = {}
-                    order.append(key)
-                parts[key][ext] = tar.extractfile(m).read()
-    except tarfile.TarError as e:
+                parts.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"shard {where}: corrupt tar ({e})") from e
-    for key in order:
-        p = parts[key]
-        ext = "jpg" if "jpg" in p else "png"
-        if ext not in p or "cls" not in p:
-            raise DataError(f"shard {where} sample {key}: missing image or label")
-        yield key, p[ext], ext, int(p["cls"])
+    out = []
+    for key, p in parts.items():
+        ext = next((e for e in ("jpg", "jpeg", "png") if e in p), "")
+        label = p["cls"].decode(errors="replace").strip() if "cls" in p else None
+        out.append((key, p.get(ext), ext, label))
+    return out
+
+
+def check_shard(data: bytes, info: ShardInfo, where: str) -> None:
+    """The shard's bytes against its manifest entry: a truncated or altered shard is named before it is parsed."""
+    if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+        raise DataError(f"shard {where}: checksum mismatch against {MANIFEST} ({len(data)} bytes, the manifest"
+                        f" says {info.bytes}): truncated or changed since it was written")
+
+
+def iter_tar(data: bytes, where: str) -> Iterator[tuple[str, bytes, str, int]]:
+    """(key, image bytes, ext, label) for each sample of one shard, without Ray (tools, tests, baselines)."""
+    for key, image, ext, label in tar_samples(data, where):
+        if image is None or label is None:
+            raise DataError(f"shard {where} sample {key}: missing {'image' if image is None else 'label (.cls)'}")
+        yield key, image, ext, int(label)

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from vitray import storage
-from vitray.data.shards import read_manifest
-from vitray.data.transforms import preprocess_batch
+from vitray.data.shards import MANIFEST, DataError, read_manifest
+from vitray.data.transforms import decode_shards
 from vitray.storage import Endpoint
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ logger = logging.getLogger("vitray")
 def read_images(
     paths: list[str],
     fs: "pafs.FileSystem",
+    shards: dict[str, tuple],
     train: bool,
     image_size: int,
     area_min: float = 0.05,
@@ -52,22 +53,25 @@ def read_images(
     ordered: bool = False,
     bad_samples: str = "error",
 ) -> "ray.data.Dataset":
-    """Tar shards → {"image", "label", "key", "error"} batches, decoded and augmented in Ray Data tasks."""
+    """Tar shards → {"image", "label", "key", "error"} batches, checked against the manifest (`shards`: shard name
+    → ShardInfo fields), decoded and augmented in Ray Data tasks."""
     import ray.data
     from ray.data import FileShuffleConfig
 
-    ds = ray.data.read_webdataset(
+    # Whole shards as bytes, one read block each: vitray parses the tar itself, so a truncated, altered or corrupt
+    # shard is named (checksum against the manifest) instead of failing somewhere inside a reader.
+    ds = ray.data.read_binary_files(
         paths,
         filesystem=fs,
-        decoder=None,  # raw bytes: our decoder handles CMYK/EXIF/palette and names the bad sample
+        include_paths=True,
         shuffle=FileShuffleConfig(seed=file_shuffle_seed) if file_shuffle_seed is not None else None,
         override_num_blocks=len(paths),
     )
     # batch_size=None: decode whole read blocks, which lets Ray Data fuse read + decode into one task (a fixed
     # batch_size blocks that fusion and costs an extra hop through the object store per block).
     ds = ds.map_batches(
-        preprocess_batch,
-        fn_kwargs=dict(train=train, image_size=image_size, area_min=area_min, flip=flip, seed=aug_seed,
+        decode_shards,
+        fn_kwargs=dict(shards=shards, train=train, image_size=image_size, area_min=area_min, flip=flip, seed=aug_seed,
                        on_error=bad_samples),
         batch_size=None,
         batch_format="numpy",
@@ -78,6 +82,11 @@ def read_images(
     if ordered:
         ds.context.execution_options.preserve_order = True
     return ds
+
+
+def shard_table(manifest) -> dict[str, tuple]:
+    """shard name → its manifest entry (name, samples, sha256, bytes), as `decode_shards` checks it."""
+    return {s.name: (s.name, s.num_samples, s.sha256, s.bytes) for s in manifest.shards}
 
 
 def build_dataset(
@@ -95,9 +104,9 @@ def build_dataset(
     reshuffled per execution; training runs use `TrainStream`, which is reproducible."""
     manifest = read_manifest(uri, endpoint, field)
     fs, root = storage.resolve(uri, endpoint)
-    paths = [f"{root}/{s.name}" for s in manifest.shards]
-    return read_images(paths, fs, train, image_size, area_min, flip, file_shuffle_seed=seed if train else None,
-                       bad_samples=bad_samples)
+    shards = shard_table(manifest)
+    return read_images([f"{root}/{name}" for name in shards], fs, shards, train, image_size, area_min, flip,
+                       file_shuffle_seed=seed if train else None, bad_samples=bad_samples)
 
 
 def stream_splits_config():
@@ -142,18 +151,20 @@ class TrainStream:
                  bad_samples: str = "error"):
         manifest = read_manifest(uri, endpoint)
         self.fs, root = storage.resolve(uri, endpoint)
-        self.paths = [f"{root}/{s.name}" for s in manifest.shards]
+        self.shards = shard_table(manifest)
+        self.paths = [f"{root}/{name}" for name in self.shards]
         self.rank, self.world, self.seed = rank, world, seed
         self.image_size, self.micro_batch, self.shuffle_buffer = image_size, micro_batch, shuffle_buffer
         self.area_min, self.flip, self.bad_samples = area_min, flip, bad_samples
         self.skipped = 0  # bad samples dropped under bad_samples="skip"
 
     def epoch(self, epoch: int) -> Iterable[dict[str, np.ndarray]]:
-        paths = rank_shards(self.paths, self.seed, epoch, self.rank, self.world)
+        paths = self._present(rank_shards(self.paths, self.seed, epoch, self.rank, self.world))
         if not paths:
             return []
-        ds = read_images(paths, self.fs, True, self.image_size, self.area_min, self.flip,
-                         aug_seed=(self.seed, epoch), ordered=True, bad_samples=self.bad_samples)
+        mine = {name: self.shards[name] for name in (p.rsplit("/", 1)[-1] for p in paths)}  # small task arguments
+        ds = read_images(paths, self.fs, mine, True, self.image_size, self.area_min,
+                         self.flip, aug_seed=(self.seed, epoch), ordered=True, bad_samples=self.bad_samples)
         batches = ds.iter_batches(
             batch_size=self.micro_batch,
             batch_format="numpy",
@@ -163,12 +174,27 @@ class TrainStream:
         )
         return (self._drop_bad(b) for b in batches)
 
+    def _present(self, paths: list[str]) -> list[str]:
+        """The shards that exist; a missing one is an error naming it, or under "skip" its samples are counted."""
+        import pyarrow.fs as pafs
+
+        missing = [i.path for i in self.fs.get_file_info(paths) if i.type == pafs.FileType.NotFound]
+        for path in missing:
+            message = f"shard {path}: missing (listed in {MANIFEST} but not in storage)"
+            if self.bad_samples != "skip":
+                raise DataError(message)
+            n = self.shards[path.rsplit("/", 1)[-1]][1]
+            logger.warning(f"skipped {n} samples: {message}")
+            self.skipped += n
+        return [p for p in paths if p not in missing]
+
     def _drop_bad(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         errors = batch.pop("error")
         bad = errors != ""
         if bad.any():
-            for message in errors[bad]:
-                logger.warning(f"skipped: {message}")
+            messages, counts = np.unique(errors[bad], return_counts=True)
+            for message, n in zip(messages, counts):  # a bad shard is one line, not one per sample
+                logger.warning(f"skipped {n} sample{'s' if n > 1 else ''}: {message}")
             self.skipped += int(bad.sum())
             batch = {k: v[~bad] for k, v in batch.items()}
         return batch

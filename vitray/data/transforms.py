@@ -100,3 +100,49 @@ def _sample(data, cls, where: str, train: bool, image_size: int, area_min: float
     if train and flip and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(img), label
+
+
+def decode_shards(
+    batch: dict[str, np.ndarray], shards: dict[str, tuple], train: bool, image_size: int, area_min: float = 0.05,
+    seed: tuple[int, int] | None = None, flip: bool = True, on_error: str = "error",
+) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` body over whole shards (`read_binary_files` rows: "path", "bytes") → one row per
+    sample, as `preprocess_batch`. Each shard is first checked against its manifest entry (`shards`: shard name →
+    ShardInfo fields), so a truncated or altered shard is named; with `on_error="skip"` every sample of a bad
+    shard becomes an error row (the manifest says how many)."""
+    from vitray.data.shards import ShardInfo, check_shard, tar_samples
+
+    keys, images, labels, errors = [], [], [], []
+    rng = np.random.default_rng() if seed is None else None
+    for path, data in zip(batch["path"], batch["bytes"]):
+        info = ShardInfo(*shards[path.rsplit("/", 1)[-1]])
+        try:
+            check_shard(data, info, path)
+            samples = tar_samples(data, path)
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            keys += [f"{path}#{i}" for i in range(info.num_samples)]
+            images += [np.zeros((image_size, image_size, 3), np.uint8)] * info.num_samples
+            labels += [-1] * info.num_samples
+            errors += [str(e)] * info.num_samples
+            continue
+        for key, image, _, label in samples:
+            where = f"shard {path} sample {key}"
+            try:
+                if label is not None and not label.lstrip("-").isdigit():
+                    raise DataError(f"{where}: label {label!r} is not an integer")
+                pixels, y = _sample(image, label, where, train, image_size, area_min, flip,
+                                    rng or np.random.default_rng([*seed, zlib.crc32(key.encode())]))
+                error = ""
+            except DataError as e:
+                if on_error != "skip":
+                    raise
+                pixels, y, error = np.zeros((image_size, image_size, 3), np.uint8), -1, str(e)
+            keys.append(key)
+            images.append(pixels)
+            labels.append(y)
+            errors.append(error)
+    empty = np.zeros((0, image_size, image_size, 3), np.uint8)
+    return {"image": np.stack(images) if images else empty, "label": np.asarray(labels, np.int64),
+            "key": np.asarray(keys, dtype=str), "error": np.asarray(errors, dtype=str)}

@@ -177,7 +177,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None):
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
-            accelerator_type=s.accelerator or None,
+            accelerator_type=s.accelerator or None, placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
             name=plan.run_name,
@@ -219,7 +219,7 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
         raise TrainingFailed(f"run {plan.run_uri} failed: {result.error}")
     m = result.metrics or {}
     summary = {"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"), "val_top1": m.get("val_top1")}
-    for key in ("val_top1_raw", "skipped_samples", "data_position"):
+    for key in ("val_top1_raw", "skipped_samples", "data_position", "worker_nodes"):
         if key in m:
             summary[key] = m[key]
     summary["checkpoint"] = storage.join(plan.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None

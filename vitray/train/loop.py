@@ -11,6 +11,7 @@ import os
 import time
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -131,7 +132,8 @@ def train_loop_per_worker(config: dict) -> None:
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
     results = {"step": step, "loss": last_loss, **log.totals(step), "memory_per_device": _peak_memory(device),
                "model_state_bytes": _max_over_ranks(cost.measured_state_bytes(engine), device),
-               "data_position": {"epoch": position.epoch, "consumed": position.consumed}}
+               "data_position": {"epoch": position.epoch, "consumed": position.consumed},
+               "worker_nodes": _distinct_nodes()}
     if d.bad_samples == "skip":
         results["skipped_samples"] = _sum_over_ranks(train_data.skipped, device)
     if plan.get("has_val") and step == total_steps:
@@ -201,6 +203,13 @@ def _max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return dict(zip(values, t.tolist()))
+
+
+def _distinct_nodes() -> int:
+    """How many Ray nodes the workers ran on (the placement strategy's effect)."""
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return len(set(nodes))
 
 
 def _sum_over_ranks(value: float, device: torch.device) -> float:

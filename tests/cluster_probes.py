@@ -1,0 +1,68 @@
+"""Drivers that tests/test_cluster.py runs in their own processes (each needs a Ray cluster of its own).
+
+    python tests/cluster_probes.py autoscale <gcs address>
+    python tests/cluster_probes.py spread <s3 endpoint url> <train uri>
+"""
+import json
+import sys
+import time
+
+
+def autoscale(address: str) -> dict:
+    """Ask for three 8-GPU tasks where the type allows two nodes; watch nodes come, serve, and go idle away."""
+    import ray
+
+    ray.init(address=address, logging_level="WARNING")
+
+    @ray.remote(num_gpus=8, num_cpus=1)
+    def hold(seconds: float) -> str:
+        time.sleep(seconds)
+        return ray.get_runtime_context().get_node_id()
+
+    def alive(gpus: int) -> int:
+        return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) == gpus)
+
+    refs = [hold.remote(12) for _ in range(3)]
+    peak_h100 = peak_l4 = 0
+    pending = refs
+    while pending:
+        _, pending = ray.wait(pending, timeout=1.0, num_returns=len(pending))
+        peak_h100, peak_l4 = max(peak_h100, alive(8)), max(peak_l4, alive(4))
+    ran_on = ray.get(refs)
+    done = time.monotonic()
+    while alive(8) and time.monotonic() - done < 180:
+        time.sleep(1.0)
+    return {"peak_h100_nodes": peak_h100, "peak_l4_nodes": peak_l4, "task_nodes": len(set(ran_on)),
+            "h100_nodes_after_idle": alive(8), "removed_after_s": time.monotonic() - done}
+
+
+def spread(endpoint_url: str, train_uri: str) -> dict:
+    """Two Train workers with placement_strategy=SPREAD on a two-node Ray cluster (ray.cluster_utils.Cluster)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from vitray.config import smoke
+    from vitray.train import launch
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        cfg = smoke().replace(
+            data=dict(builtin="", train_uri=train_uri, val_uri=""),
+            optim=dict(total_steps=12, global_batch=32, micro_batch=8, warmup_steps=2),
+            scaling=dict(placement_strategy="SPREAD"),
+            storage=dict(uri="s3://vitray/spread", endpoint_url=endpoint_url, cost_log="none"),
+            log_every=1,
+        )
+        summary = launch.run(cfg)
+        return {**summary, "nodes": len([n for n in ray.nodes() if n["Alive"]])}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    result = {"autoscale": autoscale, "spread": spread}[sys.argv[1]](*sys.argv[2:])
+    print("PROBE " + json.dumps(result), flush=True)

@@ -1,0 +1,158 @@
+"""The cluster YAMLs users launch: Ray's own validation, the KubeRay CRD, a local autoscaling cluster with the same
+node types, and Train workers spread across nodes."""
+import copy
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER = os.path.join(ROOT, "cluster")
+
+
+def _load(name: str):
+    with open(os.path.join(CLUSTER, name)) as f:
+        return list(yaml.safe_load_all(f))
+
+
+def _text(name: str) -> str:
+    with open(os.path.join(CLUSTER, name)) as f:
+        return f.read()
+
+
+def test_aws_yaml_passes_rays_validation_and_keeps_secrets_and_ports_closed():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    (config,) = _load("aws-gpu.yaml")
+    validate_config(prepare_config(copy.deepcopy(config)))  # Ray's schema for cluster launcher files
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_h100_spot"]["max_worker"] = 16  # a typo Ray must catch
+    with pytest.raises(Exception):
+        validate_config(prepare_config(broken))
+
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    gpu = {k: v for k, v in types.items() if v.get("resources", {}).get("GPU")}
+    assert {"gpu_h100_spot", "gpu_h100_ondemand", "gpu_l4"} <= set(gpu)
+    assert all(v["min_workers"] == 0 and v["max_workers"] > 0 for v in gpu.values())
+    assert types["gpu_h100_spot"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert "InstanceMarketOptions" not in types["gpu_h100_ondemand"]["node_config"]
+    assert all(v["node_config"]["IamInstanceProfile"]["Name"] for v in types.values())  # S3 through the role
+    assert config["idle_timeout_minutes"] > 0
+    # Token auth on every node, the token copied from the user's file, never written in the YAML.
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    # Nothing listens to the world: dashboard on localhost, SSH only from one network.
+    assert "0.0.0.0" not in _text("aws-gpu.yaml") and "--dashboard-host=127.0.0.1" in " ".join(starts)
+    ingress = config["provider"]["security_group"]["IpPermissions"]
+    assert [(p["FromPort"], p["ToPort"]) for p in ingress] == [(22, 22)]
+    # The submit command in the header is the job the README documents.
+    assert "jobs/pretrain_vit_h14.py" in _text("aws-gpu.yaml")
+
+
+def _check(node, schema, where="") -> list[str]:
+    """Every field of `node` named in the CRD's schema, with the right JSON type; required fields present."""
+    errors = []
+    kind = schema.get("type")
+    if kind == "object" or "properties" in schema:
+        if not isinstance(node, dict):
+            return [f"{where}: expected an object"]
+        for req in schema.get("required", []):
+            if req not in node:
+                errors.append(f"{where}.{req}: required")
+        props = schema.get("properties")
+        for k, v in node.items():
+            if props is not None and k in props:
+                errors += _check(v, props[k], f"{where}.{k}")
+            elif props is not None and not schema.get("open"):
+                errors.append(f"{where}.{k}: not a field of the CRD")
+    elif kind == "array":
+        if not isinstance(node, list):
+            return [f"{where}: expected a list"]
+        for i, item in enumerate(node):
+            errors += _check(item, schema.get("items", {}), f"{where}[{i}]")
+    elif kind == "string" and not isinstance(node, str):
+        errors.append(f"{where}: expected a string, got {node!r}")
+    elif kind == "integer" and not isinstance(node, int):
+        errors.append(f"{where}: expected an integer, got {node!r}")
+    elif kind == "boolean" and not isinstance(node, bool):
+        errors.append(f"{where}: expected true/false, got {node!r}")
+    return errors
+
+
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
+def test_kuberay_manifests_match_the_crd(name):
+    with open(os.path.join(ROOT, "tests", "data", "kuberay_crd_v1.json")) as f:
+        crds = json.load(f)
+    (manifest,) = _load(name)
+    assert manifest["apiVersion"] == "ray.io/v1"
+    schema = crds[manifest["kind"]]
+    assert _check(manifest, schema) == []
+    typo = copy.deepcopy(manifest)
+    spec = typo["spec"].get("rayClusterSpec", typo["spec"])
+    spec["workerGroupSpecs"][0]["maxReplica"] = 3
+    spec["headGroupSpec"]["rayStartParams"] = ["not", "a", "map"]
+    assert len(_check(typo, schema)) == 2  # the checker finds real mistakes
+
+    cluster = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    assert cluster["authOptions"]["mode"] == "token" and cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"  # no LoadBalancer / NodePort to the world
+    assert not re.search(r"(?i)aws_secret|AKIA[0-9A-Z]{16}|auth_token:", _text(name))
+    if manifest["kind"] == "RayJob":
+        assert manifest["spec"]["entrypoint"].startswith("python jobs/pretrain_vit_h14.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_local_autoscaling_cluster_launches_up_to_max_and_removes_idle_nodes(tmp_path):
+    (local,) = _load("local-autoscale.yaml")
+    (aws,) = _load("aws-gpu.yaml")
+    for name, node in local["available_node_types"].items():  # the AWS types, scaled down to a laptop
+        if name != local["head_node_type"]:
+            assert node["resources"]["GPU"] == aws["available_node_types"][name]["resources"]["GPU"]
+
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token"}
+    port = _free_port()
+    head = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+         f"--autoscaling-config={os.path.join(CLUSTER, 'local-autoscale.yaml')}", "--block"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        probe = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cluster_probes.py"), "autoscale",
+                                f"127.0.0.1:{port}"], env=env, capture_output=True, text=True, timeout=400)
+        out = probe.stdout + probe.stderr
+        assert probe.returncode == 0, out[-3000:]
+        result = json.loads(out[out.index("PROBE ") + 6:].splitlines()[0])
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=90)
+    h100_max = local["available_node_types"]["gpu_h100_spot"]["max_workers"]
+    assert result["peak_h100_nodes"] == h100_max  # launched on demand, and no more than the type allows
+    assert result["peak_l4_nodes"] == 0  # 8-GPU tasks do not fit the 4-GPU type: none launched
+    assert result["task_nodes"] == h100_max
+    assert result["h100_nodes_after_idle"] == 0  # idle nodes removed after idle_timeout_minutes
+    assert result["removed_after_s"] >= local["idle_timeout_minutes"] * 60 * 0.9
+
+
+def test_train_workers_spread_across_nodes_still_train(s3, digits):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    probe = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cluster_probes.py"), "spread",
+                            s3.endpoint.url, digits["train"]], env=env, capture_output=True, text=True, timeout=600)
+    out = probe.stdout + probe.stderr
+    assert probe.returncode == 0, out[-3000:]
+    result = json.loads(out[out.index("PROBE ") + 6:].splitlines()[0])
+    assert result["nodes"] == 3 and result["worker_nodes"] == 2  # SPREAD: one worker on each of two nodes
+    assert result["step"] == 12 and result["loss"] < 2.3
