@@ -22,8 +22,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     args = p.parse_args()
 
+    import os
+
     import ray
 
+    # The embedded server takes any keys; the run treats it as a real endpoint (standard AWS chain).
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "benchmark")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "benchmark")
     from vitray import faults, storage
     from vitray.config import smoke
     from vitray.train import checkpoint, launch

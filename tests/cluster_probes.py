@@ -1,7 +1,7 @@
 """Drivers that tests/test_cluster.py runs in their own processes (each needs a Ray cluster of its own).
 
     python tests/cluster_probes.py autoscale <gcs address>
-    python tests/cluster_probes.py spread <s3 endpoint url> <train uri>
+    python tests/cluster_probes.py spread '<JSON list of --set overrides>'
 """
 import json
 import sys
@@ -36,12 +36,15 @@ def autoscale(address: str) -> dict:
             "h100_nodes_after_idle": alive(8), "removed_after_s": time.monotonic() - done}
 
 
-def spread(endpoint_url: str, train_uri: str) -> dict:
-    """Two Train workers with placement_strategy=SPREAD on a two-node Ray cluster (ray.cluster_utils.Cluster)."""
+def spread(overrides_json: str) -> dict:
+    """The reliability run (`--set` overrides) with placement_strategy=SPREAD on a three-node Ray cluster
+    (ray.cluster_utils.Cluster): its summary and its loss at every step."""
     import ray
     from ray.cluster_utils import Cluster
 
+    from vitray import storage
     from vitray.config import smoke
+    from vitray.config.schema import apply_overrides
     from vitray.train import launch
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -49,15 +52,12 @@ def spread(endpoint_url: str, train_uri: str) -> dict:
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
-        cfg = smoke().replace(
-            data=dict(builtin="", train_uri=train_uri, val_uri=""),
-            optim=dict(total_steps=12, global_batch=32, micro_batch=8, warmup_steps=2),
-            scaling=dict(placement_strategy="SPREAD"),
-            storage=dict(uri="s3://vitray/spread", endpoint_url=endpoint_url, cost_log="none"),
-            log_every=1,
-        )
+        cfg = apply_overrides(smoke(), json.loads(overrides_json) + ["scaling.placement_strategy=SPREAD"])
         summary = launch.run(cfg)
-        return {**summary, "nodes": len([n for n in ray.nodes() if n["Alive"]])}
+        _, plan = launch.prepare(cfg, resume=True)
+        rows = storage.read_bytes(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint).decode().splitlines()
+        losses = [r["loss"] for r in map(json.loads, rows) if "loss" in r and "final" not in r]
+        return {**summary, "losses": losses, "nodes": len([n for n in ray.nodes() if n["Alive"]])}
     finally:
         ray.shutdown()
         cluster.shutdown()
