@@ -54,8 +54,8 @@ def spread(overrides_json: str) -> dict:
     try:
         cfg = apply_overrides(smoke(), json.loads(overrides_json) + ["scaling.placement_strategy=SPREAD"])
         summary = launch.run(cfg)
-        _, plan = launch.prepare(cfg, resume=True)
-        rows = storage.read_bytes(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint).decode().splitlines()
+        endpoint = storage.Endpoint(url=cfg.storage.endpoint_url)
+        rows = storage.read_bytes(storage.join(summary["run"], "metrics.jsonl"), endpoint).decode().splitlines()
         losses = [r["loss"] for r in map(json.loads, rows) if "loss" in r and "final" not in r]
         return {**summary, "losses": losses, "nodes": len([n for n in ray.nodes() if n["Alive"]])}
     finally:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import time
 import uuid
 from typing import Iterator
 
@@ -74,13 +75,37 @@ def exists(uri: str, endpoint: Endpoint | None = None) -> bool:
 
 def read_bytes(uri: str, endpoint: Endpoint | None = None) -> bytes:
     fs, path = resolve(uri, endpoint)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return with_retries(read)
     except FileNotFoundError as e:
         raise StorageError(f"{uri}: not found") from e
     except OSError as e:
         raise _storage_error(uri, "cannot read", e) from e
+
+
+def _permanent(e: OSError) -> bool:
+    text = str(e)
+    return isinstance(e, FileNotFoundError) or any(
+        t in text for t in ("ACCESS_DENIED", "AccessDenied", "NoSuchBucket", "NO_SUCH_BUCKET", "NoSuchKey", "404"))
+
+
+def with_retries(fn, attempts: int = 5, backoff_s: float = 0.5):
+    """`fn()`, retried with exponential backoff on transient storage errors. The S3 client retries requests
+    itself, but a response body cut off mid-stream surfaces as one error after the request succeeded
+    (`INTERNAL_FAILURE ... Failed to flush response stream`); whole-object reads and checkpoint downloads are
+    safe to repeat. Permission and not-found errors are raised at once."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OSError as e:
+            if _permanent(e) or attempt == attempts - 1:
+                raise
+            time.sleep(backoff_s * 2**attempt)
 
 
 def _storage_error(uri: str, doing: str, e: OSError) -> StorageError:
@@ -110,9 +135,12 @@ def write_bytes(uri: str, data: bytes, endpoint: Endpoint | None = None) -> None
             f.write(data)
         fs.move(tmp, path)
     else:
-        try:
+        def write() -> None:
             with fs.open_output_stream(path) as f:
                 f.write(data)
+
+        try:
+            with_retries(write)  # a PUT is idempotent: repeating a broken one is safe
         except OSError as e:
             raise _storage_error(uri, "cannot write", e) from e
 

@@ -34,6 +34,7 @@ from vitray.data.stream import Position
 from vitray.models.npz import CheckpointError
 
 TAG = "state"
+UNIVERSAL = "universal"  # DeepSpeed's universal checkpoint of the same state, made for resuming on another world size
 COMMIT = "COMMIT"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 logger = logging.getLogger("vitray")
@@ -55,6 +56,8 @@ def save(engine, step: int, position: Position, metrics: dict, run_info: dict, r
             if ema is not None:
                 torch.save(ema.state_dict(), os.path.join(folder, "ema.pt"))
                 extra["ema_digest"] = module_digest(ema.module)
+            if engine.zero_optimization_stage() < 3:  # ZeRO-3 ranks hold only slices of the weights
+                extra["model_digest"] = module_digest(engine.module)
             with open(os.path.join(folder, "vitray.json"), "w") as f:
                 json.dump({"step": step, "optimizer_digest": digest, **extra, **run_info}, f, indent=1)
         ray.train.report(
@@ -103,9 +106,11 @@ def _test_crash_point(where: str, step: int, rank: int) -> None:
     os._exit(17)
 
 def optimizer_digest(engine) -> float:
-    """Sum of |x| over every optimizer-state tensor on every rank: equal before a save and after its restore."""
+    """Sum of |x| over every optimizer-state tensor (moments, not step counters) on every rank: equal before a
+    save and after its restore, on any number of workers."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
-    total = sum((t.double().abs().sum() for s in inner.state.values() for t in s.values() if torch.is_tensor(t)),
+    total = sum((t.double().abs().sum() for s in inner.state.values() for k, t in s.items()
+                 if torch.is_tensor(t) and k != "step"),
                 torch.zeros((), dtype=torch.float64))
     total = total.reshape(1).to(engine.device)
     dist.all_reduce(total)
@@ -132,30 +137,51 @@ def latest_complete(run_uri: str, endpoint) -> "ray.train.Checkpoint | None":
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def read_position(checkpoint: "ray.train.Checkpoint | None") -> tuple[Position, torch.Tensor | None]:
+def read_position(checkpoint: "ray.train.Checkpoint | None", resharded: bool = False) -> tuple[Position, torch.Tensor | None]:
     """This rank's data position in `checkpoint` and its torch RNG state (fresh / None when there is none). Reads
-    one small file, so the data stream can start before the engine state is downloaded."""
+    one small file, so the data stream can start before the engine state is downloaded. `resharded` (saved by
+    another number of workers): positions are per worker and do not carry over, so every rank starts the epoch
+    after the furthest one saved — the rest of the interrupted epoch is not seen, and the log says so."""
     if checkpoint is None:
         return Position(), None
     rank = ray.train.get_context().get_world_rank()
     fs = checkpoint.filesystem
+    if resharded:
+        infos = fs.get_file_info(pafs.FileSelector(checkpoint.path))
+        epochs = []
+        for info in infos:
+            if info.base_name.startswith("position-rank"):
+                epochs.append(json.loads(storage.with_retries(lambda: read_file(fs, info.path)))["epoch"])
+        if rank == 0:
+            logger.warning(f"resharded resume: data positions are per worker; starting epoch {max(epochs) + 1}"
+                           f" (the rest of epoch {max(epochs)} is skipped)")
+        return Position(max(epochs) + 1, 0), None
     path = f"{checkpoint.path}/position-rank{rank:05d}.json"
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise CheckpointError(f"checkpoint {checkpoint.path}: holds no data position for rank {rank}; it was saved"
                               " by a different number of workers")
-    with fs.open_input_stream(path) as f:
-        saved = json.loads(f.read())
+    saved = json.loads(storage.with_retries(lambda: read_file(fs, path)))
     rng = torch.frombuffer(bytearray(base64.b64decode(saved["torch_rng"])), dtype=torch.uint8)
     return Position(saved["epoch"], saved["consumed"]), rng
 
 
-def restore(engine, checkpoint: "ray.train.Checkpoint | None", ema=None) -> int | None:
+def restore(engine, checkpoint: "ray.train.Checkpoint | None", ema=None, resharded: bool = False) -> int | None:
     """Load `checkpoint` into `engine` (model, optimizer, LR schedule) and `ema`; its step, or None when there is
-    no checkpoint."""
+    no checkpoint. `resharded`: from its DeepSpeed universal form (`universal/`, see `make_universal`), into an
+    engine built with `load_universal`."""
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as folder:
-        path, client_state = engine.load_checkpoint(folder, tag=TAG)
+    with tempfile.TemporaryDirectory(prefix="vitray-restore-") as scratch:
+        folder = os.path.join(scratch, "checkpoint")
+
+        def download() -> None:  # whole, again, if a transfer breaks off
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+            pafs.copy_files(checkpoint.path, folder, source_filesystem=checkpoint.filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
+
+        storage.with_retries(download)
+        path, client_state = engine.load_checkpoint(folder, tag=UNIVERSAL if resharded else TAG)
         if path is None:
             raise CheckpointError(f"checkpoint {checkpoint.path}: DeepSpeed found no state under {TAG}/")
         if ema is not None:
@@ -163,6 +189,37 @@ def restore(engine, checkpoint: "ray.train.Checkpoint | None", ema=None) -> int 
                 raise CheckpointError(f"checkpoint {checkpoint.path}: transfer.ema_decay is set but it holds no ema.pt")
             ema.load_state_dict(torch.load(os.path.join(folder, "ema.pt"), map_location=engine.device))
     return int(client_state["step"])
+
+
+def read_file(fs, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def make_universal(checkpoint_uri: str, endpoint) -> None:
+    """Add `<checkpoint>/universal/`: the ZeRO partitions merged into DeepSpeed's universal checkpoint, which an
+    engine of any world size loads (`"checkpoint": {"load_universal": true}`). Runs on the driver with DeepSpeed's
+    own converter; the folder gets its own COMMIT marker last, so an interrupted conversion is redone."""
+    import subprocess
+    import sys
+
+    if storage.exists(storage.join(checkpoint_uri, UNIVERSAL, COMMIT), endpoint):
+        return
+    fs, path = storage.resolve(checkpoint_uri, endpoint)
+    with tempfile.TemporaryDirectory(prefix="vitray-universal-") as local:
+        os.makedirs(f"{local}/{TAG}")
+        pafs.copy_files(f"{path}/{TAG}", f"{local}/{TAG}", source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        # --inject_missing_state: the converter expects Megatron's bookkeeping, which a plain model does not need.
+        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               f"{local}/{TAG}", "--output_folder", f"{local}/{UNIVERSAL}", "--num_extract_workers",
+                               "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CheckpointError(f"{checkpoint_uri}: DeepSpeed's universal conversion failed:\n{done.stderr[-2000:]}")
+        pafs.copy_files(f"{local}/{UNIVERSAL}", f"{path}/{UNIVERSAL}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+    storage.write_bytes(storage.join(checkpoint_uri, UNIVERSAL, COMMIT), b"{}", endpoint)
 
 
 def module_digest(module: torch.nn.Module) -> float:

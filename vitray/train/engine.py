@@ -67,12 +67,13 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_steps: int, on_gpu: bool):
+def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_steps: int, on_gpu: bool,
+                 load_universal: bool = False):
+    """`load_universal`: the engine will restore a universal checkpoint (resuming on another number of workers)."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=build_optimizer(model, cfg),
-        config=deepspeed_config(cfg, world_size, total_steps, on_gpu),
-    )
+    config = deepspeed_config(cfg, world_size, total_steps, on_gpu)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=config)
     return engine

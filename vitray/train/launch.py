@@ -30,6 +30,7 @@ class Plan:
     train_samples: int
     total_steps: int
     resume: bool
+    reshard: bool = False  # resuming on another number of workers: through the universal checkpoint
 
     def to_worker(self) -> dict:
         d = dataclasses.asdict(self)
@@ -98,8 +99,7 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
         raise ConfigError(f"storage.uri: {e}") from None
     if resume and not has_checkpoint:
         raise ConfigError(f"storage.run_name: --resume found no checkpoint of run {name!r} under {run_uri}")
-    if resume:
-        check_resumable(cfg, run_uri, endpoint)
+    saved_world, saved_step = check_resumable(cfg, run_uri, endpoint) if resume else (cfg.scaling.num_workers, 0)
     if not resume and storage.exists(run_uri, endpoint):
         raise ConfigError(
             f"storage.run_name: run {name!r} already exists at {run_uri}; pass --resume to continue it or choose"
@@ -109,16 +109,21 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
     # Each rank gets floor(N / workers) samples per epoch (equal splits keep ranks in lockstep).
     usable = manifest.num_samples // cfg.scaling.num_workers * cfg.scaling.num_workers
     total = cfg.optim.total_steps or max(1, math.floor(cfg.optim.epochs * usable / cfg.optim.global_batch))
+    if resume and saved_step >= min(total, cfg.stop_at_step or total):
+        raise ConfigError(f"optim.total_steps: run {name!r} already reached step {saved_step} of {total}; raise"
+                          " optim.total_steps (or optim.epochs) to train it further")
     cfg = cfg.replace(storage=dict(run_name=name))
-    return cfg, Plan(name, run_uri, endpoint, cfg.data.train_uri, cfg.data.val_uri, manifest.num_samples, total, resume)
+    return cfg, Plan(name, run_uri, endpoint, cfg.data.train_uri, cfg.data.val_uri, manifest.num_samples, total, resume,
+                     saved_world != cfg.scaling.num_workers)
 
 
-def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> None:
-    """Before Ray: the run has a complete checkpoint saved by as many workers as this config asks for. Names the
-    interrupted saves that the resume will skip."""
+def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> tuple[int, int]:
+    """Before Ray: the run has a complete checkpoint, and when it was saved by another number of workers it can be
+    resharded (ZeRO ≤ 2, through DeepSpeed's universal checkpoint, made here). Names the interrupted saves the
+    resume will skip. Returns (the world size that saved the checkpoint, its step)."""
     import json
 
-    from vitray.train.checkpoint import COMMIT, scan, step_dir
+    from vitray.train.checkpoint import COMMIT, make_universal, scan, step_dir
 
     complete, incomplete = scan(run_uri, endpoint)
     if not complete:
@@ -128,12 +133,19 @@ def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> None:
             print(f"skipping incomplete checkpoint {step_dir(s)} (no {COMMIT} marker: its save was interrupted);"
                   f" resuming from {step_dir(complete[-1])}", flush=True)
     latest = storage.join(run_uri, step_dir(complete[-1]))
-    saved = json.loads(storage.read_bytes(storage.join(latest, "vitray.json"), endpoint))["world_size"]
-    if saved != cfg.scaling.num_workers:
-        raise ConfigError(
-            f"scaling.num_workers: {latest} was saved by {saved} workers, and its ZeRO partitions and data positions"
-            f" are per worker: resume with --set scaling.num_workers={saved}"
-        )
+    saved = json.loads(storage.read_bytes(storage.join(latest, "vitray.json"), endpoint))
+    world, stage = saved["world_size"], saved["config"]["deepspeed"]["zero_stage"]
+    if world != cfg.scaling.num_workers:
+        if stage == 3 or cfg.deepspeed.zero_stage != stage:
+            raise ConfigError(
+                f"scaling.num_workers: {latest} was saved by {world} workers under ZeRO-{stage}; vitray reshards"
+                f" ZeRO-1/2 checkpoints to another worker count (keeping deepspeed.zero_stage={stage}), not this"
+                f" one: resume with --set scaling.num_workers={world}"
+            )
+        print(f"resharding {step_dir(complete[-1])} from {world} to {cfg.scaling.num_workers} workers (DeepSpeed"
+              " universal checkpoint)", flush=True)
+        make_universal(latest, endpoint)
+    return world, saved["step"]
 
 
 def check_cluster(cfg: Config) -> None:

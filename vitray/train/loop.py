@@ -47,7 +47,9 @@ def train_loop_per_worker(config: dict) -> None:
     # Data first: Ray Data starts its read and decode tasks while DeepSpeed builds the engine. A restarted or
     # resumed run continues from each rank's position in the newest complete checkpoint.
     resume_from = checkpoint.latest_complete(plan["run_uri"], endpoint)
-    position, rng_state = checkpoint.read_position(resume_from)
+    # A reshard applies to the checkpoint it was made for; a later restart of this run resumes normally.
+    resharded = bool(plan.get("reshard")) and resume_from is not None and _saved_world(resume_from) != world
+    position, rng_state = checkpoint.read_position(resume_from, resharded)
     d = cfg.data
     train_data = TrainStream(plan["train_uri"], endpoint, rank, world, d.image_size, cfg.seed, cfg.optim.micro_batch,
                              d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples)
@@ -61,13 +63,13 @@ def train_loop_per_worker(config: dict) -> None:
     fresh_finetune = cfg.transfer.init_from and resume_from is None
     model = checkpoint.load_pretrained(cfg, endpoint) if fresh_finetune else task.build_model()
     total_steps = plan["total_steps"]
-    engine = build_engine(model, cfg, world, total_steps, on_gpu)
+    engine = build_engine(model, cfg, world, total_steps, on_gpu, load_universal=resharded)
     ema = None
     if cfg.transfer.ema_decay:
         ema = AveragedModel(engine.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.transfer.ema_decay), use_buffers=True)
     timeline["engine_ready"] = time.time()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, on_gpu), torch.float32)
-    restored_step = checkpoint.restore(engine, resume_from, ema)
+    restored_step = checkpoint.restore(engine, resume_from, ema, resharded)
     step = restored_step or 0
     if restored_step is not None:
         resumed_digest = checkpoint.optimizer_digest(engine)
@@ -84,7 +86,9 @@ def train_loop_per_worker(config: dict) -> None:
     )
     if restored_step is not None:
         log.lines.append(json.dumps({"step": step, "event": "resumed", "optimizer_digest": resumed_digest,
-                                     "epoch": position.epoch, "consumed": position.consumed,
+                                     "epoch": position.epoch, "consumed": position.consumed, "resharded": resharded,
+                                     **({"model_digest": checkpoint.module_digest(engine.module)}
+                                        if cfg.deepspeed.zero_stage < 3 else {}),
                                      **({"ema_digest": checkpoint.module_digest(ema.module)} if ema else {})}))
     run_info = {"world_size": world, "config": cfg.to_dict(), "total_steps": total_steps}
     last_step = min(total_steps, cfg.stop_at_step or total_steps)
@@ -125,9 +129,9 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum.zero_()
             loss_count = 0
         if saving and step < last_step:
+            log.flush()  # first: a committed checkpoint always has its metrics history in storage
             checkpoint.save(engine, step, position, {"loss": last_loss}, run_info, plan["run_uri"], endpoint, ema)
             last_good = step
-            log.flush()
 
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
     results = {"step": step, "loss": last_loss, **log.totals(step), "memory_per_device": _peak_memory(device),
@@ -203,6 +207,12 @@ def _max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return dict(zip(values, t.tolist()))
+
+
+def _saved_world(ckpt) -> int:
+    from vitray import storage
+
+    return json.loads(storage.with_retries(lambda: checkpoint.read_file(ckpt.filesystem, f"{ckpt.path}/vitray.json")))["world_size"]
 
 
 def _distinct_nodes() -> int:
