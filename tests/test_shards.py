@@ -9,7 +9,7 @@ from PIL import Image
 from vitray import storage
 from vitray.data.datasets import digits_arrays, folder_classes, samples_from_arrays, samples_from_folder
 from vitray.data.shards import DataError, iter_tar, read_manifest, verify_shards, write_shards
-from vitray.data.transforms import center_crop, decode_rgb, inception_crop, preprocess_batch
+from vitray.data.transforms import center_crop, decode_rgb, decode_shards, inception_crop
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -115,18 +115,31 @@ def test_unreadable_file_reported_by_path(image_folder, tmp_path):
         list(samples_from_folder(str(image_folder), ["cat", "dog"]))
 
 
-def test_preprocess_names_bad_sample_and_scales():
+def _shard(samples):
+    """One shard's bytes and its manifest entry, as decode_shards receives them."""
+    import hashlib
+
+    from vitray.data.shards import _tar_bytes
+
+    data = _tar_bytes(samples)
+    return data, ("shard-00007.tar", len(samples), hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_decode_shards_checks_names_and_scales():
+    from vitray.data.shards import Sample
+
     png = _encode(Image.new("L", (8, 8), 255), "PNG")
-    batch = {"__key__": np.array(["a", "b"]), "__url__": np.array(["s/shard-7.tar"] * 2),
-             "png": np.array([png, png], dtype=object), "cls": np.array([b"3", b"4"], dtype=object)}
-    out = preprocess_batch(batch, train=True, image_size=16)
+    data, info = _shard([Sample("a", png, "png", 3), Sample("b", png, "png", 4)])
+    batch = {"path": np.array(["s/shard-00007.tar"]), "bytes": np.array([data], dtype=object)}
+    out = decode_shards(batch, {info[0]: info}, train=True, image_size=16, seed=(0, 0))
     assert out["image"].shape == (2, 16, 16, 3) and out["image"].dtype == np.uint8 and list(out["label"]) == [3, 4]
-    batch["png"] = np.array([png, b"garbage"], dtype=object)
-    with pytest.raises(DataError, match="shard s/shard-7.tar sample b: cannot decode"):
-        preprocess_batch(batch, train=False, image_size=16)
-    batch["png"], batch["cls"] = np.array([png, png], dtype=object), np.array([b"3", None], dtype=object)
-    with pytest.raises(DataError, match="sample b: missing label"):
-        preprocess_batch(batch, train=False, image_size=16)
+    assert list(out["key"]) == ["a", "b"] and list(out["error"]) == ["", ""]
+    bad, info = _shard([Sample("a", png, "png", 3), Sample("b", b"garbage", "png", 4)])
+    batch["bytes"] = np.array([bad], dtype=object)
+    with pytest.raises(DataError, match="shard s/shard-00007.tar sample b: cannot decode"):
+        decode_shards(batch, {info[0]: info}, train=False, image_size=16)
+    with pytest.raises(DataError, match="shard s/shard-00007.tar: checksum mismatch"):
+        decode_shards({**batch, "bytes": np.array([bad[:-512]], dtype=object)}, {info[0]: info}, train=False, image_size=16)
 
 
 def test_inception_crop_covers_requested_area():

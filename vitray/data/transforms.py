@@ -56,37 +56,6 @@ def center_crop(img: Image.Image, size: int, resize_ratio: float = 256 / 224) ->
     return img.crop((x, y, x + size, y + size))
 
 
-def preprocess_batch(
-    batch: dict[str, np.ndarray], train: bool, image_size: int, area_min: float = 0.05,
-    seed: tuple[int, int] | None = None, flip: bool = True, on_error: str = "error",
-) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` body: WebDataset rows (`__key__`, `__url__`, `jpg`|`png`, `cls`) →
-    {"image": uint8 (B, S, S, 3), "label": int64 (B,), "key": str (B,), "error": str (B,)}.
-
-    `seed` = (run seed, epoch) makes augmentation reproducible: each sample draws from a generator seeded by
-    (seed, epoch, its key), whichever task or batch it lands in. A bad sample raises a DataError naming its shard
-    and key; with `on_error="skip"` it comes back as a row whose "error" says why (label −1, blank image), for
-    the consumer to drop and count.
-    """
-    keys, urls = batch["__key__"], batch.get("__url__", np.array(["?"] * len(batch["__key__"])))
-    jpg = batch.get("jpg", np.array([None] * len(keys), dtype=object))
-    png = batch.get("png", np.array([None] * len(keys), dtype=object))
-    rng = np.random.default_rng() if seed is None else None
-    images = np.zeros((len(keys), image_size, image_size, 3), dtype=np.uint8)
-    labels = np.full(len(keys), -1, dtype=np.int64)
-    errors = np.full(len(keys), "", dtype=object)
-    for i, key in enumerate(keys):
-        try:
-            images[i], labels[i] = _sample(jpg[i] if jpg[i] is not None else png[i], batch["cls"][i] if "cls" in batch else None,
-                                           f"shard {urls[i]} sample {key}", train, image_size, area_min, flip,
-                                           rng or np.random.default_rng([*seed, zlib.crc32(str(key).encode())]))
-        except DataError as e:
-            if on_error != "skip":
-                raise
-            errors[i] = str(e)
-    return {"image": images, "label": labels, "key": np.asarray(keys).astype(str), "error": errors.astype(str)}
-
-
 def _sample(data, cls, where: str, train: bool, image_size: int, area_min: float, flip: bool,
             rng: np.random.Generator) -> tuple[np.ndarray, int]:
     if data is None or cls is None:
@@ -107,9 +76,11 @@ def decode_shards(
     seed: tuple[int, int] | None = None, flip: bool = True, on_error: str = "error",
 ) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` body over whole shards (`read_binary_files` rows: "path", "bytes") → one row per
-    sample, as `preprocess_batch`. Each shard is first checked against its manifest entry (`shards`: shard name →
+    sample: {"image": uint8 (B, S, S, 3), "label": int64 (B,), "key": str (B,), "error": str (B,)}. Each shard is first checked against its manifest entry (`shards`: shard name →
     ShardInfo fields), so a truncated or altered shard is named; with `on_error="skip"` every sample of a bad
-    shard becomes an error row (the manifest says how many)."""
+    shard becomes an error row (the manifest says how many), and so does each bad sample (label −1, blank image),
+    for the consumer to drop and count. `seed` = (run seed, epoch) makes augmentation reproducible: each sample
+    draws from a generator seeded by (seed, epoch, its key), whichever task or batch it lands in."""
     from vitray.data.shards import ShardInfo, check_shard, tar_samples
 
     keys, images, labels, errors = [], [], [], []
