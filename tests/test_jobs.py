@@ -131,7 +131,12 @@ def test_finetune_job_needs_weights_and_checks_them(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, ft, *a], capture_output=True, text=True, timeout=120, cwd=ROOT)  # noqa: E731
     _assert_clean_error(run("--preset", "b16_cifar10", "--set", "data.train_uri=s3://b/p"), "transfer.init_from: fine-tuning needs")
     _assert_clean_error(run("--preset", "smoke", "--init-from", str(tmp_path / "nope"), "--set", f"storage.uri={tmp_path}"),
-                        f"transfer.init_from: {tmp_path / 'nope'}/vitray.json not found")
+                        f"transfer.init_from: {tmp_path / 'nope'} not found")
+    torn = tmp_path / "runs" / "x" / "step_00000020"  # a save that never got its commit marker
+    torn.mkdir(parents=True)
+    (torn / "vitray.json").write_text("{}")
+    _assert_clean_error(run("--preset", "smoke", "--init-from", str(torn), "--set", f"storage.uri={tmp_path}"),
+                        f"transfer.init_from: {torn} is an incomplete checkpoint (no COMMIT marker")
     _assert_clean_error(run("--preset", "smoke", "--set", "transfer.ema_decay=0.9", "--set", "deepspeed.zero_stage=3"),
                         "transfer.ema_decay: weight averaging needs whole parameters")
 

@@ -89,7 +89,8 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
             raise ConfigError(f"transfer.init_from: {init} is an incomplete checkpoint (no COMMIT marker: its save"
                               " was interrupted); use an earlier step")
         if not found:
-            raise ConfigError(f"transfer.init_from: {marker} not found (give a vitray checkpoint folder or a .npz)")
+            raise ConfigError(f"transfer.init_from: {init} not found (give a vitray checkpoint folder,"
+                              " <storage>/runs/<name>/step_N, or an official .npz)")
 
     name = cfg.storage.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     run_uri = storage.join(root, "runs", name)
