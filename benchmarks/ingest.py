@@ -9,7 +9,6 @@ The images are real photographs: crops of the two sample photos that ship inside
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import tempfile

@@ -5,10 +5,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -108,12 +106,6 @@ def test_kuberay_manifests_match_the_crd(name):
     assert not re.search(r"(?i)aws_secret|AKIA[0-9A-Z]{16}|auth_token:", _text(name))
     if manifest["kind"] == "RayJob":
         assert manifest["spec"]["entrypoint"].startswith("python jobs/pretrain_vit_h14.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_local_autoscaling_cluster_launches_up_to_max_and_removes_idle_nodes(tmp_path):

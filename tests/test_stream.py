@@ -19,7 +19,7 @@ def test_two_ranks_disjoint_union_once_per_epoch(ray_cluster, s3, digits):
         return sum(keys, []), positions
 
     # 1,500 training digits in 6 shards of 250, 2 ranks: 3 shards (750 samples, 25 micro-batches of 30) each per epoch.
-    (keys_a, pos_a), (keys_b, pos_b) = consume(0, 2), consume(1, 2)
+    (keys_a, pos_a), (keys_b, _) = consume(0, 2), consume(1, 2)
     for epoch in range(2):
         ea, eb = set(keys_a[epoch * 750:(epoch + 1) * 750]), set(keys_b[epoch * 750:(epoch + 1) * 750])
         assert len(ea) == len(eb) == 750 and not ea & eb  # no sample twice, none shared

@@ -5,7 +5,6 @@ import pytest
 
 from vitray import storage
 from vitray.config import smoke
-from vitray.storage import Endpoint
 from vitray.train import launch
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import zlib
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
