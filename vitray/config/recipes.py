@@ -21,6 +21,17 @@ PRETRAIN_TABLE = {
     ("vit_l32", "jft"): (7, 6e-4),
     ("vit_l16", "jft"): (7, 4e-4),  # also run for 14 epochs: pretrain(..., epochs=14)
     ("vit_h14", "jft"): (14, 3e-4),
+    # The CNN baselines and hybrids, same optimiser (the paper trains ResNets with Adam too, Sec. 4.1).
+    ("bit_r50x1", "jft"): (7, 1e-3),
+    ("bit_r50x2", "jft"): (7, 1e-3),
+    ("bit_r101x1", "jft"): (7, 8e-4),
+    ("bit_r152x1", "jft"): (7, 6e-4),
+    ("bit_r152x2", "jft"): (7, 6e-4),  # also 14 epochs (Table 6)
+    ("bit_r200x3", "jft"): (14, 6e-4),  # Table 3 gives no LR for R200x3: that of the next-deepest, R152
+    ("r50_vit_b32", "jft"): (7, 8e-4),
+    ("r50_vit_b16", "jft"): (7, 8e-4),
+    ("r50_vit_l32", "jft"): (7, 2e-4),
+    ("r50_vit_l16", "jft"): (7, 4e-4),  # also 14 epochs (Table 6)
     ("vit_b32", "i21k"): (90, 1e-3),
     ("vit_b16", "i21k"): (90, 1e-3),
     ("vit_l32", "i21k"): (30, 1e-3),
@@ -34,7 +45,7 @@ PRETRAIN_TABLE = {
 
 def pretrain(model: str, dataset: str = "jft", epochs: float | None = None) -> Config:
     """A Table 3 pretraining recipe. Data URIs stay empty: the user names their shards."""
-    from vitray.models.registry import canonical
+    from vitray.models.registry import canonical, get_spec
 
     name = canonical(model)
     if (name, dataset) not in PRETRAIN_TABLE:
@@ -42,7 +53,9 @@ def pretrain(model: str, dataset: str = "jft", epochs: float | None = None) -> C
     table_epochs, lr = PRETRAIN_TABLE[(name, dataset)]
     ds = DATASETS[dataset]
     return Config().replace(
-        model=dict(name=name, num_classes=ds["num_classes"], dropout=ds["dropout"], pre_logits=True),
+        # BiT has no pre-logits layer (nor does Table 6 count one for it).
+        model=dict(name=name, num_classes=ds["num_classes"], dropout=ds["dropout"],
+                   pre_logits=get_spec(name).family != "bit"),
         data=dict(image_size=224),
         optim=dict(
             optimizer="adam", lr=lr, betas=(0.9, 0.999), weight_decay=ds["weight_decay"], schedule=ds["schedule"],

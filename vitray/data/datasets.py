@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -74,11 +74,16 @@ def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images[idx], d.target[idx]
 
 
-def write_digits(uri: str, endpoint: Endpoint | None = None, samples_per_shard: int = 250) -> dict[str, Manifest]:
+def write_digits(uri: str, endpoint: Endpoint | None = None, samples_per_shard: int = 250,
+                 classes: Iterable[int] | None = None) -> dict[str, Manifest]:
     """Write the digits' train and val splits as shards under `uri`/train and `uri`/val (skipping a split that
-    is already there). Returns the manifests."""
+    is already there). `classes` keeps only those digits, relabelled 0..k−1 in order (class names stay the digits):
+    scaling studies pretrain on some digits and transfer to the others. Returns the manifests."""
     from vitray.data.shards import read_manifest
 
+    keep = list(range(10) if classes is None else classes)
+    if keep != sorted(set(keep)) or not set(keep) <= set(range(10)):
+        raise DataError(f"classes: give distinct digits 0–9 in increasing order, got {keep}")
     out = {}
     for split in ("train", "val"):
         dest = storage.join(uri, split)
@@ -86,8 +91,10 @@ def write_digits(uri: str, endpoint: Endpoint | None = None, samples_per_shard: 
             out[split] = read_manifest(dest, endpoint)
             continue
         images, labels = digits_arrays(split)
+        mask = np.isin(labels, keep)
+        relabel = np.searchsorted(np.asarray(keep), labels[mask]) if classes is not None else labels[mask]
         out[split] = write_shards(
-            samples_from_arrays(images, labels, prefix=f"digits{split}"), dest, [str(i) for i in range(10)],
+            samples_from_arrays(images[mask], relabel, prefix=f"digits{split}"), dest, [str(i) for i in keep],
             endpoint, max_shard_samples=samples_per_shard,
         )
     return out

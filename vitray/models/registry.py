@@ -80,12 +80,15 @@ MODELS: dict[str, object] = {
 # Tiny models for tests and CPU smoke runs: same code path, minutes instead of accelerator-days.
 MODELS["vit_tiny_test"] = ViTSpec(width=32, depth=2, mlp_dim=64, heads=2, patch=8)
 MODELS["vit_smoke"] = ViTSpec(width=64, depth=4, mlp_dim=128, heads=4, patch=4)
+MODELS["vit_smoke_s"] = ViTSpec(width=32, depth=2, mlp_dim=64, heads=2, patch=4)  # the smoke scaling study's small ViT
 
 # BiT ResNetV2 baselines (paper Table 2 and 6; R152x4 is BiT-L). R200's blocks as in He et al. 2016 (v2).
 _RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
 for _depth, _width in ((50, 1), (50, 2), (101, 1), (152, 1), (152, 2), (200, 3), (152, 4)):
     MODELS[f"bit_r{_depth}x{_width}"] = ResNetSpec(blocks=_RESNET_BLOCKS[_depth], width=_width)
 MODELS["bit_tiny_test"] = ResNetSpec(blocks=(1, 1), width=1)
+MODELS["bit_smoke_s"] = ResNetSpec(blocks=(1, 1), width=1)  # the smoke scaling study's two BiT sizes
+MODELS["bit_smoke"] = ResNetSpec(blocks=(1, 1, 1), width=1)
 
 # Hybrids (Table 6): "/16" folds R50's stage 4 into stage 3, "/32" keeps all four stages.
 for _size in ("b", "l"):

@@ -107,15 +107,20 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
             " another name"
         )
 
-    # Each rank gets floor(N / workers) samples per epoch (equal splits keep ranks in lockstep).
-    usable = manifest.num_samples // cfg.scaling.num_workers * cfg.scaling.num_workers
-    total = cfg.optim.total_steps or max(1, math.floor(cfg.optim.epochs * usable / cfg.optim.global_batch))
+    total = total_steps(cfg, manifest.num_samples)
     if resume and saved_step >= min(total, cfg.stop_at_step or total):
         raise ConfigError(f"optim.total_steps: run {name!r} already reached step {saved_step} of {total}; raise"
                           " optim.total_steps (or optim.epochs) to train it further")
     cfg = cfg.replace(storage=dict(run_name=name))
     return cfg, Plan(name, run_uri, endpoint, cfg.data.train_uri, cfg.data.val_uri, manifest.num_samples, total, resume,
                      saved_world != cfg.scaling.num_workers)
+
+
+def total_steps(cfg: Config, num_samples: int) -> int:
+    """Optimizer steps of a run: optim.total_steps, or its epochs over the samples the workers share equally (each
+    rank gets floor(N / workers) per epoch, which keeps ranks in lockstep)."""
+    usable = num_samples // cfg.scaling.num_workers * cfg.scaling.num_workers
+    return cfg.optim.total_steps or max(1, math.floor(cfg.optim.epochs * usable / cfg.optim.global_batch))
 
 
 def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> tuple[int, int]:
@@ -162,9 +167,10 @@ def check_cluster(cfg: Config) -> None:
         )
 
 
-def fit(cfg: Config, plan: Plan, timeline: dict | None = None):
+def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list | None = None):
     """Run training on the current Ray cluster; returns Ray Train's `Result`. `timeline` (wall-clock times of
-    earlier start-up phases) is passed through to the run's start-up record."""
+    earlier start-up phases) is passed through to the run's start-up record; `callbacks` are Ray Train callbacks
+    (a scaling study passes Tune's, which forwards each checkpoint's metrics to its trial)."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -198,6 +204,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None):
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=stream_splits_config(),
@@ -209,9 +216,10 @@ class TrainingFailed(RuntimeError):
     pass
 
 
-def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None = None, timeline: dict | None = None) -> dict:
+def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None = None, timeline: dict | None = None,
+        callbacks: list | None = None) -> dict:
     """The driver's whole sequence: prepare (no Ray) → join or start Ray → check the cluster → fit. Returns the
-    run's summary: run URI, final step, loss, held-out accuracy, final checkpoint URI."""
+    run's summary: run URI, final step, loss, held-out accuracy, final checkpoint URI, the plan's figures."""
     cfg, plan = prepare(cfg, resume, embedded)
     print(f"run {plan.run_name}: {plan.train_samples} training images, {plan.total_steps} steps → {plan.run_uri}", flush=True)
     # The cost plan, before any cluster resource: refuses a configuration that cannot fit on its accelerator.
@@ -225,13 +233,16 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), logging_level="WARNING")
     check_cluster(cfg)
     try:
-        result = fit(cfg, plan, timeline)
+        result = fit(cfg, plan, timeline, callbacks)
     except Exception as e:  # Ray Train V2 raises the workers' error (e.g. a non-finite loss) from fit()
         raise TrainingFailed(f"run {plan.run_uri} failed: {e}") from e
     if result.error:
         raise TrainingFailed(f"run {plan.run_uri} failed: {result.error}")
     m = result.metrics or {}
-    summary = {"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"), "val_top1": m.get("val_top1")}
+    summary = {"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"), "val_top1": m.get("val_top1"),
+               "accelerator": estimate.accelerator,
+               "plan": {"params": estimate.params, "train_flops_per_image": estimate.train_flops_per_image,
+                        "accelerator_days": estimate.accelerator_days}}
     for key in ("val_top1_raw", "skipped_samples", "data_position", "worker_nodes"):
         if key in m:
             summary[key] = m[key]
