@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a field of every trial's config (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the study in --study-uri")
+    p.add_argument("--local-cpus", type=float, default=0,
+                   help="logical CPUs of the local Ray this job starts when it joins no cluster (default: the"
+                        " machine's cores). More than the cores lets trials overlap their start-up waits")
     args = p.parse_args(argv)
 
     from vitray.storage import Endpoint
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         study = dataclasses.replace(study, **changes)
         endpoint = Endpoint(url=args.endpoint_url or None)
         out = run_study(study, args.overrides, args.study_uri or os.path.join("studies", args.preset), endpoint,
-                        args.resume)
+                        args.resume, local_cpus=args.local_cpus)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

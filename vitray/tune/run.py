@@ -18,8 +18,10 @@ from vitray.tune.study import Study, check, data_overrides, max_concurrent, prep
 from vitray.tune.trial import record_uri, run_trial
 
 
-def run_study(study: Study, overrides: list[str], study_uri: str, endpoint: Endpoint, resume: bool = False) -> dict:
-    """Run `study` into `study_uri` (local folder or s3://); returns {"rows", "fits", "compute_optimal", "files"}."""
+def run_study(study: Study, overrides: list[str], study_uri: str, endpoint: Endpoint, resume: bool = False,
+              local_cpus: float = 0) -> dict:
+    """Run `study` into `study_uri` (local folder or s3://); returns {"rows", "fits", "compute_optimal", "files"}.
+    `local_cpus`: logical CPUs of the local Ray started when there is no cluster to join (0 = the cores)."""
     if not storage.is_s3(study_uri):
         study_uri = os.path.abspath(study_uri)
     overrides = data_overrides(study, study_uri) + list(overrides)
@@ -30,7 +32,9 @@ def run_study(study: Study, overrides: list[str], study_uri: str, endpoint: Endp
     from ray import tune
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), logging_level="WARNING")
+        address = os.environ.get("RAY_ADDRESS", "local")
+        local = {"num_cpus": local_cpus} if local_cpus and address == "local" else {}
+        ray.init(address=address, logging_level="WARNING", **local)
     concurrent = max_concurrent(configs, ray.cluster_resources())  # before anything is written
     _claim_folder(study, study_uri, endpoint, resume)
     study = prepare_data(study, study_uri, endpoint)
