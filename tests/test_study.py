@@ -94,7 +94,7 @@ def test_budgets_become_steps_and_bad_grids_fail_before_any_trial():
     assert _scheduler(study, [cfg]) is None
     every = [cfg.replace(storage=dict(checkpoint_every=n)) for n in (5, 20)]
     asha = _scheduler(dataclasses.replace(study, asha=True), every)
-    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == ("step", "loss", "min", 80)
+    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == ("step", "loss", "min", 81)
 
 
 def _study_job(*args, **kw):

@@ -121,7 +121,9 @@ def _scheduler(study: Study, configs: list[Config]):
     from ray.tune.schedulers import ASHAScheduler
 
     # Trials are compared at equal optimizer steps by training loss, the only signal before transfer is scored.
-    longest = max(c.storage.checkpoint_every * 4 for c in configs)
+    # ASHA stops every trial that reaches max_t, so it lies one step past the longest run: a trial that trained
+    # to the end must still get to its transfer evaluation.
+    longest = max(c.storage.checkpoint_every * 4 for c in configs) + 1
     return ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=longest,
                          grace_period=min(c.storage.checkpoint_every for c in configs), reduction_factor=2)
 

@@ -143,7 +143,7 @@ def figure5(rows: list[dict], fit_table: dict, title: str = "") -> bytes:
         if fit:
             c = np.geomspace(min(r["pretrain_exaflops"] for r in own), max(r["pretrain_exaflops"] for r in own), 50)
             ax.plot(c, 100 * (1 - predict_error(fit, c)), "--", c=colour, lw=1,
-                    label=f"{label} fit: err = {fit['a']:.3g}·C^-{fit['b']:.3f}")
+                    label=f"{label} fit: err = {fit['a']:.3g}·C^{-fit['b']:.3f}")
         unit = {"epochs": "ep", "steps": " steps", "exaflops": " EF"}
         for r in own:
             ax.annotate(f"{r['model']} {r['budget']:g}{unit.get(r['budget_unit'], '')}",
@@ -171,7 +171,7 @@ def report(rows: list[dict], fit_table: dict, optimal: list[dict]) -> str:
     """The printed summary: fits with their parameters, then the compute-optimal model per budget."""
     lines = [f"{len(_finished(rows))} of {len(rows)} trials finished"]
     for family, f in fit_table["families"].items():
-        lines.append(f"fit {family}: error = {f['a']:.4g} · C^-{f['b']:.4f} (C in exaFLOPs; {f['points']} points,"
+        lines.append(f"fit {family}: error = {f['a']:.4g} · C^{-f['b']:.4f} (C in exaFLOPs; {f['points']} points,"
                      f" rms log residual {f['rms_log_residual']:.3f})")
     for row in optimal:
         per = ", ".join(f"{fam}: {v['model']} ({v['predicted_accuracy']:.3f})" for fam, v in row["per_family"].items())

@@ -34,7 +34,7 @@ def run_trial(params: dict, study: Study, study_uri: str, endpoint: Endpoint, co
     uri = record_uri(study_uri, key)
     if storage.exists(uri, endpoint):
         logger.info(f"trial {key}: finished in an earlier session; reporting its record")
-        ray.tune.report(json.loads(storage.read_bytes(uri, endpoint)))
+        ray.tune.report(_for_tune(json.loads(storage.read_bytes(uri, endpoint))))
         return
     cfg = Config.from_dict(configs[key])
     started = time.time()
@@ -43,7 +43,12 @@ def run_trial(params: dict, study: Study, study_uri: str, endpoint: Endpoint, co
     accuracy = transfer_accuracy(study, cfg, summary["checkpoint"], endpoint)
     record = _record(study, point["budget"], cfg, summary, accuracy, trained_s, time.time() - started - trained_s)
     storage.write_bytes(uri, json.dumps(record, indent=1).encode(), endpoint)
-    ray.tune.report(record)
+    ray.tune.report(_for_tune(record))
+
+
+def _for_tune(record: dict) -> dict:
+    """The record under the names the intermediate (per-checkpoint) reports use, which a scheduler reads."""
+    return {**record, "loss": record["final_loss"], "step": record["steps"]}
 
 
 def _pretrain(cfg: Config, endpoint: Endpoint, asha: bool) -> tuple[dict, Config]:
