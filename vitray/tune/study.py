@@ -16,9 +16,7 @@ A study folder (local or s3://):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import time
 from typing import Callable
 
 from vitray import storage
@@ -104,8 +102,7 @@ def trial_config(study: Study, model: str, budget: float, overrides: list[str], 
                  endpoint: Endpoint) -> Config:
     """The pretraining config of one trial: the study's recipe for the model, the user's overrides, the budget as
     epochs or steps, and the study folder as storage."""
-    from vitray import accounting
-    from vitray.models.registry import canonical, get_spec
+    from vitray.models.registry import canonical
 
     try:
         name = canonical(model)
@@ -120,15 +117,22 @@ def trial_config(study: Study, model: str, budget: float, overrides: list[str], 
     elif study.budget_unit == "steps":
         cfg = cfg.replace(optim=dict(total_steps=int(budget)))
     else:  # exaFLOPs of pretraining compute → whole optimizer steps of this model
-        spec = get_spec(name)
-        per_step = cfg.optim.global_batch * accounting.train_flops_per_image(accounting.forward_flops(
-            spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
+        per_step = cfg.optim.global_batch * train_flops_per_image(cfg)
         steps = math.floor(budget * 1e18 / per_step)
         if steps < 1:
             raise ConfigError(f"study budget: {budget:g} exaFLOPs is less than one step of {name} ({per_step / 1e18:.3g}"
                               f" EF at global batch {cfg.optim.global_batch}); raise the budget")
         cfg = cfg.replace(optim=dict(total_steps=steps))
     return cfg
+
+
+def train_flops_per_image(cfg: Config) -> float:
+    """Analytic training FLOPs per image of the config's model at its resolution (3 × forward)."""
+    from vitray import accounting
+    from vitray.models.registry import get_spec
+
+    return accounting.train_flops_per_image(accounting.forward_flops(
+        get_spec(cfg.model.name), cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
 
 
 def check(study: Study, overrides: list[str], study_uri: str, endpoint: Endpoint) -> list[Config]:

@@ -15,7 +15,7 @@ import time
 from vitray import storage
 from vitray.config.schema import Config
 from vitray.storage import Endpoint
-from vitray.tune.study import Study
+from vitray.tune.study import Study, train_flops_per_image
 
 logger = logging.getLogger("vitray")
 
@@ -126,7 +126,7 @@ def _record(study: Study, budget: float, cfg: Config, summary: dict, accuracy: f
     plan = summary.get("plan", {})
     steps = int(summary["step"])
     images = steps * cfg.optim.global_batch
-    flops_per_image = plan.get("train_flops_per_image") or _train_flops(cfg)
+    flops_per_image = plan.get("train_flops_per_image") or train_flops_per_image(cfg)
     return {
         "trial": cfg.storage.run_name, "family": get_spec(cfg.model.name).family, "model": cfg.model.name,
         "params": plan.get("params"), "budget": budget,
@@ -140,11 +140,3 @@ def _record(study: Study, budget: float, cfg: Config, summary: dict, accuracy: f
         "transfer_accuracy": accuracy, "status": "finished", "checkpoint": summary["checkpoint"], "run": summary["run"],
         "finished_at": time.time(),
     }
-
-
-def _train_flops(cfg: Config) -> float:
-    from vitray import accounting
-    from vitray.models.registry import get_spec
-
-    return accounting.train_flops_per_image(accounting.forward_flops(
-        get_spec(cfg.model.name), cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
