@@ -180,9 +180,9 @@ def max_concurrent(configs: list[Config], cluster: dict[str, float]) -> int:
     (unless the cluster autoscales: then Ray adds nodes)."""
     worst = {}
     for cfg in configs:
-        for k, v in per_trial_resources(cfg).items():
-            worst[k] = max(worst.get(k, 0.0), v)
         need = per_trial_resources(cfg)
+        for k, v in need.items():
+            worst[k] = max(worst.get(k, 0.0), v)
         short = {k: v for k, v in need.items() if v > cluster.get(k, 0.0)}
         if short and not cfg.scaling.autoscale:
             k, v = next(iter(short.items()))
