@@ -42,3 +42,20 @@ def ray_cluster():
     ray.init(address="local", num_cpus=4, object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_chain(s3):
+    """`jobs/finetune.py --preset smoke` (pretrain the smoke ViT at 16 px, fine-tune at 24 px) into the session's S3,
+    run once for every test that needs a trained model: {"pretrain": its summary, "finetune": the chain's summary}."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "finetune.py"), "--preset", "smoke",
+         "--set", f"storage.uri=s3://{s3.bucket}/smoke-chain", "--set", f"storage.endpoint_url={s3.endpoint.url}"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {"pretrain": next(x["pretrain"] for x in lines if "pretrain" in x),
+            "finetune": next(x for x in lines if "pretrain_val_top1" in x)}

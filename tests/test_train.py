@@ -207,7 +207,10 @@ def test_evaluate_job_runs_every_protocol_and_checks_layers_first(ray_cluster, s
 def test_cnn_baselines_train_on_the_same_engine_and_evaluate(ray_cluster, s3, digits, model):
     """BiT ResNetV2 and the R50+ViT hybrid (tiny versions) through the same job path, checkpoints readable by the
     evaluation tools, and the run's accelerator-days row appended."""
+    import numpy as np
+
     from vitray.eval.features import FINAL, extract
+    from vitray.eval.inspect import InspectionError, inspect, load_for_inspection, load_images
 
     cfg, plan = launch.prepare(_config(s3, digits, f"cnn-{model}", model=dict(name=model), data=dict(image_size=32),
                                        optim=dict(total_steps=6), log_every=2))
@@ -217,6 +220,17 @@ def test_cnn_baselines_train_on_the_same_engine_and_evaluate(ray_cluster, s3, di
     assert rows and all(r["mfu"] > 0 for r in rows)
     features, labels = extract(summary["checkpoint"], digits["val"], s3.endpoint, image_size=32, layers=(FINAL, 1))
     assert len(labels) == 297 and features[FINAL].shape[0] == features[1].shape[0] == 297
+    # Inspection (jobs/inspect_vit.py) reads hybrids — attention and position embeddings, no linear patch
+    # filters — and refuses a ResNet from its metadata, before any weights are fetched.
+    if model.startswith("bit"):
+        with pytest.raises(InspectionError, match=r"holds bit_tiny_test \(bit\), a model without attention layers"):
+            load_for_inspection(summary["checkpoint"], s3.endpoint)
+    else:
+        vit, _ = load_for_inspection(summary["checkpoint"], s3.endpoint)
+        images, _ = load_images(digits["val"], s3.endpoint, 2, (32, 32))
+        report = inspect(vit, images, storage.join(plan.run_uri, "inspect"), s3.endpoint)
+        assert "skipped" in report["filters"] and "filters.png" not in report["figures"]
+        assert np.array(report["attention_distance"]["per_layer_head"]).shape == (2, 2)
 
     log = storage.read_bytes(storage.join(plan.run_uri.rsplit("/", 1)[0], "accelerator_days.jsonl"), s3.endpoint).decode()
     row = next(json.loads(line) for line in log.splitlines() if json.loads(line)["run"] == plan.run_name)

@@ -74,9 +74,12 @@ def smoke() -> Config:
     2 Train workers under DeepSpeed ZeRO-2. Same code path as the paper recipes; only the sizes shrink."""
     return Config().replace(
         model=dict(name="vit_smoke", num_classes=10, dropout=0.0, pre_logits=True),
-        # Digits are not mirror-symmetric, and an 8×8 image survives only mild crops (measured: flips and 50 %
-        # crops cost 13 points of held-out accuracy).
-        data=dict(builtin="digits", image_size=16, crop_area_min=0.9, flip=False, shuffle_buffer=512),
+        # Digits are not mirror-symmetric (flips cost points), and an 8×8 image survives only mild crops. Crops of
+        # 70–100 % of the area, not 90–100 %: the shifts teach the position embeddings 2-D locality (the paper's
+        # Figure 7; neighbour-vs-distant cosine margin 0.43–0.46 over 2 seeds against 0.14–0.15 at 90 %, ~0 at
+        # initialisation) at the same held-out accuracy (0.98–0.99 against 0.97–0.98), and the fine-tuning
+        # recipe's 2-D interpolation of the embeddings assumes exactly that smoothness.
+        data=dict(builtin="digits", image_size=16, crop_area_min=0.7, flip=False, shuffle_buffer=512),
         # Fewer warmup steps and a higher LR than Table 3: the run is ~1,400 steps, not ~1M. 60 epochs because 25
         # left the fine-tuning chain at 0.95–0.97 held-out and 60 at 0.98–0.99 (measured over 5 seeds).
         optim=dict(
