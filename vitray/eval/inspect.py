@@ -242,11 +242,13 @@ def mean_attention_distance(maps: list[torch.Tensor] | torch.Tensor, grid: tuple
     """(layers, heads): the image-space distance, in pixels, between each query patch and the patches it attends
     to, weighted by attention and averaged over query patches and images (paper Figure 7, right; Sec. 4.5). The
     class token has no position: it is dropped as query and key, and each row is renormalised over the patches."""
-    stacked = torch.stack(list(maps)) if isinstance(maps, (list, tuple)) else maps  # (L, B, h, N, N)
-    w = stacked[..., prefix:, prefix:].double()
-    w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
     dist = torch.from_numpy(patch_distances(grid, patch))
-    return (w * dist).sum(-1).mean(dim=(1, 3)).numpy()  # sum over keys, mean over images and queries
+    per_layer = []
+    for m in maps:  # (B, h, N, N) each; a layer at a time keeps the double-precision copy small
+        w = m[..., prefix:, prefix:].double()
+        w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+        per_layer.append((w * dist).sum(-1).mean(dim=(0, 2)))  # sum over keys, mean over images and queries
+    return torch.stack(per_layer).numpy()
 
 
 def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -272,7 +274,7 @@ def cls_rollout_maps(maps: list[torch.Tensor], grid: tuple[int, int]) -> np.ndar
 
 
 def inspect(model, images: np.ndarray, out_uri: str, endpoint: Endpoint | None = None, meta: dict | None = None,
-            names: list[str] | None = None, rollout_images: int = 8) -> dict:
+            names: list[str] | None = None, rollout_images: int = 8, chunk: int = 4) -> dict:
     """Every analysis on `model` (a ViT from `load_for_inspection`) and `images` (uint8 (B, H, W, 3) at its input
     size): writes filters.png (plain ViTs), posemb_similarity.png, attention_distance.png, attention_rollout.png and
     inspection.json under `out_uri` (local or s3://), and returns the JSON's contents."""
@@ -299,15 +301,21 @@ def inspect(model, images: np.ndarray, out_uri: str, endpoint: Endpoint | None =
     figures["posemb_similarity.png"] = plots.posemb_similarity(sim)
     report["posemb"] = {"grid": list(grid), **locality(sim), "similarity": sim.reshape(grid[0] * grid[1], -1).round(4).tolist()}
 
-    maps = attention_weights(model, to_model_input(images))
-    distance = mean_attention_distance(maps, grid, patch)
+    # A few images at a time: explicit maps cost layers × heads × N² floats per image (ViT-H/14 at 518 px: 3.8 GB).
+    shown, total, cls_maps = min(rollout_images, len(images)), 0.0, []
+    for start in range(0, len(images), chunk):
+        maps = attention_weights(model, to_model_input(images[start:start + chunk]))
+        total = total + mean_attention_distance(maps, grid, patch) * len(maps[0])
+        if start < shown:
+            cls_maps.append(cls_rollout_maps([m[:shown - start] for m in maps], grid))
+        del maps
+    distance = total / len(images)
     uniform = float(patch_distances(grid, patch).mean())  # what a head attending to every patch equally scores
     figures["attention_distance.png"] = plots.attention_distance(distance, max(expected), uniform)
     report["attention_distance"] = {"unit": "pixels", "uniform_attention": uniform, "per_layer_head": distance.round(4).tolist(),
                                     "per_layer_mean": distance.mean(1).round(4).tolist()}
 
-    shown = min(rollout_images, len(images))
-    cls_maps = cls_rollout_maps([m[:shown] for m in maps], grid)
+    cls_maps = np.concatenate(cls_maps)
     figures["attention_rollout.png"] = plots.rollout_overlay(images[:shown], cls_maps)
     report["rollout"] = {"images": names[:shown], "cls_to_patches": cls_maps.round(4).tolist()}
 
