@@ -80,9 +80,25 @@ def resnet_forward_flops(spec, image_size: int | tuple[int, int], num_classes: i
     return flops + 2.0 * (channels * representation_size + (representation_size or channels) * num_classes)
 
 
+def detr_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, representation_size: int = 0) -> float:
+    """Backbone and 1×1 projection; encoder self-attention over the n = h·w feature cells; decoder self-attention
+    over the Q queries and cross-attention from them to the n cells; FFNs; class and box heads on every decoder
+    layer (the auxiliary outputs are computed too)."""
+    flops, grid, channels = _resnet_flops(spec.backbone, spec.backbone_width, image_size)
+    d, m, q = spec.width, spec.mlp_dim, spec.queries
+    n = grid[0] * grid[1]
+    flops += _conv(channels, d, 1, grid)
+    encoder = 2.0 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    self_attn = 4 * q * d * d + 2 * q * q * d
+    cross_attn = 2 * q * d * d + 2 * n * d * d + 2 * q * n * d
+    heads = d * (num_classes + 1) + 2 * d * d + 4 * d
+    decoder = 2.0 * (self_attn + cross_attn + 2 * q * d * m + q * heads)
+    return flops + spec.encoder_depth * encoder + spec.depth * decoder
+
+
 def forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, pre_logits: bool = False) -> float:
     """Analytic forward FLOPs per image of any registered model (`pre_logits`: with the pretraining tanh layer)."""
-    fn = resnet_forward_flops if spec.family == "bit" else vit_forward_flops
+    fn = {"bit": resnet_forward_flops, "detr": detr_forward_flops}.get(spec.family, vit_forward_flops)
     return fn(spec, image_size, num_classes, spec.features if pre_logits else 0)
 
 

@@ -76,7 +76,7 @@ def activation_bytes(cfg: Config, micro_batch: int | None = None, bf16: bool = T
     """Bytes autograd saves for backward in one micro-batch's forward pass, measured on the meta device."""
     import torch
 
-    from vitray.tasks.classification import TASKS
+    from vitray.tasks.classification import make_task
 
     saved: dict[int, int] = {}
 
@@ -87,7 +87,7 @@ def activation_bytes(cfg: Config, micro_batch: int | None = None, bf16: bool = T
 
     b = micro_batch or cfg.optim.micro_batch
     with torch.device("meta"):
-        model = TASKS["classification"](cfg).build_model()
+        model = make_task(cfg).build_model()
         if bf16:
             model = model.to(torch.bfloat16)
         weights = {p.untyped_storage()._cdata for p in model.parameters()}

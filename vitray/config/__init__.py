@@ -1,5 +1,5 @@
 """Configs are code: typed dataclasses (`schema`) and the paper's tables as named recipes (`recipes`)."""
-from vitray.config.recipes import FINETUNE_PRESETS, PRESETS, finetune, preset, pretrain, smoke
+from vitray.config.recipes import DETR_PRESETS, FINETUNE_PRESETS, PRESETS, finetune, preset, pretrain, smoke
 from vitray.config.schema import Config, ConfigError, apply_overrides, model_override, validate
 
-__all__ = ["Config", "ConfigError", "FINETUNE_PRESETS", "PRESETS", "finetune", "apply_overrides", "model_override", "preset", "pretrain", "smoke", "validate"]
+__all__ = ["Config", "ConfigError", "DETR_PRESETS", "FINETUNE_PRESETS", "PRESETS", "finetune", "apply_overrides", "model_override", "preset", "pretrain", "smoke", "validate"]

@@ -144,6 +144,45 @@ def finetune_smoke() -> Config:
     )
 
 
+# DETR (Carion et al. 2020, Sec. 4 and App. A): AdamW at 1e-4 (backbone 1e-5), weight decay 1e-4, gradient clip 0.1,
+# 4 images on each of 16 GPUs, 300 epochs with the LR dropped tenfold after 200 (the 500-epoch schedule drops after
+# 400), dropout 0.1, aux losses. vitray feeds fixed-size square images (the paper: shorter side 480–800, longer
+# ≤ 1333, padded with masks); 800 px squares keep COCO objects at the paper's scale.
+COCO_IMAGES = 118_287
+
+
+def detr(model: str = "detr_r50", epochs: int = 300) -> Config:
+    return Config().replace(
+        model=dict(name=model, num_classes=91, dropout=0.1, pre_logits=False),  # COCO's category ids run to 90
+        data=dict(image_size=800, flip=True, shuffle_buffer=2_000),
+        optim=dict(optimizer="adam", lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, schedule="step",
+                   lr_drop=(400 if epochs == 500 else 200) / epochs, warmup_steps=0, grad_clip=0.1, global_batch=64,
+                   micro_batch=4, epochs=epochs),
+        detection=dict(max_boxes=100, backbone_lr_scale=0.1, crop_min=0.6),
+        deepspeed=dict(zero_stage=1, precision="auto"),
+        scaling=dict(num_workers=16, use_gpu=True, cpus_per_worker=8),
+        storage=dict(checkpoint_every=2000, keep_checkpoints=3),
+    )
+
+
+def detr_smoke() -> Config:
+    """DETR on digit canvases on a 2-core laptop: the tiny DETR (two ResNet stages, 2 + 2 layers, 10 queries) on
+    64 px canvases of 1–3 real digits, embedded S3, 2 CPU workers. The paper's recipe, scaled down."""
+    return detr("detr_smoke").replace(
+        model=dict(num_classes=10, dropout=0.0),
+        data=dict(builtin="digit_canvases", image_size=64, flip=False, shuffle_buffer=500),
+        optim=dict(lr=5e-4, global_batch=32, micro_batch=16, epochs=16, lr_drop=2 / 3),
+        detection=dict(max_boxes=10, backbone_lr_scale=1.0, crop_min=0.8),
+        deepspeed=dict(zero_stage=2, precision="fp32"),
+        scaling=dict(num_workers=2, use_gpu=False, cpus_per_worker=0.5),
+        storage=dict(checkpoint_every=0, keep_checkpoints=2),
+        log_every=50,
+    )
+
+
+DETR_PRESETS = {"smoke": detr_smoke, "r50_coco": detr, "r50_coco_500ep": lambda: detr(epochs=500),
+                "r101_coco": lambda: detr("detr_r101")}
+
 PRESETS = {
     "h14_jft": lambda: pretrain("vit_h14", "jft"),
     "l16_jft": lambda: pretrain("vit_l16", "jft"),

@@ -26,7 +26,7 @@ class ModelConfig:
 class DataConfig:
     train_uri: str = ""  # folder with manifest.json + tar shards: s3://bucket/prefix or a local path
     val_uri: str = ""  # held-out shards for top-1 accuracy; "" = none
-    builtin: str = ""  # "digits": write scikit-learn's digits as shards into storage first (the embedded default)
+    builtin: str = ""  # "digits" | "digit_canvases" (detection): write them as shards into storage first
     image_size: int = 224
     crop_area_min: float = 0.05  # inception crop keeps 5%–100% of the image area (big_vision's default)
     flip: bool = True  # random horizontal flips (off for mirror-sensitive data such as digits)
@@ -41,7 +41,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
     weight_decay: float = 0.1
-    schedule: str = "linear"  # linear | cosine decay after warmup
+    schedule: str = "linear"  # linear | cosine decay after warmup | step: ×0.1 at lr_drop (DETR)
+    lr_drop: float = 2 / 3  # step schedule: fraction of the run after which the LR drops tenfold (DETR: 200 of 300)
     warmup_steps: int = 10_000
     grad_clip: float = 1.0  # global norm
     global_batch: int = 4096
@@ -87,6 +88,19 @@ class TransferConfig:
 
 
 @dataclass(frozen=True)
+class DetectionConfig:
+    """DETR's set-prediction loss and data (models of the detr family only)."""
+
+    max_boxes: int = 100  # objects per image the pipeline carries (padded); at most the model's queries
+    cost_class: float = 1.0  # matching cost and loss weights (paper: 1, 5, 2)
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+    eos_coef: float = 0.1  # weight of the "no object" class in the cross-entropy
+    backbone_lr_scale: float = 0.1  # backbone LR = optim.lr × this (paper: 1e-5 vs 1e-4)
+    crop_min: float = 0.6  # random crops keep 60–100 % of each side; boxes clipped, mostly-cut ones dropped
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -95,6 +109,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     seed: int = 0
     log_every: int = 50  # optimizer steps between metric lines
     max_failures: int = 0  # Ray Train restarts from the latest checkpoint this many times
@@ -227,8 +242,10 @@ def validate(cfg: Config) -> None:
         )
     if o.optimizer not in ("adam", "sgd"):
         errors.append(f"optim.optimizer: must be adam or sgd, got {o.optimizer!r}")
-    if o.schedule not in ("linear", "cosine"):
-        errors.append(f"optim.schedule: must be linear or cosine, got {o.schedule!r}")
+    if o.schedule not in ("linear", "cosine", "step"):
+        errors.append(f"optim.schedule: must be linear, cosine or step, got {o.schedule!r}")
+    if not 0.0 < o.lr_drop <= 1.0:
+        errors.append(f"optim.lr_drop: must be in (0, 1], got {o.lr_drop}")
     if o.lr <= 0:
         errors.append(f"optim.lr: must be positive, got {o.lr}")
     if o.epochs <= 0 and o.total_steps <= 0:
@@ -237,8 +254,20 @@ def validate(cfg: Config) -> None:
         errors.append(f"data.crop_area_min: must be in (0, 1], got {d.crop_area_min}")
     if d.bad_samples not in ("error", "skip"):
         errors.append(f"data.bad_samples: must be error or skip, got {d.bad_samples!r}")
-    if d.builtin not in ("", "digits"):
-        errors.append(f"data.builtin: unknown built-in dataset {d.builtin!r} (known: digits)")
+    if d.builtin not in ("", "digits", "digit_canvases"):
+        errors.append(f"data.builtin: unknown built-in dataset {d.builtin!r} (known: digits, digit_canvases)")
+    if spec is not None and spec.family == "detr":
+        det = cfg.detection
+        if not 1 <= det.max_boxes <= spec.queries:
+            errors.append(f"detection.max_boxes: must be 1..{spec.queries} (the queries of {cfg.model.name}), got {det.max_boxes}")
+        if min(det.cost_class, det.cost_l1, det.cost_giou, det.eos_coef, det.backbone_lr_scale) < 0:
+            errors.append("detection: weights and backbone_lr_scale must be ≥ 0")
+        if not 0.0 < det.crop_min <= 1.0:
+            errors.append(f"detection.crop_min: must be in (0, 1], got {det.crop_min}")
+        if d.builtin == "digits":
+            errors.append("data.builtin: digits is a classification dataset; detection trains on digit_canvases")
+    elif d.builtin == "digit_canvases":
+        errors.append(f"data.builtin: digit_canvases is a detection dataset; {cfg.model.name} is not a detection model")
     if not d.train_uri and not d.builtin:
         errors.append(
             "data.train_uri: no training data given; pass --set data.train_uri=s3://bucket/prefix (shards written"

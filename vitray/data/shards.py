@@ -2,7 +2,8 @@
 
 Layout of a dataset folder:
     manifest.json          written last: a dataset without it does not exist yet
-    shard-00000.tar        members `<key>.jpg|png` (the original encoded bytes) and `<key>.cls` (label, ASCII int)
+    shard-00000.tar        members `<key>.jpg|png` (the original encoded bytes) and `<key>.cls` (label, ASCII int),
+                           or for detection `<key>.json` (boxes and categories, see `vitray.data.detection`)
     shard-00001.tar ...
 
 Why tar: any WebDataset tool reads these shards, `tar tf` inspects them, images keep their original bytes
@@ -33,7 +34,8 @@ class Sample:
     key: str  # unique within the dataset; no dots (WebDataset splits member names at the first dot)
     image: bytes  # encoded JPEG or PNG
     ext: str  # "jpg" or "png"
-    label: int
+    label: int | None  # classification: the class index; detection: None (the annotation holds the categories)
+    annotation: bytes | None = None  # detection: JSON {"boxes": [[x, y, w, h], ...], "labels": [...]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Manifest:
     shards: list[ShardInfo]
     format: str = "webdataset"
     version: int = 1
+    task: str = "classification"  # or "detection": samples carry a .json annotation instead of a .cls label
 
     @property
     def num_samples(self) -> int:
@@ -63,14 +66,16 @@ class Manifest:
     @staticmethod
     def from_json(text: str) -> "Manifest":
         d = json.loads(text)
-        return Manifest(classes=d["classes"], shards=[ShardInfo(**s) for s in d["shards"]], format=d["format"], version=d["version"])
+        return Manifest(classes=d["classes"], shards=[ShardInfo(**s) for s in d["shards"]], format=d["format"],
+                        version=d["version"], task=d.get("task", "classification"))
 
 
 def _tar_bytes(samples: list[Sample]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for s in samples:
-            for member, payload in ((f"{s.key}.{s.ext}", s.image), (f"{s.key}.cls", str(s.label).encode())):
+            second = (f"{s.key}.json", s.annotation) if s.annotation is not None else (f"{s.key}.cls", str(s.label).encode())
+            for member, payload in ((f"{s.key}.{s.ext}", s.image), second):
                 info = tarfile.TarInfo(member)
                 info.size, info.mode, info.mtime = len(payload), 0o644, 0  # mtime 0: identical data → identical shard
                 tar.addfile(info, io.BytesIO(payload))
@@ -96,6 +101,7 @@ def write_shards(
     seen: set[str] = set()
     pending: list[Sample] = []
     pending_bytes = 0
+    tasks: set[str] = set()
 
     def flush() -> None:
         nonlocal pending, pending_bytes
@@ -110,8 +116,13 @@ def write_shards(
     for s in samples:
         if "." in s.key or "/" in s.key or s.key in seen:
             raise DataError(f"sample key {s.key!r}: keys must be unique and contain no '.' or '/'")
-        if not 0 <= s.label < len(classes):
+        if s.annotation is not None:
+            _check_annotation(s, len(classes))
+        elif s.label is None or not 0 <= s.label < len(classes):
             raise DataError(f"sample {s.key}: label {s.label} outside the {len(classes)} classes")
+        tasks.add("classification" if s.annotation is None else "detection")
+        if len(tasks) > 1:
+            raise DataError(f"sample {s.key}: a dataset holds either labels or detection annotations, not both")
         seen.add(s.key)
         pending.append(s)
         pending_bytes += len(s.image) + 1024  # + tar headers
@@ -120,7 +131,7 @@ def write_shards(
     flush()
     if not shards:
         raise DataError(f"{dest}: no samples to write")
-    manifest = Manifest(classes=list(classes), shards=shards)
+    manifest = Manifest(classes=list(classes), shards=shards, task=tasks.pop())
     storage.write_bytes(storage.join(dest, MANIFEST), manifest.to_json().encode(), endpoint)
     return manifest
 
@@ -159,14 +170,15 @@ def verify_shards(uri: str, endpoint: Endpoint | None = None) -> Manifest:
             raise DataError(f"shard {path}: missing ({e})") from e
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             raise DataError(f"shard {path}: checksum mismatch against {MANIFEST}")
-        if sum(1 for _ in iter_tar(data, path)) != shard.num_samples:
+        if len(tar_samples(data, path)) != shard.num_samples:
             raise DataError(f"shard {path}: sample count differs from {MANIFEST}")
     return manifest
 
 
-def tar_samples(data: bytes, where: str) -> list[tuple[str, bytes | None, str, str | None]]:
-    """(key, image bytes or None, image extension, label text or None) for each sample of one shard, in order. A sample missing its
-    image or label comes back with None there (the caller names it); a corrupt archive raises a DataError."""
+def tar_samples(data: bytes, where: str) -> list[tuple[str, bytes | None, str, str | None, bytes | None]]:
+    """(key, image bytes or None, image extension, label text or None, annotation JSON or None) for each sample of
+    one shard, in order. A sample missing its image or label comes back with None there (the caller names it); a
+    corrupt archive raises a DataError."""
     parts: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -179,7 +191,7 @@ def tar_samples(data: bytes, where: str) -> list[tuple[str, bytes | None, str, s
     for key, p in parts.items():
         ext = next((e for e in ("jpg", "jpeg", "png") if e in p), "")
         label = p["cls"].decode(errors="replace").strip() if "cls" in p else None
-        out.append((key, p.get(ext), ext, label))
+        out.append((key, p.get(ext), ext, label, p.get("json")))
     return out
 
 
@@ -191,8 +203,22 @@ def check_shard(data: bytes, info: ShardInfo, where: str) -> None:
 
 
 def iter_tar(data: bytes, where: str) -> Iterator[tuple[str, bytes, str, int]]:
-    """(key, image bytes, ext, label) for each sample of one shard, without Ray (tools, tests, baselines)."""
-    for key, image, ext, label in tar_samples(data, where):
+    """(key, image bytes, ext, label) for each sample of one classification shard, without Ray (tools, tests)."""
+    for key, image, ext, label, _ in tar_samples(data, where):
         if image is None or label is None:
             raise DataError(f"shard {where} sample {key}: missing {'image' if image is None else 'label (.cls)'}")
         yield key, image, ext, int(label)
+
+
+def _check_annotation(s: Sample, num_classes: int) -> None:
+    from PIL import Image
+
+    from vitray.data.detection import check_annotation
+
+    where = f"sample {s.key}"
+    try:
+        ann = json.loads(s.annotation)
+        width, height = Image.open(io.BytesIO(s.image)).size  # reads the header only
+    except (ValueError, OSError) as e:
+        raise DataError(f"{where}: unreadable image or annotation ({e})") from e
+    check_annotation(ann, width, height, num_classes, where)

@@ -51,9 +51,11 @@ def read_images(
     file_shuffle_seed: int | None = None,
     ordered: bool = False,
     bad_samples: str = "error",
+    detection: dict | None = None,
 ) -> "ray.data.Dataset":
     """Tar shards → {"image", "label", "key", "error"} batches, checked against the manifest (`shards`: shard name
-    → ShardInfo fields), decoded and augmented in Ray Data tasks."""
+    → ShardInfo fields), decoded and augmented in Ray Data tasks. `detection` (max_boxes, num_classes, crop_min):
+    detection shards instead, decoded by `vitray.data.detection.decode_detection_shards` into boxes and labels."""
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -68,10 +70,16 @@ def read_images(
     )
     # batch_size=None: decode whole read blocks, which lets Ray Data fuse read + decode into one task (a fixed
     # batch_size blocks that fusion and costs an extra hop through the object store per block).
+    kwargs = dict(shards=shards, train=train, image_size=image_size, flip=flip, seed=aug_seed, on_error=bad_samples)
+    if detection is None:
+        decode, kwargs = decode_shards, {**kwargs, "area_min": area_min}
+    else:
+        from vitray.data.detection import decode_detection_shards
+
+        decode, kwargs = decode_detection_shards, {**kwargs, **detection}
     ds = ds.map_batches(
-        decode_shards,
-        fn_kwargs=dict(shards=shards, train=train, image_size=image_size, area_min=area_min, flip=flip, seed=aug_seed,
-                       on_error=bad_samples),
+        decode,
+        fn_kwargs=kwargs,
         batch_size=None,
         batch_format="numpy",
     )
@@ -98,6 +106,7 @@ def build_dataset(
     flip: bool = True,
     field: str = "data.train_uri",
     bad_samples: str = "error",
+    detection: dict | None = None,
 ) -> "ray.data.Dataset":
     """A whole split as one dataset (evaluation, feature extraction, benchmarks). For training, shard order is
     reshuffled per execution; training runs use `TrainStream`, which is reproducible."""
@@ -105,7 +114,7 @@ def build_dataset(
     fs, root = storage.resolve(uri, endpoint)
     shards = shard_table(manifest)
     return read_images([f"{root}/{name}" for name in shards], fs, shards, train, image_size, area_min, flip,
-                       file_shuffle_seed=seed if train else None, bad_samples=bad_samples)
+                       file_shuffle_seed=seed if train else None, bad_samples=bad_samples, detection=detection)
 
 
 def stream_splits_config():
@@ -147,8 +156,9 @@ class TrainStream:
 
     def __init__(self, uri: str, endpoint: Endpoint | None, rank: int, world: int, image_size: int, seed: int,
                  micro_batch: int, shuffle_buffer: int = 0, area_min: float = 0.05, flip: bool = True,
-                 bad_samples: str = "error"):
+                 bad_samples: str = "error", detection: dict | None = None):
         manifest = read_manifest(uri, endpoint)
+        self.detection = detection
         self.fs, root = storage.resolve(uri, endpoint)
         self.shards = shard_table(manifest)
         self.paths = [f"{root}/{name}" for name in self.shards]
@@ -163,7 +173,8 @@ class TrainStream:
             return []
         mine = {name: self.shards[name] for name in (p.rsplit("/", 1)[-1] for p in paths)}  # small task arguments
         ds = read_images(paths, self.fs, mine, True, self.image_size, self.area_min,
-                         self.flip, aug_seed=(self.seed, epoch), ordered=True, bad_samples=self.bad_samples)
+                         self.flip, aug_seed=(self.seed, epoch), ordered=True, bad_samples=self.bad_samples,
+                         detection=self.detection)
         batches = ds.iter_batches(
             batch_size=self.micro_batch,
             batch_format="numpy",
@@ -215,15 +226,15 @@ def micro_batches(
         got_any = False
         for b in epochs(epoch):
             if skip:
-                drop = min(skip, len(b["label"]))
+                drop = min(skip, _rows(b))
                 b = {k: v[drop:] for k, v in b.items()}
                 skip -= drop
-            if not len(b["label"]):
+            if not _rows(b):
                 continue
             got_any = True
-            b["_epoch"] = np.full(len(b["label"]), epoch)
+            b["_epoch"] = np.full(_rows(b), epoch)
             queue.append(b)
-            queued += len(b["label"])
+            queued += _rows(b)
             while queued >= micro_batch:
                 out, queue = _take(queue, micro_batch)
                 queued -= micro_batch
@@ -271,7 +282,7 @@ def _take(queue: list[dict[str, np.ndarray]], n: int) -> tuple[dict[str, np.ndar
     parts, rest, need = [], list(queue), n
     while need:
         head = rest.pop(0)
-        k = len(head["label"])
+        k = _rows(head)
         if k <= need:
             parts.append(head)
             need -= k
@@ -280,3 +291,7 @@ def _take(queue: list[dict[str, np.ndarray]], n: int) -> tuple[dict[str, np.ndar
             rest.insert(0, {key: v[need:] for key, v in head.items()})
             need = 0
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, rest
+
+
+def _rows(batch: dict[str, np.ndarray]) -> int:
+    return len(next(iter(batch.values())))

@@ -98,7 +98,7 @@ def decode_shards(
             labels += [-1] * info.num_samples
             errors += [str(e)] * info.num_samples
             continue
-        for key, image, _, label in samples:
+        for key, image, _, label, _ in samples:
             where = f"shard {path} sample {key}"
             try:
                 if label is not None and not label.lstrip("-").isdigit():

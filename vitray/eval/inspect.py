@@ -105,7 +105,7 @@ def load_images(uri: str | None, endpoint: Endpoint | None, n: int, size: tuple[
     held-out scikit-learn digits (what the smoke runs train on)."""
     from PIL import Image
 
-    from vitray.data.shards import DataError, iter_tar, read_manifest, shard_paths
+    from vitray.data.shards import DataError, read_manifest, shard_paths, tar_samples
     from vitray.data.transforms import center_crop, decode_rgb
 
     raw: list[tuple[str, bytes | Image.Image]] = []
@@ -118,7 +118,9 @@ def load_images(uri: str | None, endpoint: Endpoint | None, n: int, size: tuple[
         try:
             manifest = read_manifest(uri, endpoint, "--images")
             for path in shard_paths(uri, manifest):
-                for key, data, _, _ in iter_tar(storage.read_bytes(path, endpoint), path):
+                for key, data, _, _, _ in tar_samples(storage.read_bytes(path, endpoint), path):
+                    if data is None:
+                        raise DataError(f"--images: shard {path} sample {key} has no image")
                     raw.append((key, data))
                 if len(raw) >= n:
                     break

@@ -96,6 +96,38 @@ for _size in ("b", "l"):
     MODELS[f"r50_vit_{_size}32"] = HybridSpec(patch=32, resnet=(3, 4, 6, 3), **_VIT_SIZES[_size])
 MODELS["hybrid_tiny_test"] = HybridSpec(width=32, depth=2, mlp_dim=64, heads=2, patch=8, resnet=(1, 1))
 
+@dataclasses.dataclass(frozen=True)
+class DETRSpec:
+    """DETR (Carion et al. 2020): a ResNet backbone (blocks per stage, width multiplier) projected to `width`, an
+    encoder of `encoder_depth` and a decoder of `depth` post-norm layers, `queries` object queries."""
+
+    width: int = 256  # d
+    depth: int = 6  # decoder layers
+    encoder_depth: int = 6
+    mlp_dim: int = 2048
+    heads: int = 8
+    queries: int = 100
+    backbone: tuple[int, ...] = (3, 4, 6, 3)
+    backbone_width: int = 1
+    family: str = "detr"
+
+    @property
+    def stride(self) -> int:  # backbone output stride: stem 4, then ×2 per stage after the first
+        return 4 * 2 ** (len(self.backbone) - 1)
+
+    @property
+    def features(self) -> int:
+        return self.width
+
+    size_multiple = 1  # any resolution: the backbone's feature map sets the sequence length
+
+
+# DETR's paper defaults (R50 backbone, 6 + 6 layers, d = 256, FFN 2048, 8 heads, 100 queries) and a CPU-sized one for
+# digit canvases: two ResNet stages (output stride 8), 2 + 2 layers, width 64, 10 queries.
+MODELS["detr_r50"] = DETRSpec()
+MODELS["detr_r101"] = DETRSpec(backbone=(3, 4, 23, 3))
+MODELS["detr_smoke"] = DETRSpec(width=64, depth=2, encoder_depth=2, mlp_dim=256, heads=4, queries=10, backbone=(1, 1))
+
 # family → function(spec, **model kwargs) -> torch.nn.Module; filled by the modules that define the family.
 BUILDERS: dict[str, Callable] = {}
 
@@ -118,6 +150,7 @@ def get_spec(name: str):
 def build_model(name: str, **kwargs):
     spec = get_spec(name)
     if spec.family not in BUILDERS:  # families register on import
+        import vitray.models.detr  # noqa: F401
         import vitray.models.resnet  # noqa: F401
         import vitray.models.vit  # noqa: F401
     return BUILDERS[spec.family](spec, **kwargs)

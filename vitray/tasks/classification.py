@@ -15,6 +15,8 @@ from vitray.models.registry import build_model, get_spec
 
 
 class ClassificationTask:
+    metric = "val_top1"  # the number the loop logs after evaluation
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
@@ -37,11 +39,39 @@ class ClassificationTask:
         loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.cfg.optim.label_smoothing)
         return loss, {"correct": (logits.argmax(-1) == batch["label"]).sum(), "count": torch.tensor(len(logits))}
 
+    # --- evaluation: exact top-1 over a split that may give ranks unequal shares -------------------------------
+
+    def decoder(self) -> None:
+        return None  # the pipeline's default: image + class label
+
+    def empty_batch(self) -> dict[str, np.ndarray]:
+        s = self.cfg.data.image_size
+        return {"image": np.zeros((1, s, s, 3), np.uint8), "label": np.zeros(1, np.int64)}
+
+    def eval_start(self) -> torch.Tensor:
+        return torch.zeros(2, dtype=torch.float64)  # [correct top-1, samples]
+
     @torch.no_grad()
-    def eval_counts(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[correct top-1, samples] for one batch."""
+    def eval_batch(self, model, batch: dict[str, torch.Tensor], state: torch.Tensor | None) -> None:
         logits = model(batch["image"])
-        return torch.tensor([(logits.argmax(-1) == batch["label"]).sum().item(), len(logits)], dtype=torch.float64)
+        if state is not None:
+            state += torch.tensor([(logits.argmax(-1) == batch["label"]).sum().item(), len(logits)], dtype=torch.float64)
+
+    def eval_end(self, state: torch.Tensor, device: torch.device, export: tuple | None = None) -> dict[str, float]:
+        import torch.distributed as dist
+
+        counts = state.to(device)
+        dist.all_reduce(counts)
+        return {"val_top1": (counts[0] / counts[1]).item()}
 
 
 TASKS = {"classification": ClassificationTask}
+
+
+def make_task(cfg: Config, classes: list[str] | None = None):
+    """The task a config trains: detection for DETR models, classification for everything else."""
+    if get_spec(cfg.model.name).family == "detr":
+        from vitray.tasks.detection.task import DetectionTask
+
+        return DetectionTask(cfg, classes)
+    return ClassificationTask(cfg)

@@ -18,7 +18,9 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, on_gpu: boo
     o, z = cfg.optim, cfg.deepspeed
     accumulation = o.global_batch // (world_size * o.micro_batch)
     warmup = min(o.warmup_steps, max(total_steps - 1, 0))
-    if o.schedule == "linear":
+    if o.schedule == "step":
+        scheduler = None  # a torch MultiStepLR, passed to the engine (`build_engine`): DeepSpeed has no step drop
+    elif o.schedule == "linear":
         scheduler = {"type": "WarmupDecayLR", "params": {
             "total_num_steps": max(total_steps, warmup + 1), "warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
             "warmup_num_steps": warmup, "warmup_type": "linear"}}
@@ -39,28 +41,33 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, on_gpu: boo
         "zero_optimization": zero,
         "bf16": {"enabled": mode == "bf16"},
         "fp16": {"enabled": mode == "fp16"},
-        "scheduler": scheduler,
+        **({"scheduler": scheduler} if scheduler else {}),
         # Our optimizer is a plain torch one (works on CPU and GPU alike); ZeRO partitions its state.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # vitray logs its own metrics
     }
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
     """Weight decay on weight matrices and kernels only — not on biases, norms, the class token or position
-    embeddings (as big_vision decays only `*/kernel`)."""
-    decay, no_decay = [], []
+    embeddings (as big_vision decays only `*/kernel`). `lr_scales`: parameter-name prefix → LR multiplier (DETR
+    trains its backbone at a tenth of the transformer's LR)."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or name.endswith(("cls_token", "pos_embed"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale = next((v for k, v in (lr_scales or {}).items() if name.startswith(k)), 1.0)
+        groups.setdefault((not skip, scale), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+            for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    lr_scales = {"backbone.": cfg.detection.backbone_lr_scale} if getattr(model, "spec", None) is not None and \
+        model.spec.family == "detr" else None
+    groups = param_groups(model, o.weight_decay, o.lr, lr_scales)
     if o.optimizer == "adam":
         # Decoupled decay (AdamW): the paper's "Adam, weight decay 0.1" as in the official JAX code.
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
@@ -75,5 +82,10 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_ste
     config = deepspeed_config(cfg, world_size, total_steps, on_gpu)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=config)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = None
+    if cfg.optim.schedule == "step":
+        drop = max(1, round(cfg.optim.lr_drop * total_steps))
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[drop], gamma=0.1)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine

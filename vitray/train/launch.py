@@ -31,6 +31,7 @@ class Plan:
     total_steps: int
     resume: bool
     reshard: bool = False  # resuming on another number of workers: through the universal checkpoint
+    classes: tuple[str, ...] = ()  # the training manifest's class (category) names
 
     def to_worker(self) -> dict:
         d = dataclasses.asdict(self)
@@ -59,13 +60,24 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
         base = storage.join(root, "datasets", "digits")
         write_digits(base, endpoint)
         cfg = cfg.replace(data=dict(train_uri=storage.join(base, "train"), val_uri=storage.join(base, "val")))
+    elif cfg.data.builtin == "digit_canvases" and not cfg.data.train_uri:
+        from vitray.data.detection import write_digit_canvases
+
+        base = storage.join(root, "datasets", f"digit_canvases_{cfg.data.image_size}")
+        write_digit_canvases(base, endpoint, size=cfg.data.image_size)
+        cfg = cfg.replace(data=dict(train_uri=storage.join(base, "train"), val_uri=storage.join(base, "val")))
 
     try:
         manifest = read_manifest(cfg.data.train_uri, endpoint, "data.train_uri")
-        if cfg.data.val_uri:
-            read_manifest(cfg.data.val_uri, endpoint, "data.val_uri")
+        val_task = read_manifest(cfg.data.val_uri, endpoint, "data.val_uri").task if cfg.data.val_uri else manifest.task
     except DataError as e:
         raise ConfigError(str(e)) from None
+    from vitray.models.registry import get_spec
+
+    wanted = "detection" if get_spec(cfg.model.name).family == "detr" else "classification"
+    for field, task in (("data.train_uri", manifest.task), ("data.val_uri", val_task)):
+        if task != wanted:
+            raise ConfigError(f"{field}: holds {task} shards but {cfg.model.name} is a {wanted} model")
     if len(manifest.shards) < cfg.scaling.num_workers:
         raise ConfigError(
             f"data.train_uri: {len(manifest.shards)} shards cannot feed {cfg.scaling.num_workers} workers (each epoch"
@@ -113,7 +125,7 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
                           " optim.total_steps (or optim.epochs) to train it further")
     cfg = cfg.replace(storage=dict(run_name=name))
     return cfg, Plan(name, run_uri, endpoint, cfg.data.train_uri, cfg.data.val_uri, manifest.num_samples, total, resume,
-                     saved_world != cfg.scaling.num_workers)
+                     saved_world != cfg.scaling.num_workers, tuple(manifest.classes))
 
 
 def total_steps(cfg: Config, num_samples: int) -> int:
@@ -176,6 +188,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from vitray.data.stream import build_dataset, stream_splits_config
+    from vitray.tasks.classification import make_task
     from vitray.train.loop import train_loop_per_worker
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -185,7 +198,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     datasets = {}
     if plan.val_uri:
         datasets["val"] = build_dataset(plan.val_uri, plan.endpoint, False, d.image_size, field="data.val_uri",
-                                        bad_samples=d.bad_samples)
+                                        bad_samples=d.bad_samples, detection=make_task(cfg).decoder())
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
@@ -239,11 +252,12 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
     if result.error:
         raise TrainingFailed(f"run {plan.run_uri} failed: {result.error}")
     m = result.metrics or {}
-    summary = {"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"), "val_top1": m.get("val_top1"),
+    summary = {"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"),
+               **({k: v for k, v in m.items() if k.startswith("val_")} or {"val_top1": None}),
                "accelerator": estimate.accelerator,
                "plan": {"params": estimate.params, "train_flops_per_image": estimate.train_flops_per_image,
                         "accelerator_days": estimate.accelerator_days}}
-    for key in ("val_top1_raw", "skipped_samples", "data_position", "worker_nodes"):
+    for key in ("skipped_samples", "data_position", "worker_nodes"):
         if key in m:
             summary[key] = m[key]
     summary["checkpoint"] = storage.join(plan.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None

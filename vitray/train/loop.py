@@ -23,7 +23,7 @@ from vitray.config.schema import Config
 from vitray.data.stream import TrainStream, micro_batches, start_early
 from vitray.models.registry import get_spec
 from vitray.storage import Endpoint
-from vitray.tasks.classification import TASKS
+from vitray.tasks.classification import make_task
 from vitray.train import checkpoint
 from vitray.train.engine import build_engine, precision
 from vitray.train.metrics import MetricsLog
@@ -51,13 +51,13 @@ def train_loop_per_worker(config: dict) -> None:
     resharded = bool(plan.get("reshard")) and resume_from is not None and _saved_world(resume_from) != world
     position, rng_state = checkpoint.read_position(resume_from, resharded)
     d = cfg.data
+    task = make_task(cfg, plan.get("classes"))
     train_data = TrainStream(plan["train_uri"], endpoint, rank, world, d.image_size, cfg.seed, cfg.optim.micro_batch,
-                             d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples)
+                             d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples, task.decoder())
     stream = start_early(micro_batches(train_data.epoch, cfg.optim.micro_batch, position, rank))
 
     # Model (fresh, or pretrained weights adapted for fine-tuning) and engine, restored from the latest checkpoint
     # if there is one. The optional Polyak average of the weights (paper: 0.9999) is what evaluation uses.
-    task = TASKS["classification"](cfg)
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     # A restart restores everything from its own checkpoint, so the pretrained weights are only fetched once.
     fresh_finetune = cfg.transfer.init_from and resume_from is None
@@ -141,25 +141,26 @@ def train_loop_per_worker(config: dict) -> None:
     if d.bad_samples == "skip":
         results["skipped_samples"] = _sum_over_ranks(train_data.skipped, device)
     if plan.get("has_val") and step == total_steps:
-        if ema is not None:  # both: the averaged weights (reported as val_top1) and the raw ones
-            results["val_top1_raw"] = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
-        results["val_top1"] = evaluate(ema.module if ema else engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
+        if ema is not None:  # both: the averaged weights (reported as val_*) and the raw ones (val_*_raw)
+            raw = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
+            results.update({f"{k}_raw": v for k, v in raw.items()})
+        results.update(evaluate(ema.module if ema else engine, task, ray.train.get_dataset_shard("val"), device, dtype,
+                                cfg, export=(plan["run_uri"], endpoint)))
         if rank == 0:
-            logger.info(f"held-out top-1 accuracy: {results['val_top1']:.4f}")
+            logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
     log.lines.append(json.dumps({"step": step, "final": True, **results}))
     log.flush()
     checkpoint.save(engine, step, position, results, run_info, plan["run_uri"], endpoint, ema)
 
 
 @torch.no_grad()
-def evaluate(model, task, split, device, dtype, cfg: Config) -> float:
-    """Exact top-1 of `model` (the engine, or the averaged weights) over a split that may give ranks unequal shares:
-    ranks that run out keep stepping with an empty batch until all are done, because with ZeRO-3 every forward
-    pass is a collective."""
+def evaluate(model, task, split, device, dtype, cfg: Config, export: tuple | None = None) -> dict[str, float]:
+    """The task's held-out metrics (top-1, or COCO AP) of `model` (the engine, or the averaged weights) over a
+    split that may give ranks unequal shares: ranks that run out keep stepping with an empty batch until all are
+    done, because with ZeRO-3 every forward pass is a collective."""
     model.eval()
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    state = task.eval_start()
     batches = iter(split.iter_batches(batch_size=cfg.optim.micro_batch, batch_format="numpy"))
-    size = cfg.data.image_size
     while True:
         batch = next(batches, None)
         more = torch.tensor([0.0 if batch is None else 1.0], device=device)
@@ -167,13 +168,11 @@ def evaluate(model, task, split, device, dtype, cfg: Config) -> float:
         if more.item() == 0:
             break
         if batch is None:  # keep in step with the other ranks; counts nothing
-            batch = {"image": np.zeros((1, size, size, 3), np.uint8), "label": np.zeros(1, np.int64)}
-            task.eval_counts(model, task.to_tensors(batch, device, dtype))
+            task.eval_batch(model, task.to_tensors(task.empty_batch(), device, dtype), None)
             continue
-        counts += task.eval_counts(model, task.to_tensors(batch, device, dtype)).to(device)
-    dist.all_reduce(counts)
+        task.eval_batch(model, task.to_tensors(batch, device, dtype), state)
     model.train()
-    return (counts[0] / counts[1]).item()
+    return task.eval_end(state, device, export)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -1,0 +1,166 @@
+"""DETR: box utilities against hand-computed values, the Hungarian matcher against brute force, the set loss's
+invariances, detection shards and their errors, the model's shapes and attention, COCO evaluation and export."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vitray import storage
+from vitray.data.detection import augment, check_annotation, digit_canvases, write_digit_canvases
+from vitray.data.shards import DataError, Sample, write_shards
+from vitray.tasks.detection import box_ops, coco
+from vitray.tasks.detection.criterion import set_loss
+from vitray.tasks.detection.matcher import cost_matrix, match
+
+
+def test_box_conversions_iou_and_giou_by_hand():
+    b = torch.tensor([[0.5, 0.5, 0.2, 0.4]])
+    assert torch.allclose(box_ops.cxcywh_to_xyxy(b), torch.tensor([[0.4, 0.3, 0.6, 0.7]]))
+    assert torch.allclose(box_ops.xyxy_to_cxcywh(box_ops.cxcywh_to_xyxy(b)), b)
+    assert torch.equal(box_ops.xywh_to_xyxy(torch.tensor([[1.0, 2.0, 3.0, 4.0]])), torch.tensor([[1.0, 2.0, 4.0, 6.0]]))
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    c = torch.tensor([[1.0, 1.0, 3.0, 3.0], [4.0, 0.0, 6.0, 2.0], [0.0, 0.0, 2.0, 2.0]])
+    iou, _ = box_ops.pairwise_iou(a, c)
+    # Overlap 1, union 7; disjoint; identical.
+    assert torch.allclose(iou, torch.tensor([[1 / 7, 0.0, 1.0]]))
+    giou = box_ops.generalized_iou(a, c)
+    # Enclosing boxes: 3×3 = 9 (GIoU = 1/7 − 2/9) and 6×2 = 12 around a union of 8 (GIoU = 0 − 4/12).
+    assert torch.allclose(giou, torch.tensor([[1 / 7 - 2 / 9, -1 / 3, 1.0]]))
+    x = box_ops.cxcywh_to_xyxy(torch.rand(50, 4) * 0.5 + 0.1)
+    g = box_ops.generalized_iou(x, x)
+    assert torch.allclose(g.diagonal(), torch.ones(50)) and (g > -1).all() and (g <= 1 + 1e-6).all()
+    with pytest.raises(ValueError, match="x1 >= x0"):
+        box_ops.generalized_iou(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), a)
+
+
+def test_matcher_equals_brute_force_optimum():
+    g = torch.Generator().manual_seed(0)
+    for queries, objects in ((4, 3), (5, 5), (6, 2)):
+        for _ in range(5):
+            logits = torch.randn(1, queries, 4, generator=g)
+            boxes = torch.rand(1, queries, 4, generator=g) * 0.4 + 0.1
+            target = {"labels": torch.randint(0, 3, (objects,), generator=g), "boxes": torch.rand(objects, 4, generator=g) * 0.4 + 0.1}
+            (rows, cols), = match(logits, boxes, [target])
+            cost = cost_matrix(logits[0].softmax(-1), boxes[0], target["labels"], target["boxes"])
+            best = min(sum(cost[q, j].item() for j, q in enumerate(p)) for p in itertools.permutations(range(queries), objects))
+            assert len(rows) == objects and cost[rows, cols].sum().item() == pytest.approx(best, rel=1e-6)
+
+
+def test_set_loss_is_invariant_to_the_order_of_predictions_and_of_objects():
+    g = torch.Generator().manual_seed(1)
+    logits, boxes = torch.randn(2, 7, 6, generator=g), torch.rand(2, 7, 4, generator=g) * 0.5 + 0.2
+    aux = [{"logits": torch.randn(2, 7, 6, generator=g), "boxes": torch.rand(2, 7, 4, generator=g) * 0.5 + 0.2}]
+    targets = [{"labels": torch.tensor([0, 3, 4]), "boxes": torch.rand(3, 4, generator=g) * 0.5 + 0.2},
+               {"labels": torch.tensor([2]), "boxes": torch.rand(1, 4, generator=g) * 0.5 + 0.2}]
+    loss, parts = set_loss({"logits": logits, "boxes": boxes, "aux": aux}, targets, num_classes=5, num_boxes=2.0)
+    perm = torch.randperm(7, generator=g)
+    shuffled = {"logits": logits[:, perm], "boxes": boxes[:, perm],
+                "aux": [{"logits": a["logits"][:, perm], "boxes": a["boxes"][:, perm]} for a in aux]}
+    swapped = [{k: v.flip(0) for k, v in targets[0].items()}, targets[1]]
+    assert set_loss(shuffled, swapped, 5, 2.0)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    # Predictions equal to the targets (and confident): the box terms vanish.
+    exact = torch.full((1, 3, 6), -20.0)
+    exact[0, 0, 0] = exact[0, 1, 3] = exact[0, 2, 5] = 20.0  # third query: "no object"
+    perfect = {"logits": exact, "boxes": torch.cat([targets[0]["boxes"][:2], torch.full((1, 4), 0.5)])[None]}
+    _, p = set_loss(perfect, [{"labels": targets[0]["labels"][:2], "boxes": targets[0]["boxes"][:2]}], 5, 2.0)
+    assert p["loss_l1"].item() == pytest.approx(0, abs=1e-6) and p["loss_giou"].item() == pytest.approx(0, abs=1e-6)
+    assert p["loss_ce"].item() < 1e-6
+
+
+def test_canvases_boxes_fit_the_ink_and_augmentation_keeps_boxes_consistent():
+    canvases = list(digit_canvases("val", 20, size=64))
+    from PIL import Image
+
+    for img, boxes, labels in canvases:
+        assert 1 <= len(labels) <= 3 and set(labels) <= set(range(10))
+        check_annotation({"boxes": boxes.tolist(), "labels": labels.tolist()}, 64, 64, 10, "canvas")
+        for x, y, w, h in boxes.astype(int):  # tight: ink touches every side of the box
+            glyph = img[y:y + h, x:x + w]
+            assert glyph[0].max() > 32 and glyph[-1].max() > 32 and glyph[:, 0].max() > 32 and glyph[:, -1].max() > 32
+        # Evaluation resize: boxes normalised, unchanged in relative terms.
+        px, nb, nl = augment(Image.fromarray(img).convert("RGB"), boxes, labels, 32, None)
+        assert px.shape == (32, 32, 3) and np.array_equal(nl, labels)
+        assert np.allclose(nb[:, :2], (boxes[:, :2] + boxes[:, 2:] / 2) / 64, atol=1e-6)
+    # A flip mirrors cx; the ink under every kept box is still there after crop + flip + resize.
+    rng = np.random.default_rng(3)
+    for img, boxes, labels in canvases:
+        px, nb, nl = augment(Image.fromarray(img).convert("RGB"), boxes, labels, 64, rng, flip=True, crop_min=0.6)
+        for cx, cy, w, h in nb * 64:
+            inside = px[int(cy - h / 2 + 1):int(cy + h / 2 - 1), int(cx - w / 2 + 1):int(cx + w / 2 - 1)]
+            assert inside.size == 0 or inside.max() > 32
+
+
+@pytest.mark.parametrize("ann, needle", [
+    ({"boxes": [[50, 10, 20, 10]], "labels": [1]}, "lies outside the 64×64 image"),
+    ({"boxes": [[5, 10, -3, 10]], "labels": [1]}, "non-positive size"),
+    ({"boxes": [[5, 10, 3, 10]], "labels": [12]}, "unknown category 12"),
+    ({"boxes": [[5, 10, 3, 10]], "labels": []}, "equal length"),
+])
+def test_malformed_annotations_are_named_at_write_time(tmp_path, ann, needle):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    samples = [Sample("good", buf.getvalue(), "png", None, json.dumps({"boxes": [[1, 1, 5, 5]], "labels": [0]}).encode()),
+               Sample("img42", buf.getvalue(), "png", None, json.dumps(ann).encode())]
+    with pytest.raises(DataError, match=f"sample img42: .*{needle}"):
+        write_shards(samples, str(tmp_path / "ds"), [str(i) for i in range(10)])
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_detr_shapes_aux_outputs_and_cross_attention():
+    from vitray.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model("detr_smoke", num_classes=10, image_size=64).eval()
+    out = model(torch.randn(2, 3, 64, 48), return_attention=True)
+    assert out["logits"].shape == (2, 10, 11) and out["boxes"].shape == (2, 10, 4)
+    assert ((out["boxes"] > 0) & (out["boxes"] < 1)).all() and len(out["aux"]) == 1
+    assert out["feature_size"] == (8, 6)
+    assert len(out["cross_attention"]) == 2 and out["cross_attention"][0].shape == (2, 4, 10, 48)
+    assert torch.allclose(out["cross_attention"][-1].sum(-1), torch.ones(2, 4, 10), atol=1e-5)
+    with torch.no_grad():  # the same outputs without asking for attention
+        assert torch.allclose(model(torch.zeros(1, 3, 64, 64))["logits"],
+                              model(torch.zeros(1, 3, 64, 64), return_attention=True)["logits"], atol=1e-5)
+
+
+def test_coco_evaluation_and_export_load_in_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+
+    boxes = [np.array([[10.0, 10.0, 20.0, 20.0], [40.0, 5.0, 10.0, 30.0]]), np.array([[0.0, 0.0, 30.0, 30.0]])]
+    labels = [np.array([1, 7]), np.array([3])]
+    gt = coco.ground_truth([(64, 64), (64, 64)], boxes, labels, [str(i) for i in range(10)])
+    perfect = [{"scores": np.array([0.9, 0.8]), "labels": l, "boxes": b[:, [0, 1, 0, 1]] + np.c_[0 * b[:, :2], b[:, 2:]]}
+               for b, l in zip(boxes, labels)]
+    assert coco.evaluate(gt, coco.results(perfect))["AP"] == pytest.approx(1.0)
+    wrong = [{**p, "labels": (p["labels"] + 1) % 10} for p in perfect]
+    assert coco.evaluate(gt, coco.results(wrong))["AP50"] == pytest.approx(0.0)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    loaded = COCO(str(tmp_path / "gt.json"))
+    assert len(loaded.getAnnIds()) == 3 and loaded.loadRes(coco.results(perfect)).getAnnIds()
+
+
+def test_canvas_shards_on_s3_round_trip(s3):
+    from vitray.data.detection import decode_detection_shards
+    from vitray.data.shards import read_manifest
+    from vitray.data.stream import shard_table
+
+    uri = f"s3://{s3.bucket}/datasets/canvases-test"
+    write_digit_canvases(uri, s3.endpoint, size=48, samples_per_shard=10, counts={"val": 12})
+    manifest = read_manifest(f"{uri}/val", s3.endpoint)
+    assert manifest.task == "detection" and manifest.num_samples == 12 and len(manifest.shards) == 2
+    name = manifest.shards[0].name
+    batch = {"path": np.array([f"x/{name}"]), "bytes": np.array([storage.read_bytes(f"{uri}/val/{name}", s3.endpoint)],
+                                                                 dtype=object)}
+    out = decode_detection_shards(batch, shard_table(manifest), False, 32, max_boxes=5, num_classes=10)
+    originals = list(digit_canvases("val", 10, size=48))
+    assert out["image"].shape == (10, 32, 32, 3) and out["boxes"].shape == (10, 5, 4)
+    for i, (_, bx, lb) in enumerate(originals):
+        n = out["num_boxes"][i]
+        assert n == len(lb) and np.array_equal(out["labels"][i, :n], lb) and (out["labels"][i, n:] == -1).all()
+        assert np.allclose(out["boxes"][i, :n, 2:], bx[:, 2:] / 48, atol=1e-5)
+    assert (out["orig_size"] == 48).all()
