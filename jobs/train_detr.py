@@ -2,8 +2,10 @@
 DeepSpeed ZeRO, Hungarian-matched set loss, COCO box AP on the held-out shards (predictions exported in COCO
 results format under <run>/coco/).
 
-On a laptop (CPU, embedded S3, 64 px canvases of real scikit-learn digits, 2 workers; a few minutes):
+On a laptop (CPU, embedded S3, 64 px canvases of real scikit-learn digits, 2 workers; a few minutes): first the
+backbone is pretrained as a digit classifier (the paper starts from an ImageNet one), then DETR trains from it:
     python jobs/train_detr.py --preset smoke
+    python jobs/train_detr.py --preset smoke --set transfer.init_from=<a bit_smoke_s checkpoint>   # skip the first
 COCO on a GPU cluster (shards written by jobs/write_shards.py --source coco:ANNOTATIONS.json:IMAGE_DIR):
     ray job submit --working-dir . -- python jobs/train_detr.py --preset r50_coco \\
         --set data.train_uri=s3://bucket/coco/train2017 --set data.val_uri=s3://bucket/coco/val2017 \\
@@ -51,8 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         from vitray.storage import embedded_unless
         from vitray.train import launch
 
+        chain = args.preset == "smoke" and not cfg.transfer.init_from and not args.resume
         try:
             with embedded_unless(cfg.storage.uri) as embedded:
+                if chain:  # pretrain the backbone as a digit classifier first, into the same storage
+                    from vitray.config.recipes import detr_backbone_smoke
+
+                    base = detr_backbone_smoke().replace(storage=dict(uri=cfg.storage.uri,
+                                                                      endpoint_url=cfg.storage.endpoint_url))
+                    backbone = launch.run(base, embedded=embedded)
+                    print(json.dumps({"backbone": backbone}), flush=True)
+                    cfg = cfg.replace(transfer=dict(init_from=backbone["checkpoint"]))
                 summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
         except launch.TrainingFailed as e:
             print(f"error: {e}", file=sys.stderr)

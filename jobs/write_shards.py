@@ -2,6 +2,8 @@
 
     python jobs/write_shards.py --source folder:/data/imagenet/train --dest s3://my-bucket/imagenet/train
     python jobs/write_shards.py --source digits --dest ./data/digits          # writes train/ and val/
+    python jobs/write_shards.py --source coco:annotations/instances_val2017.json:val2017 --dest s3://b/coco/val2017
+    python jobs/write_shards.py --source digit_canvases --dest ./data/canvases  # DETR's smoke data: train/, val/
     python jobs/write_shards.py --verify s3://my-bucket/imagenet/train       # checksums and counts
 
 S3-compatible endpoints (MinIO, Ceph): --endpoint-url http://host:9000. Credentials come from the standard AWS
@@ -21,7 +23,8 @@ from vitray.storage import Endpoint, StorageError  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", help="folder:<path> (one sub-folder per class) or digits")
+    p.add_argument("--source", help="folder:<path> (one sub-folder per class), coco:<instances.json>:<image dir>"
+                   " (detection), digits or digit_canvases")
     p.add_argument("--dest", help="where the dataset goes: s3://bucket/prefix or a local path")
     p.add_argument("--verify", metavar="URI", help="check a written dataset against its manifest and exit")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint; default AWS")
@@ -45,14 +48,28 @@ def main(argv: list[str] | None = None) -> int:
             for split, m in write_digits(args.dest, endpoint).items():
                 print(f"{args.dest}/{split}: {len(m.shards)} shards, {m.num_samples} samples")
             return 0
+        if args.source == "digit_canvases":
+            from vitray.data.detection import write_digit_canvases
+
+            for split, m in write_digit_canvases(args.dest, endpoint).items():
+                print(f"{args.dest}/{split}: {len(m.shards)} shards, {m.num_samples} canvases")
+            return 0
         kind, _, path = args.source.partition(":")
-        if kind != "folder" or not path:
-            p.error(f"--source {args.source!r}: expected folder:<path> or digits")
-        from vitray.data.datasets import folder_classes, samples_from_folder
         from vitray.data.shards import write_shards
 
-        classes = folder_classes(path)
-        m = write_shards(samples_from_folder(path, classes), args.dest, classes, endpoint,
+        if kind == "coco" and ":" in path:
+            from vitray.data.detection import samples_from_coco
+
+            annotations, _, image_dir = path.partition(":")
+            classes, samples = samples_from_coco(annotations, image_dir)
+        elif kind == "folder" and path:
+            from vitray.data.datasets import folder_classes, samples_from_folder
+
+            classes = folder_classes(path)
+            samples = samples_from_folder(path, classes)
+        else:
+            p.error(f"--source {args.source!r}: expected folder:<path>, coco:<json>:<dir>, digits or digit_canvases")
+        m = write_shards(samples, args.dest, classes, endpoint,
                          max_shard_bytes=args.shard_size_mb << 20, max_shard_samples=args.shard_samples)
         print(f"{args.dest}: {len(m.shards)} shards, {m.num_samples} samples, {len(classes)} classes")
         return 0

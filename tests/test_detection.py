@@ -164,3 +164,110 @@ def test_canvas_shards_on_s3_round_trip(s3):
         assert n == len(lb) and np.array_equal(out["labels"][i, :n], lb) and (out["labels"][i, n:] == -1).all()
         assert np.allclose(out["boxes"][i, :n, 2:], bx[:, 2:] / 48, atol=1e-5)
     assert (out["orig_size"] == 48).all()
+
+
+def test_coco_importer_round_trips_real_images_and_names_bad_annotations(tmp_path):
+    from PIL import Image
+
+    from vitray.data.detection import samples_from_coco
+    from vitray.data.shards import read_manifest, tar_samples
+
+    images, annotations = [], []
+    for i, (img, boxes, labels) in enumerate(digit_canvases("val", 4, size=48), start=1):
+        Image.fromarray(img).save(tmp_path / f"{i:012d}.png")
+        images.append({"id": i, "file_name": f"{i:012d}.png", "width": 48, "height": 48})
+        for b, c in zip(boxes, labels):  # COCO ids: digit d is category d + 1 (id 0 left unused, as COCO does)
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(c) + 1,
+                                "bbox": b.tolist(), "area": float(b[2] * b[3]), "iscrowd": 0})
+    annotations.append({"id": 99, "image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5], "iscrowd": 1})  # crowd: left out
+    coco_json = {"images": images, "annotations": annotations,
+                 "categories": [{"id": d + 1, "name": f"digit{d}"} for d in range(10)]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco_json))
+    classes, samples = samples_from_coco(str(tmp_path / "instances.json"), str(tmp_path))
+    assert classes[0] == "" and classes[1:] == [f"digit{d}" for d in range(10)]
+    write_shards(samples, str(tmp_path / "shards"), classes)
+    manifest = read_manifest(str(tmp_path / "shards"))
+    assert manifest.task == "detection" and manifest.num_samples == 4
+    stored = tar_samples((tmp_path / "shards" / manifest.shards[0].name).read_bytes(), "s")
+    first = json.loads(stored[0][4])
+    assert first["labels"] == [a["category_id"] for a in annotations if a["image_id"] == 1 and not a["iscrowd"]]
+
+    for change, needle in ((dict(category_id=42), "unknown category 42"), (dict(bbox=[40, 40, 20, 20]), "lies outside"),
+                           (dict(bbox=[4, 4, 0, 3]), "non-positive size")):
+        bad = json.loads(json.dumps(coco_json))
+        bad["annotations"][0].update(change)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        _, samples = samples_from_coco(str(tmp_path / "bad.json"), str(tmp_path))
+        with pytest.raises(DataError, match=f"image 1 \\(000000000001.png\\): annotation 1 .*{needle}"):
+            write_shards(samples, str(tmp_path / f"bad-{needle[:4]}"), classes)
+
+
+def test_detr_backbone_comes_from_a_bit_classifier_of_the_same_shape():
+    from vitray.models.npz import CheckpointError
+    from vitray.models.registry import build_model
+    from vitray.train.checkpoint import _detr_from_classifier
+
+    torch.manual_seed(0)
+    classifier = build_model("bit_smoke_s", num_classes=10, image_size=24)
+    detr = _detr_from_classifier(build_model("detr_smoke", num_classes=10, image_size=64), classifier, "bit_smoke_s", "ckpt")
+    assert torch.equal(detr.backbone.stages[1][0].conv2.weight, classifier.stages[1][0].conv2.weight)
+    assert torch.equal(detr.backbone.norm.weight, classifier.norm.weight)
+    with pytest.raises(CheckpointError, match="holds bit_smoke; the backbone of a DETR with \\(1, 1\\) blocks"):
+        _detr_from_classifier(build_model("detr_smoke", num_classes=10), build_model("bit_smoke", num_classes=10),
+                              "bit_smoke", "ckpt")
+
+
+def test_detr_parameter_count_matches_the_paper():
+    from vitray.models.registry import build_model
+
+    with torch.device("meta"):
+        model = build_model("detr_r50", num_classes=91)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(41.3, rel=0.01)  # paper Table 1: 41M
+
+
+def test_bad_detection_configs_stop_before_ray(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    job = os.path.join(root, "jobs", "train_detr.py")
+    for args, needle in ((["--set", "detection.max_boxes=50"], "detection.max_boxes: must be 1..10"),
+                         (["--set", "data.builtin=digits"], "data.builtin: digits is a classification dataset"),
+                         (["--model", "vit_smoke"], "vit_smoke is not a detection model")):
+        proc = subprocess.run([sys.executable, job, "--preset", "smoke", *args], capture_output=True, text=True,
+                              timeout=120, cwd=root)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+        assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_detr_smoke_chain_on_two_workers_reaches_ap50_and_exports_coco(s3, tmp_path):
+    """`jobs/train_detr.py --preset smoke`: the backbone pretrained as a digit classifier, then DETR on the canvases
+    on 2 CPU workers (ZeRO-2) from the session's S3; COCO AP50 on the 300 held-out canvases ≥ 0.3 (the issue's
+    bar), and the exported ground truth and results load in pycocotools."""
+    import os
+    import subprocess
+    import sys
+
+    from pycocotools.coco import COCO
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "jobs", "train_detr.py"), "--preset", "smoke",
+         "--set", f"storage.uri=s3://{s3.bucket}/detr", "--set", f"storage.endpoint_url={s3.endpoint.url}"],
+        capture_output=True, text=True, timeout=1200, cwd=root)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    backbone = next(x["backbone"] for x in lines if "backbone" in x)
+    summary = next(x for x in lines if "val_AP50" in x)
+    assert backbone["val_top1"] > 0.95
+    # Measured with 1,500 steps: AP50 0.014 / 0.068 / 0.275 / 0.381 / 0.562 / 0.593 every 250 steps
+    # (benchmarks/results/detr_smoke.json); the preset's 1,250 steps drop the LR after 833.
+    assert summary["val_AP50"] >= 0.3 and summary["val_images"] == 300, summary
+    assert summary["val_AP_M"] == summary["val_AP_L"] == -1.0  # every digit is a "small" COCO object
+    for name in ("val_ground_truth.json", "val_results.json"):
+        (tmp_path / name).write_bytes(storage.read_bytes(f"{summary['run']}/coco/{name}", s3.endpoint))
+    gt = COCO(str(tmp_path / "val_ground_truth.json"))
+    found = gt.loadRes(str(tmp_path / "val_results.json"))
+    assert len(gt.getImgIds()) == 300 and len(found.getAnnIds()) == 300 * 10  # one detection per query
+    assert {c["id"] for c in gt.loadCats(gt.getCatIds())} == set(range(10))

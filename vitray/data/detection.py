@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from typing import Iterator
 
 import numpy as np
@@ -116,6 +117,59 @@ def samples_from_canvases(canvases, prefix: str) -> Iterator[Sample]:
         Image.fromarray(img).save(buf, format="PNG")
         yield Sample(key=f"{prefix}{i:07d}", image=buf.getvalue(), ext="png", label=None,
                      annotation=annotation_bytes(boxes, labels))
+
+
+# ------------------------------------------------------------------------------------------------ COCO importer
+
+
+def samples_from_coco(annotations: str, image_dir: str) -> tuple[list[str], Iterator[Sample]]:
+    """COCO instances JSON + its image folder → (class names indexed by category id, "" for unused ids; samples).
+    Labels are COCO's own category ids, as DETR uses them (91 classes for COCO's ids 1..90). Crowd regions are
+    left out (DETR does not train on them); boxes poking out of the image by under a pixel are clipped to it, and
+    anything worse — a box outside the image, a non-positive size, an unknown category — is an error naming the
+    image."""
+    with open(annotations) as f:
+        data = json.load(f)
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DataError(f"{annotations}: not a COCO instances file (no {key!r})")
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    classes = [names.get(i, "") for i in range(max(names) + 1)]
+    per_image: dict[int, list] = {}
+    for a in data["annotations"]:
+        per_image.setdefault(a["image_id"], []).append(a)
+
+    def samples() -> Iterator[Sample]:
+        for img in data["images"]:
+            where = f"{annotations}: image {img['id']} ({img['file_name']})"
+            w, h = img["width"], img["height"]
+            boxes, labels = [], []
+            for a in per_image.get(img["id"], []):
+                if a.get("iscrowd", 0):
+                    continue
+                if a["category_id"] not in names:
+                    raise DataError(f"{where}: annotation {a['id']} has unknown category {a['category_id']}")
+                x, y, bw, bh = a["bbox"]
+                if bw <= 0 or bh <= 0:
+                    raise DataError(f"{where}: annotation {a['id']} box {a['bbox']} has a non-positive size")
+                x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
+                if x0 - x > 1 or y0 - y > 1 or x + bw - x1 > 1 or y + bh - y1 > 1:
+                    raise DataError(f"{where}: annotation {a['id']} box {a['bbox']} lies outside the {w}×{h} image")
+                if x1 > x0 and y1 > y0:
+                    boxes.append([x0, y0, x1 - x0, y1 - y0])
+                    labels.append(a["category_id"])
+            path = os.path.join(image_dir, img["file_name"])
+            try:
+                with open(path, "rb") as f:
+                    data_bytes = f.read()
+            except OSError as e:
+                raise DataError(f"{where}: cannot read {path} ({e})") from e
+            ext = "png" if img["file_name"].lower().endswith(".png") else "jpg"
+            key = os.path.splitext(img["file_name"])[0].replace(".", "_").replace("/", "_")
+            yield Sample(key=key, image=data_bytes, ext=ext, label=None,
+                         annotation=annotation_bytes(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels)))
+
+    return classes, samples()
 
 
 CANVAS_SPLITS = {"train": 2000, "val": 300}

@@ -1,16 +1,17 @@
 """DETR (Carion et al., ECCV 2020): object detection as direct set prediction, readable in one sitting.
 
 image (B, 3, H, W)
-  → CNN backbone + 1×1 projection (the project's ResNet: `resnet.HybridStem`)       (B, d, H/s, W/s), s = 32 for R50
+  → CNN backbone (the project's BiT ResNet, `resnet.ResNetV2`) + 1×1 projection    (B, d, H/s, W/s), s = 32 for R50
   → flatten to a sequence, + 2-D sine position encoding at every attention layer     (B, HW/s², d)
   → transformer encoder (post-norm, as the paper's code)                             memory (B, HW/s², d)
   → transformer decoder: N learned object queries, all decoded in parallel           (L_dec, B, N, d)
   → class head (classes + "no object") and box head (3-layer MLP → sigmoid (cx, cy, w, h) in [0, 1])
     on every decoder layer's output: the last is the prediction, the others feed the auxiliary losses.
 
-The paper's backbone is torchvision's ResNet-50 with frozen BatchNorm; vitray reuses its own ResNet (GroupNorm and
-weight standardisation, BiT's units), which needs no batch statistics and so behaves the same at any per-device
-batch — DETR trains at 2 images per GPU.
+The paper's backbone is an ImageNet-pretrained torchvision ResNet-50 with frozen BatchNorm; vitray's is its own BiT
+ResNetV2 (GroupNorm and weight standardisation: no batch statistics, so it behaves the same at DETR's 2–4 images per
+device), pretrained by any vitray classification run of the same ResNet and loaded through `transfer.init_from`
+(`checkpoint.load_pretrained`).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitray.models.registry import BUILDERS, DETRSpec
-from vitray.models.resnet import HybridStem
+from vitray.models.registry import BUILDERS, DETRSpec, ResNetSpec
+from vitray.models.resnet import ResNetV2
 
 
 def sine_position_encoding(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -80,7 +81,9 @@ class DETR(nn.Module):
         super().__init__()
         d = spec.width
         self.spec, self.num_classes = spec, num_classes
-        self.backbone = HybridStem(spec.backbone, spec.backbone_width, d)  # ResNet stages, then the 1×1 projection
+        self.backbone = ResNetV2(ResNetSpec(spec.backbone, spec.backbone_width), num_classes=1)
+        self.backbone.head = nn.Identity()  # DETR reads the feature map; the classifier head is not used
+        self.input_proj = nn.Conv2d(self.backbone.norm.num_channels, d, kernel_size=1)
         self.encoder = nn.ModuleList(EncoderLayer(d, spec.heads, spec.mlp_dim, dropout) for _ in range(spec.encoder_depth))
         self.decoder = nn.ModuleList(DecoderLayer(d, spec.heads, spec.mlp_dim, dropout) for _ in range(spec.depth))
         self.decoder_norm = nn.LayerNorm(d)  # applied to every decoder layer's output before the heads
@@ -95,7 +98,7 @@ class DETR(nn.Module):
         """{"logits": (B, N, classes + 1), "boxes": (B, N, 4) normalised cxcywh, "aux": [{"logits", "boxes"}
         for each earlier decoder layer]}, plus "cross_attention" (L_dec × (B, heads, N, h·w)) and "feature_size"
         (h, w) when asked."""
-        f = self.backbone(images)  # (B, d, h, w)
+        f = self.input_proj(self.backbone.feature_map(images))  # (B, d, h, w)
         b, d, h, w = f.shape
         memory = f.flatten(2).transpose(1, 2)  # (B, hw, d)
         pos = sine_position_encoding(h, w, d).to(memory)[None]

@@ -113,11 +113,15 @@ class ResNetV2(nn.Module):
     def stem(self, images: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(F.pad(self.root(images), (1, 1, 1, 1)), kernel_size=3, stride=2)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The last stage's normalised output (B, C, H/s, W/s), before pooling: what DETR's backbone hands on."""
         x = self.stem(images)
         for stage in self.stages:
             x = stage(x)
-        return self.pre_logits(F.relu(self.norm(x)).mean((2, 3)))
+        return F.relu(self.norm(x))
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pre_logits(self.feature_map(images).mean((2, 3)))
 
     def layer_features(self, images: torch.Tensor, layers: list[int], pool: str = "mean") -> list[torch.Tensor]:
         """Globally average-pooled output of stage k (k = 0: the stem). `pool` is accepted for ViT's interface;

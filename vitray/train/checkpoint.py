@@ -285,5 +285,22 @@ def load_pretrained(cfg, endpoint) -> torch.nn.Module:
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.data.image_size,
                             dropout=cfg.model.dropout)
         return load_npz(model, storage.read_bytes(uri, endpoint), uri, load_head=False, posemb_method=t.posemb_method)
-    model, _ = load_model(uri, endpoint, cfg.model.dropout)
+    model, meta = load_model(uri, endpoint, cfg.model.dropout)
+    target = build_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.data.image_size,
+                         dropout=cfg.model.dropout)
+    if getattr(target.spec, "family", "") == "detr":
+        return _detr_from_classifier(target, model, meta["config"]["model"]["name"], uri)
     return model.adapt_for_finetuning(cfg.model.num_classes, cfg.data.image_size, t.posemb_method)
+
+
+def _detr_from_classifier(detr: torch.nn.Module, source: torch.nn.Module, name: str, uri: str) -> torch.nn.Module:
+    """DETR's recipe starts from a classification-pretrained backbone: copy a BiT ResNet's weights (all but its
+    head) into DETR's backbone; the transformer, projection and heads start fresh."""
+    want = detr.spec
+    got = getattr(source, "spec", None)
+    if getattr(got, "family", "") != "bit" or got.blocks != want.backbone or got.width != want.backbone_width:
+        raise CheckpointError(f"transfer.init_from: {uri} holds {name}; the backbone of a DETR with {want.backbone}"
+                              f" blocks × width {want.backbone_width} needs a BiT ResNet of that shape")
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "pre_logits."))}
+    detr.backbone.load_state_dict(state)
+    return detr

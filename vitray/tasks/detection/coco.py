@@ -17,16 +17,17 @@ METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")  # the first six number
 
 def ground_truth(sizes: list[tuple[int, int]], boxes: list[np.ndarray], labels: list[np.ndarray],
                  classes: list[str]) -> dict:
-    """COCO ground truth for images 1..n of (height, width) `sizes`, boxes xywh in pixels, labels 0..K−1 (COCO
-    category ids are labels + 1: id 0 is not a valid category in pycocotools)."""
+    """COCO ground truth for images 1..n of (height, width) `sizes`, boxes xywh in pixels. Category ids are the
+    labels themselves (COCO's own ids for imported COCO; the digit for digit canvases); classes named "" (ids
+    COCO leaves unused) are not categories."""
     images, annotations = [], []
     for i, ((h, w), bx, lb) in enumerate(zip(sizes, boxes, labels), start=1):
         images.append({"id": i, "width": int(w), "height": int(h)})
         for b, c in zip(bx, lb):
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(c) + 1,
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(c),
                                 "bbox": [float(v) for v in b], "area": float(b[2] * b[3]), "iscrowd": 0})
     return {"images": images, "annotations": annotations,
-            "categories": [{"id": k + 1, "name": name} for k, name in enumerate(classes)]}
+            "categories": [{"id": k, "name": name} for k, name in enumerate(classes) if name]}
 
 
 def results(predictions: list[dict], image_ids: list[int] | None = None) -> list[dict]:
@@ -35,7 +36,7 @@ def results(predictions: list[dict], image_ids: list[int] | None = None) -> list
     for i, p in enumerate(predictions):
         image_id = image_ids[i] if image_ids is not None else i + 1
         for s, c, (x0, y0, x1, y1) in zip(np.asarray(p["scores"]), np.asarray(p["labels"]), np.asarray(p["boxes"])):
-            out.append({"image_id": image_id, "category_id": int(c) + 1, "score": float(s),
+            out.append({"image_id": image_id, "category_id": int(c), "score": float(s),
                         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]})
     return out
 

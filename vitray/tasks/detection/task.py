@@ -106,3 +106,36 @@ class DetectionTask:
                 storage.write_bytes(storage.join(uri, "coco", "val_results.json"), json.dumps(results).encode(), endpoint)
         dist.broadcast_object_list(metrics, src=0)
         return metrics[0]
+
+
+def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, endpoint=None, batch_size: int = 50) -> dict[str, float]:
+    """COCO metrics of a saved DETR checkpoint on a detection shard dataset, in one process without Ray (tools,
+    benchmarks, the AP-against-steps curve). The same numbers as the run's own evaluation."""
+    from vitray import storage
+    from vitray.data.detection import decode_detection_shards
+    from vitray.data.shards import read_manifest, shard_paths
+    from vitray.data.stream import shard_table
+    from vitray.models.detr import postprocess
+    from vitray.train.checkpoint import load_model
+
+    model, meta = load_model(checkpoint_uri, endpoint)
+    model.eval()
+    cfg = meta["config"]
+    manifest = read_manifest(data_uri, endpoint, "data_uri")
+    predictions, truth = [], []
+    for path in shard_paths(data_uri, manifest):
+        batch = {"path": np.array([path]), "bytes": np.array([storage.read_bytes(path, endpoint)], dtype=object)}
+        out = decode_detection_shards(batch, shard_table(manifest), False, cfg["data"]["image_size"],
+                                      cfg["detection"]["max_boxes"], cfg["model"]["num_classes"])
+        for i in range(0, len(out["key"]), batch_size):
+            images = torch.from_numpy(out["image"][i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            sizes = [tuple(int(v) for v in hw) for hw in out["orig_size"][i:i + batch_size]]
+            with torch.no_grad():
+                o = model(images)
+            predictions += [{k: v.numpy() for k, v in p.items()} for p in postprocess(o["logits"], o["boxes"], sizes)]
+            for j, (h, w) in enumerate(sizes, start=i):
+                n = out["num_boxes"][j]
+                cx, cy, bw, bh = (out["boxes"][j, :n] * [w, h, w, h]).T
+                truth.append(((h, w), np.stack([cx - bw / 2, cy - bh / 2, bw, bh], 1), out["labels"][j, :n]))
+    gt = coco.ground_truth([t[0] for t in truth], [t[1] for t in truth], [t[2] for t in truth], manifest.classes)
+    return {f"val_{k}": v for k, v in coco.evaluate(gt, coco.results(predictions)).items()}
