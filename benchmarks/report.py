@@ -50,6 +50,13 @@ def main() -> None:
             f"| transfer smoke chain: `vit_smoke` digits, pretrain 16 px → fine-tune 24 px | held-out top-1 "
             f"{c['pretrain_val_top1']:.3f} → {c['finetune_val_top1_ema']:.3f} (EMA; raw {c['finetune_val_top1_raw']:.3f}), "
             f"{c['wall_s']:.0f} s | — | — | ≥ 0.97 — {verdict(c['finetune_val_top1_ema'] >= 0.97)} |")
+    d = load("detr_smoke")
+    if d:
+        f = d["final"]
+        rows.append(
+            f"| DETR smoke: `detr_smoke` on 64 px digit canvases, 2 CPU workers, {d['steps']} steps | held-out AP50 "
+            f"{f['val_AP50']:.3f}, AP {f['val_AP']:.3f}, {d['wall_s']:.0f} s with backbone pretraining | — | — | "
+            f"AP50 ≥ 0.3 — {verdict(f['val_AP50'] >= 0.3)} |")
     t = load("peer_timm")
     for r in (t or {}).get("rows", []):
         ours, theirs = r["vitray_images_per_s"], r["timm_images_per_s"]

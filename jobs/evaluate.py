@@ -9,7 +9,8 @@
 On a laptop: python jobs/evaluate.py --smoke   (pretrains the smoke model first, evaluates on the digits)
 
 --eval defaults to every protocol the arguments allow: top1 when the checkpoint's head has as many classes as
---test's manifest, fewshot and probe when --train is given. Prints one JSON object.
+--test's manifest, fewshot and probe when --train is given. A DETR checkpoint gets COCO box AP on --test instead.
+Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -78,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             if not storage.exists(meta_uri, endpoint):
                 raise ConfigError(f"--checkpoint: {meta_uri} not found")
             saved = json.loads(storage.read_bytes(meta_uri, endpoint))["config"]
+            from vitray.models.registry import get_spec
+
+            if get_spec(saved["model"]["name"]).family == "detr":  # detection: COCO AP on --test, in one process
+                from vitray.tasks.detection.task import evaluate_checkpoint
+
+                read_manifest(test, endpoint, "--test")
+                print(json.dumps({"checkpoint": ckpt, **evaluate_checkpoint(ckpt, test, endpoint)}))
+                return 0
             test_classes = len(read_manifest(test, endpoint, "--test").classes)
             if train:
                 read_manifest(train, endpoint, "--train")
@@ -88,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--eval top1: the checkpoint's head has {head} classes, --test has {test_classes}")
             if {"fewshot", "probe"} & set(asked) and not train:
                 raise ConfigError("--eval fewshot/probe: need --train, the shards the read-out is fitted on")
-            from vitray.models.registry import get_spec
-
             depth = get_spec(saved["model"]["name"]).depth
             bad = [k for k in layers if k != FINAL and not 0 <= k <= depth]
             if bad:

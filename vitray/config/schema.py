@@ -271,7 +271,8 @@ def validate(cfg: Config) -> None:
     if not d.train_uri and not d.builtin:
         errors.append(
             "data.train_uri: no training data given; pass --set data.train_uri=s3://bucket/prefix (shards written"
-            " by jobs/write_shards.py) or use --set data.builtin=digits"
+            " by jobs/write_shards.py) or use --set data.builtin="
+            + ("digit_canvases" if spec is not None and spec.family == "detr" else "digits")
         )
     for name, uri in (("data.train_uri", d.train_uri), ("data.val_uri", d.val_uri), ("storage.uri", cfg.storage.uri)):
         if "://" in uri and not uri.startswith("s3://"):
