@@ -65,9 +65,6 @@ class ClassificationTask:
         return {"val_top1": (counts[0] / counts[1]).item()}
 
 
-TASKS = {"classification": ClassificationTask}
-
-
 def make_task(cfg: Config, classes: list[str] | None = None):
     """The task a config trains: detection for DETR models, classification for everything else."""
     if get_spec(cfg.model.name).family == "detr":
