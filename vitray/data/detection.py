@@ -208,7 +208,7 @@ def decode_detection_shards(
     positive size, known category) and a bad one is named by shard and key."""
     import zlib
 
-    from vitray.data.shards import ShardInfo, check_shard, tar_samples
+    from vitray.data.shards import read_checked
     from vitray.data.transforms import decode_rgb
 
     rows: dict[str, list] = {k: [] for k in ("image", "boxes", "labels", "num_boxes", "orig_size", "key", "error")}
@@ -222,16 +222,10 @@ def decode_detection_shards(
             rows[k].append(v)
 
     blank = np.zeros((image_size, image_size, 3), np.uint8)
-    for path, data in zip(batch["path"], batch["bytes"]):
-        info = ShardInfo(*shards[path.rsplit("/", 1)[-1]])
-        try:
-            check_shard(data, info, path)
-            samples = tar_samples(data, path)
-        except DataError as e:
-            if on_error != "skip":
-                raise
-            for i in range(info.num_samples):
-                add(f"{path}#{i}", blank, np.zeros((0, 4)), np.zeros(0), (0, 0), str(e))
+    for path, samples, bad_keys, message in read_checked(batch, shards, on_error):
+        if samples is None:
+            for key in bad_keys:
+                add(key, blank, np.zeros((0, 4)), np.zeros(0), (0, 0), message)
             continue
         for key, image, _, _, annotation in samples:
             where = f"shard {path} sample {key}"

@@ -202,6 +202,21 @@ def check_shard(data: bytes, info: ShardInfo, where: str) -> None:
                         f" says {info.bytes}): truncated or changed since it was written")
 
 
+def read_checked(batch: dict, shards: dict[str, tuple], on_error: str) -> Iterator[tuple[str, list | None, list[str], str]]:
+    """For each whole shard of a Ray Data read batch ("path", "bytes"): (path, its samples, [], "") once it matches
+    its manifest entry (`shards`: shard name → ShardInfo fields), or under `on_error="skip"` (path, None, the keys
+    its error rows get — as many as the manifest says —, the error). Decoders of every task share this."""
+    for path, data in zip(batch["path"], batch["bytes"]):
+        info = ShardInfo(*shards[path.rsplit("/", 1)[-1]])
+        try:
+            check_shard(data, info, path)
+            yield path, tar_samples(data, path), [], ""
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            yield path, None, [f"{path}#{i}" for i in range(info.num_samples)], str(e)
+
+
 def iter_tar(data: bytes, where: str) -> Iterator[tuple[str, bytes, str, int]]:
     """(key, image bytes, ext, label) for each sample of one classification shard, without Ray (tools, tests)."""
     for key, image, ext, label, _ in tar_samples(data, where):

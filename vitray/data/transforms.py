@@ -81,22 +81,16 @@ def decode_shards(
     shard becomes an error row (the manifest says how many), and so does each bad sample (label −1, blank image),
     for the consumer to drop and count. `seed` = (run seed, epoch) makes augmentation reproducible: each sample
     draws from a generator seeded by (seed, epoch, its key), whichever task or batch it lands in."""
-    from vitray.data.shards import ShardInfo, check_shard, tar_samples
+    from vitray.data.shards import read_checked
 
     keys, images, labels, errors = [], [], [], []
     rng = np.random.default_rng() if seed is None else None
-    for path, data in zip(batch["path"], batch["bytes"]):
-        info = ShardInfo(*shards[path.rsplit("/", 1)[-1]])
-        try:
-            check_shard(data, info, path)
-            samples = tar_samples(data, path)
-        except DataError as e:
-            if on_error != "skip":
-                raise
-            keys += [f"{path}#{i}" for i in range(info.num_samples)]
-            images += [np.zeros((image_size, image_size, 3), np.uint8)] * info.num_samples
-            labels += [-1] * info.num_samples
-            errors += [str(e)] * info.num_samples
+    for path, samples, bad_keys, message in read_checked(batch, shards, on_error):
+        if samples is None:
+            keys += bad_keys
+            images += [np.zeros((image_size, image_size, 3), np.uint8)] * len(bad_keys)
+            labels += [-1] * len(bad_keys)
+            errors += [message] * len(bad_keys)
             continue
         for key, image, _, label, _ in samples:
             where = f"shard {path} sample {key}"
