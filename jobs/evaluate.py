@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
             import ray
 
+            from vitray.train.launch import init_ray
+
             if not ray.is_initialized():
-                ray.init(address=os.environ.get("RAY_ADDRESS", "local"), logging_level="WARNING")
+                init_ray()
             size = args.image_size or saved["data"]["image_size"]
             common = dict(endpoint=endpoint, image_size=size, weights=args.weights, actors=args.actors)
             result = {"checkpoint": ckpt, "image_size": size, "weights": args.weights}

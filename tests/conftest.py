@@ -39,7 +39,9 @@ def ray_cluster():
     import ray
 
     # 4 logical CPUs on 2 cores: two half-CPU Train workers plus Ray Data tasks and helper actors.
-    ray.init(address="local", num_cpus=4, object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
+    from vitray.train.launch import init_ray
+
+    init_ray(num_cpus=4, object_store_memory=1 << 30)
     yield ray
     ray.shutdown()
 

@@ -155,7 +155,7 @@ def list_files(uri: str, endpoint: Endpoint | None = None) -> list[str]:
     return sorted(i.base_name for i in infos)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -173,7 +173,7 @@ class EmbeddedS3:
 
     def __init__(self, bucket: str = EMBEDDED_BUCKET, port: int | None = None):
         self.bucket = bucket
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.endpoint = Endpoint(url=f"http://127.0.0.1:{self.port}", embedded=True)
         self._server = None
 

@@ -179,6 +179,24 @@ def check_cluster(cfg: Config) -> None:
         )
 
 
+def init_ray(**local: object) -> None:
+    """Join the cluster RAY_ADDRESS names (as under `ray job submit`), or start a local Ray with `local`'s options.
+
+    A local Ray gets its dashboard on a known port, named to its workers as RAY_API_SERVER_ADDRESS: Ray Train's
+    placement-group cleaner calls the state API without an address, which otherwise resolves to the cluster the
+    machine's last `ray start` recorded. A dead one costs ~13 s of GCS timeouts (and a core) at the end of every
+    fit; a live one does not know our controller, and the cleaner would remove our workers' placement group."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "local")
+    if address != "local":
+        ray.init(address=address, logging_level="WARNING")
+        return
+    port = storage.free_port()
+    ray.init(address="local", logging_level="WARNING", include_dashboard=True, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **local)
+
+
 def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list | None = None):
     """Run training on the current Ray cluster; returns Ray Train's `Result`. `timeline` (wall-clock times of
     earlier start-up phases) is passed through to the run's start-up record; `callbacks` are Ray Train callbacks
@@ -242,8 +260,7 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
     import ray
 
     if not ray.is_initialized():
-        # Under `ray job submit` (or with RAY_ADDRESS set) join that cluster; otherwise start a local one.
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), logging_level="WARNING")
+        init_ray()
     check_cluster(cfg)
     try:
         result = fit(cfg, plan, timeline, callbacks)

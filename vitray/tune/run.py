@@ -32,9 +32,9 @@ def run_study(study: Study, overrides: list[str], study_uri: str, endpoint: Endp
     from ray import tune
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS", "local")
-        local = {"num_cpus": local_cpus} if local_cpus and address == "local" else {}
-        ray.init(address=address, logging_level="WARNING", **local)
+        from vitray.train.launch import init_ray
+
+        init_ray(**({"num_cpus": local_cpus} if local_cpus else {}))
     concurrent = max_concurrent(configs, ray.cluster_resources())  # before anything is written
     _claim_folder(study, study_uri, endpoint, resume)
     study = prepare_data(study, study_uri, endpoint)
