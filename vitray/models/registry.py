@@ -128,6 +128,33 @@ MODELS["detr_r50"] = DETRSpec()
 MODELS["detr_r101"] = DETRSpec(backbone=(3, 4, 23, 3))
 MODELS["detr_smoke"] = DETRSpec(width=64, depth=2, encoder_depth=2, mlp_dim=256, heads=4, queries=10, backbone=(1, 1))
 
+@dataclasses.dataclass(frozen=True)
+class IGPTSpec:
+    """Image GPT (Chen et al. 2020): a GPT-2 decoder of `depth` pre-norm blocks over `vocab` palette tokens."""
+
+    width: int
+    depth: int
+    heads: int
+    vocab: int = 512  # the 9-bit colour palette
+    family: str = "igpt"
+
+    @property
+    def mlp_dim(self) -> int:
+        return 4 * self.width
+
+    @property
+    def features(self) -> int:
+        return self.width
+
+    size_multiple = 1
+
+
+# iGPT paper Sec. 3.2: S, M and L at 32×32 (the sequence is 1024 tokens); a CPU-sized one for 8×8 digits.
+MODELS["igpt_s"] = IGPTSpec(width=512, depth=24, heads=8)
+MODELS["igpt_m"] = IGPTSpec(width=1024, depth=36, heads=8)
+MODELS["igpt_l"] = IGPTSpec(width=1536, depth=48, heads=16)
+MODELS["igpt_smoke"] = IGPTSpec(width=64, depth=4, heads=4, vocab=16)
+
 # family → function(spec, **model kwargs) -> torch.nn.Module; filled by the modules that define the family.
 BUILDERS: dict[str, Callable] = {}
 
@@ -151,6 +178,7 @@ def build_model(name: str, **kwargs):
     spec = get_spec(name)
     if spec.family not in BUILDERS:  # families register on import
         import vitray.models.detr  # noqa: F401
+        import vitray.models.igpt  # noqa: F401
         import vitray.models.resnet  # noqa: F401
         import vitray.models.vit  # noqa: F401
     return BUILDERS[spec.family](spec, **kwargs)

@@ -1,0 +1,118 @@
+"""Image GPT (Chen et al., ICML 2020): a GPT-2 decoder over the raster sequence of palette-quantised pixels.
+
+image (B, 3, H, W) in [−1, 1]
+  → nearest palette colour per pixel (k-means palette, 512 colours = 9 bits in the paper)   tokens (B, H·W)
+  → shift right behind a learned start-of-sequence vector; token + learned position embeddings   (B, H·W, D)
+  → L pre-norm blocks with causal (masked) fused attention                                         (B, H·W, D)
+  → LayerNorm → linear head to the palette: logits[t] predicts token t from tokens < t             (B, H·W, K)
+
+The palette is a buffer of the model, so a checkpoint carries it and the model takes images like every other
+vitray model (linear probes and FLOPs counting need nothing special). Sizes (paper Sec. 3): iGPT-S 512 wide ×
+24 layers, iGPT-M 1024 × 36, iGPT-L 1536 × 48, MLP 4× the width; the paper does not list its head counts, vitray
+uses 8, 8 and 16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitray.models.layers import Block
+from vitray.models.registry import BUILDERS, IGPTSpec
+
+
+def quantize(images: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [−1, 1] → palette indices (B, H·W) in raster order: the nearest colour by Euclidean distance
+    in RGB (the palette is in the same [−1, 1] units)."""
+    pixels = images.flatten(2).transpose(1, 2)  # (B, HW, 3)
+    return torch.cdist(pixels.float(), palette.float()[None].expand(len(pixels), -1, -1)).argmin(-1)
+
+
+def dequantize(tokens: torch.Tensor, palette: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Palette indices (B, H·W) → images (B, 3, H, W) in [−1, 1]."""
+    return palette[tokens].transpose(1, 2).reshape(len(tokens), 3, *size)
+
+
+class IGPT(nn.Module):
+    def __init__(self, spec: IGPTSpec, num_classes: int = 0, image_size: int | tuple[int, int] = 32,
+                 dropout: float = 0.0, representation_size: int | None = None):
+        super().__init__()
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.spec, self.size, d = spec, (h, w), spec.width
+        self.register_buffer("palette", torch.rand(spec.vocab, 3) * 2 - 1)  # replaced by k-means before training
+        self.sos = nn.Parameter(torch.zeros(1, 1, d))
+        self.tok_embed = nn.Embedding(spec.vocab, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, h * w, d))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d, spec.heads, spec.mlp_dim, dropout) for _ in range(spec.depth))
+        self.norm = nn.LayerNorm(d, eps=1e-5)
+        self.head = nn.Linear(d, spec.vocab, bias=False)
+        for p in (self.tok_embed.weight, self.pos_embed, self.sos):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def set_palette(self, palette: torch.Tensor) -> None:
+        if palette.shape != self.palette.shape:
+            raise ValueError(f"palette of shape {tuple(palette.shape)}; this model predicts {tuple(self.palette.shape)}")
+        self.palette.copy_(palette)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return quantize(images, self.palette)
+
+    def hidden(self, tokens: torch.Tensor, layers: list[int] | None = None) -> tuple[torch.Tensor, dict]:
+        """Final hidden states (B, N, D) after the LayerNorm, and {k: block k's output} for the asked layers (k = 0:
+        the embeddings). Position t sees tokens < t only."""
+        x = self.tok_embed(tokens[:, :-1])
+        x = torch.cat([self.sos.expand(len(tokens), -1, -1), x], dim=1) + self.pos_embed[:, :tokens.shape[1]]
+        x = self.drop(x)
+        out = {0: x} if layers and 0 in layers else {}
+        for k, block in enumerate(self.blocks, start=1):
+            x, _ = block(x, causal=True)
+            if layers and k in layers:
+                out[k] = x
+        return self.norm(x), out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Next-pixel logits (B, H·W, K) for the image's own tokens: logits[:, t] predicts token t."""
+        h, _ = self.hidden(self.tokens(images))
+        return self.head(h)
+
+    def nll(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood per pixel, in nats (÷ ln 2 for bits per pixel token)."""
+        tokens = self.tokens(images)
+        h, _ = self.hidden(tokens)
+        return F.cross_entropy(self.head(h).flatten(0, 1).float(), tokens.flatten())
+
+    def layer_features(self, images: torch.Tensor, layers: list[int], pool: str = "mean") -> list[torch.Tensor]:
+        """iGPT's linear-probe features: layer l's outputs averaged over all positions (f^l = ⟨n^l_i⟩_i)."""
+        if pool != "mean":
+            raise ValueError(f"pool: {pool!r}; iGPT has no class token, its probes average over positions")
+        bad = [k for k in layers if not 0 <= k <= len(self.blocks)]
+        if bad:
+            raise ValueError(f"layer {bad[0]}: this model has layers 0..{len(self.blocks)}")
+        _, out = self.hidden(self.tokens(images), layers)
+        return [out[k].mean(1) for k in layers]
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        h, _ = self.hidden(self.tokens(images))
+        return h.mean(1)
+
+    @torch.no_grad()
+    def sample(self, n: int, prefix: torch.Tensor | None = None, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Tokens (n, H·W): continue `prefix` (n, t) — e.g. the top half of images — or sample from scratch."""
+        length = self.size[0] * self.size[1]
+        tokens = prefix.clone() if prefix is not None else torch.zeros(n, 0, dtype=torch.long, device=self.palette.device)
+        while tokens.shape[1] < length:
+            padded = torch.cat([tokens, tokens.new_zeros(n, 1)], dim=1)  # the last input token is never read
+            h, _ = self.hidden(padded)
+            probs = (self.head(h[:, -1]) / temperature).softmax(-1)
+            tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        return tokens
+
+
+BUILDERS["igpt"] = IGPT
