@@ -42,3 +42,18 @@ def test_sampling_and_probe_features_have_the_right_shapes():
     assert [f.shape for f in feats] == [(2, 64)] * 3
     # At initialisation the next-pixel loss is close to uniform over the palette: ln 16 nats.
     assert abs(model.nll(torch.rand(8, 3, 4, 4) * 2 - 1).item() - torch.log(torch.tensor(16.0)).item()) < 0.1
+
+
+def test_palette_from_real_digit_pixels_reconstructs_them():
+    import numpy as np
+
+    from vitray.data.datasets import digits_arrays
+    from vitray.tasks.pixels import fit_palette
+
+    images, _ = digits_arrays("train")
+    rgb = np.repeat(images[:200, ..., None], 3, axis=-1)  # grayscale → RGB, as the pipeline decodes them
+    palette = fit_palette(rgb, 8)
+    assert palette.shape == (8, 3) and np.all(np.diff(palette.sum(1)) >= 0)
+    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 127.5 - 1
+    error = (dequantize(quantize(x, torch.from_numpy(palette)), torch.from_numpy(palette), (8, 8)) - x).abs().mean()
+    assert error < 0.05  # 8 grey levels for 17 ink levels: each pixel within about one level
