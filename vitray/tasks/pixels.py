@@ -39,3 +39,72 @@ def fit_palette(pixels: np.ndarray, colours: int, seed: int = 0) -> np.ndarray:
     else:
         centres = KMeans(n_clusters=colours, n_init=1, random_state=seed).fit(x).cluster_centers_
     return centres[np.argsort(centres.sum(1), kind="stable")].astype(np.float32)
+
+
+PALETTE_FILE = "palette.npy"
+
+
+class PixelTask:
+    """The next-pixel objective (iGPT) for the training loop: the images are their own targets (labels unused);
+    evaluation reports the held-out negative log-likelihood in nats per pixel and in bits per pixel token."""
+
+    metric = "val_bits_per_pixel"
+
+    def __init__(self, cfg, palette_uri: str | None = None, endpoint: Endpoint | None = None):
+        self.cfg, self.palette_uri, self.endpoint = cfg, palette_uri, endpoint
+
+    def decoder(self) -> None:
+        return None  # the classification pipeline's images; the label column is ignored
+
+    def build_model(self):
+        import io
+
+        import torch
+
+        from vitray import storage
+        from vitray.models.registry import build_model
+
+        model = build_model(self.cfg.model.name, image_size=self.cfg.data.image_size, dropout=self.cfg.model.dropout)
+        if self.palette_uri:
+            palette = np.load(io.BytesIO(storage.read_bytes(self.palette_uri, self.endpoint)))
+            model.set_palette(torch.from_numpy(palette))
+        return model
+
+    def to_tensors(self, batch: dict[str, np.ndarray], device, dtype) -> dict:
+        import torch
+
+        images = torch.from_numpy(np.require(batch["image"], requirements="W")).to(device, non_blocking=True)
+        return {"image": images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)}
+
+    def loss(self, model, batch: dict):
+        nll = model.nll(batch["image"]) if hasattr(model, "nll") else model.module.nll(batch["image"])
+        return nll, {}
+
+    def empty_batch(self) -> dict[str, np.ndarray]:
+        s = self.cfg.data.image_size
+        return {"image": np.zeros((1, s, s, 3), np.uint8), "label": np.zeros(1, np.int64)}
+
+    def eval_start(self):
+        import torch
+
+        return torch.zeros(2, dtype=torch.float64)  # [summed NLL in nats, pixels]
+
+    def eval_batch(self, model, batch: dict, state) -> None:
+        import torch
+
+        with torch.no_grad():
+            module = model.module if hasattr(model, "module") else model
+            nll = module.nll(batch["image"])
+        if state is not None:
+            pixels = batch["image"].shape[0] * batch["image"].shape[2] * batch["image"].shape[3]
+            state += torch.tensor([nll.item() * pixels, pixels], dtype=torch.float64)
+
+    def eval_end(self, state, device, export=None) -> dict[str, float]:
+        import math
+
+        import torch.distributed as dist
+
+        totals = state.to(device)
+        dist.all_reduce(totals)
+        nats = (totals[0] / totals[1]).item()
+        return {"val_nll": nats, "val_bits_per_pixel": nats / math.log(2)}
