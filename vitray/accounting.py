@@ -96,9 +96,18 @@ def detr_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int
     return flops + spec.encoder_depth * encoder + spec.depth * decoder
 
 
+def igpt_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int = 0, representation_size: int = 0) -> float:
+    """One token per pixel: the transformer over n = H·W tokens (causal attention still computes the full n×n
+    scores in the fused kernel's count), the palette head, and the nearest-colour search of the quantiser."""
+    h, w = _side(image_size)
+    n = h * w
+    return _transformer_flops(spec, n) + 2.0 * n * spec.width * spec.vocab + 2.0 * n * spec.vocab * 3
+
+
 def forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, pre_logits: bool = False) -> float:
     """Analytic forward FLOPs per image of any registered model (`pre_logits`: with the pretraining tanh layer)."""
-    fn = {"bit": resnet_forward_flops, "detr": detr_forward_flops}.get(spec.family, vit_forward_flops)
+    fn = {"bit": resnet_forward_flops, "detr": detr_forward_flops, "igpt": igpt_forward_flops}.get(spec.family,
+                                                                                                  vit_forward_flops)
     return fn(spec, image_size, num_classes, spec.features if pre_logits else 0)
 
 

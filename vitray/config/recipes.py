@@ -190,6 +190,18 @@ def detr_backbone_smoke() -> Config:
 DETR_PRESETS = {"smoke": detr_smoke, "r50_coco": detr, "r50_coco_500ep": lambda: detr(epochs=500),
                 "r101_coco": lambda: detr("detr_r101")}
 
+def igpt_smoke() -> Config:
+    """iGPT on a 2-core laptop: the tiny image GPT (4 layers, width 64) on the 8×8 digits with a 16-colour palette
+    (sequences of 64 tokens), labels unused, embedded S3, 2 CPU workers."""
+    return smoke().replace(
+        model=dict(name="igpt_smoke", num_classes=10, dropout=0.0, pre_logits=False),
+        data=dict(image_size=8, crop_area_min=1.0, flip=False),
+        optim=dict(lr=3e-3, weight_decay=0.01, warmup_steps=20, epochs=20),
+    )
+
+
+IGPT_PRESETS = {"smoke": igpt_smoke}
+
 PRESETS = {
     "h14_jft": lambda: pretrain("vit_h14", "jft"),
     "l16_jft": lambda: pretrain("vit_l16", "jft"),

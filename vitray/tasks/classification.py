@@ -65,10 +65,15 @@ class ClassificationTask:
         return {"val_top1": (counts[0] / counts[1]).item()}
 
 
-def make_task(cfg: Config, classes: list[str] | None = None):
-    """The task a config trains: detection for DETR models, classification for everything else."""
-    if get_spec(cfg.model.name).family == "detr":
+def make_task(cfg: Config, classes: list[str] | None = None, palette_uri: str | None = None, endpoint=None):
+    """The task a config trains: detection for DETR, next pixels for iGPT, classification for everything else."""
+    family = get_spec(cfg.model.name).family
+    if family == "detr":
         from vitray.tasks.detection.task import DetectionTask
 
         return DetectionTask(cfg, classes)
+    if family == "igpt":
+        from vitray.tasks.pixels import PixelTask
+
+        return PixelTask(cfg, palette_uri, endpoint)
     return ClassificationTask(cfg)

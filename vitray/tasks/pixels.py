@@ -77,8 +77,14 @@ class PixelTask:
         return {"image": images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)}
 
     def loss(self, model, batch: dict):
-        nll = model.nll(batch["image"]) if hasattr(model, "nll") else model.module.nll(batch["image"])
-        return nll, {}
+        """Next-pixel cross-entropy. The forward pass goes through `model` (the DeepSpeed engine: ZeRO-3 gathers
+        parameters there); the targets are the image's own palette indices."""
+        import torch.nn.functional as F
+
+        module = model.module if hasattr(model, "module") else model
+        targets = module.tokens(batch["image"])
+        logits = model(batch["image"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), {}
 
     def empty_batch(self) -> dict[str, np.ndarray]:
         s = self.cfg.data.image_size

@@ -32,6 +32,7 @@ class Plan:
     resume: bool
     reshard: bool = False  # resuming on another number of workers: through the universal checkpoint
     classes: tuple[str, ...] = ()  # the training manifest's class (category) names
+    palette_uri: str = ""  # iGPT: the k-means colour palette the run trains with (<run>/palette.npy)
 
     def to_worker(self) -> dict:
         d = dataclasses.asdict(self)
@@ -262,6 +263,7 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
     if not ray.is_initialized():
         init_ray()
     check_cluster(cfg)
+    plan = with_palette(cfg, plan)
     try:
         result = fit(cfg, plan, timeline, callbacks)
     except Exception as e:  # Ray Train V2 raises the workers' error (e.g. a non-finite loss) from fit()
@@ -289,6 +291,31 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
         if log_uri != "none":
             append_jsonl(log_uri, row, plan.endpoint)
     return summary
+
+
+def with_palette(cfg: Config, plan: Plan) -> Plan:
+    """iGPT runs: k-means the colour palette from a sample of the training pixels (a Ray Data job), once per run,
+    saved as <run>/palette.npy; a resumed run keeps its own."""
+    from vitray.models.registry import get_spec
+
+    spec = get_spec(cfg.model.name)
+    if spec.family != "igpt":
+        return plan
+    import io
+
+    import numpy as np
+
+    from vitray.tasks.pixels import PALETTE_FILE, fit_palette, sample_pixels
+
+    uri = storage.join(plan.run_uri, PALETTE_FILE)
+    if not storage.exists(uri, plan.endpoint):
+        palette = fit_palette(sample_pixels(plan.train_uri, plan.endpoint, cfg.data.image_size, seed=cfg.seed),
+                              spec.vocab, cfg.seed)
+        buf = io.BytesIO()
+        np.save(buf, palette)
+        storage.write_bytes(uri, buf.getvalue(), plan.endpoint)
+        print(f"palette: {spec.vocab} colours by k-means → {uri}", flush=True)
+    return dataclasses.replace(plan, palette_uri=uri)
 
 
 def cost_row(cfg: Config, plan: Plan, metrics: dict, estimate) -> dict:

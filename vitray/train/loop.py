@@ -51,7 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
     resharded = bool(plan.get("reshard")) and resume_from is not None and _saved_world(resume_from) != world
     position, rng_state = checkpoint.read_position(resume_from, resharded)
     d = cfg.data
-    task = make_task(cfg, plan.get("classes"))
+    task = make_task(cfg, plan.get("classes"), plan.get("palette_uri"), endpoint)
     train_data = TrainStream(plan["train_uri"], endpoint, rank, world, d.image_size, cfg.seed, cfg.optim.micro_batch,
                              d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples, task.decoder())
     stream = start_early(micro_batches(train_data.epoch, cfg.optim.micro_batch, position, rank))
