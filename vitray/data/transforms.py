@@ -47,8 +47,11 @@ def inception_crop(img: Image.Image, size: int, rng: np.random.Generator, area_m
 
 
 def center_crop(img: Image.Image, size: int, resize_ratio: float = 256 / 224) -> Image.Image:
-    """Resize the short side to size·ratio (up if the image is smaller), then crop the centre size×size."""
+    """Resize the short side to size·ratio (up if the image is smaller), then crop the centre size×size. An image
+    already size×size passes unchanged: resizing it up and cropping back would only blur it (iGPT's 8 px digits)."""
     w, h = img.size
+    if (w, h) == (size, size):
+        return img
     scale = size * resize_ratio / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     img = img.resize((nw, nh), Image.BICUBIC)
