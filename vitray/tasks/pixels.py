@@ -114,3 +114,60 @@ class PixelTask:
         dist.all_reduce(totals)
         nats = (totals[0] / totals[1]).item()
         return {"val_nll": nats, "val_bits_per_pixel": nats / math.log(2)}
+
+
+def samples_png(model, images: np.ndarray, completions: int = 3, unconditional: int = 8, seed: int = 0,
+                cell: int = 48) -> bytes:
+    """A PNG grid: per held-out image (uint8 (n, S, S, 3)) its quantised original, its top half, and `completions`
+    continuations of that half sampled from the model; then a row of unconditional samples. Everything is drawn
+    through the palette, so the pictures show exactly what the model sees and predicts."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from vitray.models.igpt import dequantize
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = model.size
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    tokens = model.tokens(x)
+    half = tokens[:, : (h // 2) * w]
+    rows = []
+    for i in range(len(images)):
+        top = torch.cat([half[i:i + 1], torch.zeros(1, h * w - half.shape[1], dtype=torch.long)], dim=1)
+        done = model.sample(completions, prefix=half[i:i + 1].expand(completions, -1), generator=g)
+        row = torch.cat([tokens[i:i + 1], top, done])
+        rows.append(dequantize(row, model.palette, (h, w)))
+    free = dequantize(model.sample(unconditional, generator=g), model.palette, (h, w))
+    cols = max(completions + 2, unconditional)
+    canvas = Image.new("RGB", (cols * cell, (len(rows) + 1) * cell), "white")
+    for r, batch in enumerate([*rows, free]):
+        for c, img in enumerate(batch):
+            pixels = ((img.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            canvas.paste(Image.fromarray(pixels).resize((cell - 4, cell - 4), Image.NEAREST), (c * cell + 2, r * cell + 2))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def probe_png(accuracy: dict[int, float], title: str = "Linear probe accuracy by layer") -> bytes:
+    """Accuracy of the linear probe on each layer's mean-pooled features against depth (iGPT Figure 3)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(accuracy)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    ax.plot(layers, [100 * accuracy[k] for k in layers], "o-")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("linear probe accuracy (%)")
+    ax.set_title(title)
+    ax.set_xticks(layers)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
