@@ -44,18 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         from vitray.storage import embedded_unless
         from vitray.train import launch
 
-        chain = False
         try:
             with embedded_unless(cfg.storage.uri) as embedded:
-                if chain:  # pretrain the backbone as a digit classifier first, into the same storage
-                    from vitray.config.recipes import detr_backbone_smoke
-
-                    base = detr_backbone_smoke().replace(storage=dict(uri=cfg.storage.uri,
-                                                                      endpoint_url=cfg.storage.endpoint_url))
-                    backbone = launch.run(base, embedded=embedded)
-                    print(json.dumps({"backbone": backbone}), flush=True)
-                    cfg = cfg.replace(transfer=dict(init_from=backbone["checkpoint"]))
                 summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
+                if cfg.data.val_uri or cfg.data.builtin:
+                    summary.update(report(cfg, summary, embedded))
         except launch.TrainingFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -64,6 +57,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(summary))
     return 0
+
+
+def report(cfg, summary: dict, embedded) -> dict:
+    """After training: a linear probe on every layer's mean-pooled features (train split → held-out split, Ray Data
+    model actors) and the samples grid, both written next to the checkpoint as PNG + JSON."""
+    from vitray import storage
+    from vitray.eval.features import extract
+    from vitray.eval.inspect import load_images
+    from vitray.eval.linear import linear_probe
+    from vitray.tasks.pixels import probe_png, samples_png
+    from vitray.train.checkpoint import load_model
+
+    endpoint = embedded.endpoint if embedded else storage.Endpoint(url=cfg.storage.endpoint_url or None)
+    ckpt = summary["checkpoint"]
+    data = storage.join(summary["run"].rsplit("/runs/", 1)[0], "datasets", "digits") if cfg.data.builtin else None
+    train_uri = cfg.data.train_uri or storage.join(data, "train")
+    val_uri = cfg.data.val_uri or storage.join(data, "val")
+    model, _ = load_model(ckpt, endpoint)
+    layers = list(range(model.spec.depth + 1))
+    size = cfg.data.image_size
+    tx, ty = extract(ckpt, train_uri, endpoint, size, layers=layers)
+    vx, vy = extract(ckpt, val_uri, endpoint, size, layers=layers)
+    probes = {k: linear_probe(tx[k], ty, vx[k], vy) for k in layers}
+    images, _ = load_images(val_uri, endpoint, 6, (size, size))
+    storage.write_bytes(storage.join(ckpt, "probes.png"), probe_png(probes), endpoint)
+    storage.write_bytes(storage.join(ckpt, "samples.png"), samples_png(model.eval(), images), endpoint)
+    storage.write_bytes(storage.join(ckpt, "probes.json"), json.dumps(probes).encode(), endpoint)
+    best = max(probes, key=probes.get)
+    return {"linear_probe": probes, "best_layer": best, "figures": [storage.join(ckpt, n) for n in ("probes.png", "samples.png")]}
 
 
 if __name__ == "__main__":
