@@ -1,7 +1,9 @@
 """Pretrain an image GPT (Chen et al., ICML 2020) without labels on the vitray engine: palette k-means (Ray Data +
-scikit-learn), next-pixel objective, Ray Train + DeepSpeed; held-out NLL in bits per pixel.
+scikit-learn), next-pixel (or BERT masked-pixel) objective, Ray Train + DeepSpeed; held-out NLL in bits per pixel,
+then a linear probe on every layer and a samples grid.
 
     python jobs/pretrain_igpt.py --preset smoke
+    python jobs/pretrain_igpt.py --preset smoke_bert
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="smoke", help=f"recipe: {', '.join(IGPT_PRESETS)} (default smoke)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--model", help="= model.name: detr_r50, detr_r101, detr_smoke")
+    parser.add_argument("--model", help="= model.name: igpt_s, igpt_m, igpt_l, igpt_smoke (+ _bert)")
     parser.add_argument("--run-name", help="= storage.run_name")
     parser.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
     parser.add_argument("--print-config", action="store_true")
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
         validate(cfg)
         if get_spec(cfg.model.name).family != "igpt":
-            raise ConfigError(f"model.name: {cfg.model.name} is not an iGPT model (igpt_s, igpt_m, igpt_l, igpt_smoke)")
+            raise ConfigError(f"model.name: {cfg.model.name} is not an iGPT model (igpt_s, igpt_m, igpt_l, igpt_smoke,"
+                              " each also as *_bert)")
         from vitray.storage import embedded_unless
         from vitray.train import launch
 
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(cfg, summary: dict, embedded) -> dict:
     """After training: a linear probe on every layer's mean-pooled features (train split → held-out split, Ray Data
-    model actors) and the samples grid, both written next to the checkpoint as PNG + JSON."""
+    model actors) and, for the autoregressive objective, the samples grid; written next to the checkpoint."""
     from vitray import storage
     from vitray.eval.features import extract
     from vitray.eval.inspect import load_images
@@ -80,12 +83,15 @@ def report(cfg, summary: dict, embedded) -> dict:
     tx, ty = extract(ckpt, train_uri, endpoint, size, layers=layers)
     vx, vy = extract(ckpt, val_uri, endpoint, size, layers=layers)
     probes = {k: linear_probe(tx[k], ty, vx[k], vy) for k in layers}
-    images, _ = load_images(val_uri, endpoint, 6, (size, size))
-    storage.write_bytes(storage.join(ckpt, "probes.png"), probe_png(probes), endpoint)
-    storage.write_bytes(storage.join(ckpt, "samples.png"), samples_png(model.eval(), images), endpoint)
+    figures = {"probes.png": probe_png(probes)}
+    if not model.spec.bert:  # a BERT model does not sample pixel by pixel
+        images, _ = load_images(val_uri, endpoint, 6, (size, size))
+        figures["samples.png"] = samples_png(model.eval(), images)
+    for name, png in figures.items():
+        storage.write_bytes(storage.join(ckpt, name), png, endpoint)
     storage.write_bytes(storage.join(ckpt, "probes.json"), json.dumps(probes).encode(), endpoint)
     best = max(probes, key=probes.get)
-    return {"linear_probe": probes, "best_layer": best, "figures": [storage.join(ckpt, n) for n in ("probes.png", "samples.png")]}
+    return {"linear_probe": probes, "best_layer": best, "figures": [storage.join(ckpt, n) for n in figures]}
 
 
 if __name__ == "__main__":

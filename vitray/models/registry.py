@@ -136,6 +136,7 @@ class IGPTSpec:
     depth: int
     heads: int
     vocab: int = 512  # the 9-bit colour palette
+    bert: bool = False  # the paper's alternative objective: predict masked pixels, attention both ways
     family: str = "igpt"
 
     @property
@@ -154,6 +155,8 @@ MODELS["igpt_s"] = IGPTSpec(width=512, depth=24, heads=8)
 MODELS["igpt_m"] = IGPTSpec(width=1024, depth=36, heads=8)
 MODELS["igpt_l"] = IGPTSpec(width=1536, depth=48, heads=16)
 MODELS["igpt_smoke"] = IGPTSpec(width=64, depth=4, heads=4, vocab=16)
+for _name in ("igpt_s", "igpt_m", "igpt_l", "igpt_smoke"):  # the same sizes trained with the BERT objective
+    MODELS[f"{_name}_bert"] = dataclasses.replace(MODELS[_name], bert=True)
 
 # family → function(spec, **model kwargs) -> torch.nn.Module; filled by the modules that define the family.
 BUILDERS: dict[str, Callable] = {}

@@ -45,8 +45,9 @@ PALETTE_FILE = "palette.npy"
 
 
 class PixelTask:
-    """The next-pixel objective (iGPT) for the training loop: the images are their own targets (labels unused);
-    evaluation reports the held-out negative log-likelihood in nats per pixel and in bits per pixel token."""
+    """iGPT's objective for the training loop: the images are their own targets (labels unused). Evaluation
+    reports the held-out negative log-likelihood of the predicted tokens (all of them, or BERT's masked ones) in
+    nats and in bits per pixel token."""
 
     metric = "val_bits_per_pixel"
 
@@ -77,14 +78,17 @@ class PixelTask:
         return {"image": images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)}
 
     def loss(self, model, batch: dict):
-        """Next-pixel cross-entropy. The forward pass goes through `model` (the DeepSpeed engine: ZeRO-3 gathers
-        parameters there); the targets are the image's own palette indices."""
+        """Cross-entropy of the image's own palette indices: every next pixel, or (BERT) the masked pixels. The
+        forward pass goes through `model` (the DeepSpeed engine: ZeRO-3 gathers parameters there)."""
         import torch.nn.functional as F
 
         module = model.module if hasattr(model, "module") else model
         targets = module.tokens(batch["image"])
-        logits = model(batch["image"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), {}
+        mask = module.draw_mask(targets)
+        logits = model(batch["image"], mask)
+        if mask is not None:
+            logits, targets = logits[mask], targets[mask]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.flatten()), {}
 
     def empty_batch(self) -> dict[str, np.ndarray]:
         s = self.cfg.data.image_size
@@ -93,17 +97,17 @@ class PixelTask:
     def eval_start(self):
         import torch
 
-        return torch.zeros(2, dtype=torch.float64)  # [summed NLL in nats, pixels]
+        self._masks = torch.Generator().manual_seed(0)  # BERT: the same held-out masks at every evaluation
+        return torch.zeros(2, dtype=torch.float64)  # [summed NLL in nats, tokens predicted]
 
     def eval_batch(self, model, batch: dict, state) -> None:
         import torch
 
         with torch.no_grad():
             module = model.module if hasattr(model, "module") else model
-            nll = module.nll(batch["image"])
+            nats, count = module.nll(batch["image"], self._masks)
         if state is not None:
-            pixels = batch["image"].shape[0] * batch["image"].shape[2] * batch["image"].shape[3]
-            state += torch.tensor([nll.item() * pixels, pixels], dtype=torch.float64)
+            state += torch.tensor([nats.item(), count], dtype=torch.float64)
 
     def eval_end(self, state, device, export=None) -> dict[str, float]:
         import math
