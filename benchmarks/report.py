@@ -57,6 +57,13 @@ def main() -> None:
             f"| DETR smoke: `detr_smoke` on 64 px digit canvases, 2 CPU workers, {d['steps']} steps | held-out AP50 "
             f"{f['val_AP50']:.3f}, AP {f['val_AP']:.3f}, {d['wall_s']:.0f} s with backbone pretraining | — | — | "
             f"AP50 ≥ 0.3 — {verdict(f['val_AP50'] >= 0.3)} |")
+    g = load("igpt_smoke")
+    for preset, r in (g or {}).get("runs", {}).items():
+        probes = " / ".join(f"{v:.2f}" for _, v in sorted(r["probe_by_layer"].items(), key=lambda kv: int(kv[0])))
+        rows.append(
+            f"| iGPT `{preset}`: 8×8 digits, 16 colours, {r['steps']} steps | held-out NLL {r['val_nll']:.2f} nats "
+            f"(uniform {g['uniform_nll']:.2f}); probes by layer {probes}; {r['wall_s']:.0f} s | — | — | NLL < 0.7 × "
+            f"uniform — {verdict(r['val_nll'] < 0.7 * g['uniform_nll'])} |")
     t = load("peer_timm")
     for r in (t or {}).get("rows", []):
         ours, theirs = r["vitray_images_per_s"], r["timm_images_per_s"]
