@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from vitray import storage
     from vitray.config import ConfigError, smoke
     from vitray.data.shards import DataError, read_manifest
-    from vitray.eval.features import FINAL, extract, top1
+    from vitray.eval.features import FINAL, extract_splits, top1
     from vitray.eval.linear import fewshot, linear_probe
     from vitray.train import launch
 
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["top1"] = {"accuracy": accuracy, "samples": count}
             if {"fewshot", "probe"} & set(asked):
                 wanted = sorted(set(layers) | ({FINAL} if "fewshot" in asked else set()), key=str)
-                tx, ty = extract(ckpt, train, layers=wanted, pool=args.pool, **common)
-                vx, vy = extract(ckpt, test, layers=wanted, pool=args.pool, **common)
+                (tx, ty), (vx, vy) = extract_splits(ckpt, [train, test], layers=wanted, pool=args.pool, **common)
                 result.update(train_samples=len(ty), test_samples=len(vy))
                 if "fewshot" in asked:
                     result["fewshot"] = {str(k): {"mean": m, "std": s} for k, (m, s) in fewshot(

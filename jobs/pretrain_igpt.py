@@ -66,7 +66,7 @@ def report(cfg, summary: dict, embedded) -> dict:
     """After training: a linear probe on every layer's mean-pooled features (train split → held-out split, Ray Data
     model actors) and, for the autoregressive objective, the samples grid; written next to the checkpoint."""
     from vitray import storage
-    from vitray.eval.features import extract
+    from vitray.eval.features import extract_splits
     from vitray.eval.inspect import load_images
     from vitray.eval.linear import linear_probe
     from vitray.tasks.pixels import probe_png, samples_png
@@ -80,8 +80,7 @@ def report(cfg, summary: dict, embedded) -> dict:
     model, _ = load_model(ckpt, endpoint)
     layers = list(range(model.spec.depth + 1))
     size = cfg.data.image_size
-    tx, ty = extract(ckpt, train_uri, endpoint, size, layers=layers)
-    vx, vy = extract(ckpt, val_uri, endpoint, size, layers=layers)
+    (tx, ty), (vx, vy) = extract_splits(ckpt, [train_uri, val_uri], endpoint, size, layers=layers)
     probes = {k: linear_probe(tx[k], ty, vx[k], vy) for k in layers}
     figures = {"probes.png": probe_png(probes)}
     if not model.spec.bert:  # a BERT model does not sample pixel by pixel

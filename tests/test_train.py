@@ -143,11 +143,11 @@ def test_finetune_from_checkpoint_with_ema_that_survives_resume(ray_cluster, s3,
 
 
 def test_frozen_features_over_ray_data_for_fewshot(ray_cluster, s3, digits, pretrained):
-    from vitray.eval.features import FINAL, extract
+    from vitray.eval.features import FINAL, extract_splits
     from vitray.eval.linear import fewshot, linear_probe
 
-    train, ty = extract(pretrained, digits["train"], s3.endpoint, image_size=16, layers=(FINAL, 1))
-    val, vy = extract(pretrained, digits["val"], s3.endpoint, image_size=16, layers=(FINAL, 1))
+    (train, ty), (val, vy) = extract_splits(pretrained, [digits["train"], digits["val"]], s3.endpoint, image_size=16,
+                                            layers=(FINAL, 1))
     # Every sample exactly once; pre-logit width 64, and the width-64 tokens after block 1, in one pass.
     assert train[FINAL].shape == train[1].shape == (1500, 64) and val[FINAL].shape == (297, 64)
     assert sorted(set(ty.tolist())) == list(range(10))

@@ -100,12 +100,11 @@ def transfer_accuracy(study: Study, cfg: Config, checkpoint: str, endpoint: Endp
     """fewshot: k-shot ridge regression on the frozen pre-logit features (mean over 5 draws of the shots);
     finetune: held-out top-1 after the study's fine-tuning recipe, started from the checkpoint."""
     if study.transfer == "fewshot":
-        from vitray.eval.features import FINAL, extract
+        from vitray.eval.features import FINAL, extract_splits
         from vitray.eval.linear import fewshot
 
         common = dict(endpoint=endpoint, image_size=cfg.data.image_size, actors=1)
-        tx, ty = extract(checkpoint, study.transfer_train, **common)
-        vx, vy = extract(checkpoint, study.transfer_test, **common)
+        (tx, ty), (vx, vy) = extract_splits(checkpoint, [study.transfer_train, study.transfer_test], **common)
         mean, _ = fewshot(tx[FINAL], ty, vx[FINAL], vy, shots=(study.shots,), seeds=tuple(range(5)))[study.shots]
         return mean
     from vitray.train import launch
