@@ -26,30 +26,21 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vitray.config import DETR_PRESETS, ConfigError, apply_overrides, model_override, preset  # noqa: E402
+from vitray.config import DETR_PRESETS, ConfigError  # noqa: E402
+from vitray.config.recipes import add_job_arguments, job_config  # noqa: E402
+
+MODELS = "detr_r50, detr_r101, detr_smoke"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="smoke", help=f"recipe: {', '.join(DETR_PRESETS)} (default smoke)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--model", help="= model.name: detr_r50, detr_r101, detr_smoke")
-    parser.add_argument("--run-name", help="= storage.run_name")
-    parser.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
-    parser.add_argument("--print-config", action="store_true")
+    add_job_arguments(parser, DETR_PRESETS, MODELS)
     args = parser.parse_args(argv)
     try:
-        extra = ([f"storage.run_name={args.run_name}"] if args.run_name else []) + model_override(args.model)
-        cfg = apply_overrides(preset(args.preset, DETR_PRESETS), args.overrides + extra)
+        cfg = job_config(args, DETR_PRESETS, "detr", MODELS)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1))
             return 0
-        from vitray.config import validate
-        from vitray.models.registry import get_spec
-
-        validate(cfg)
-        if get_spec(cfg.model.name).family != "detr":
-            raise ConfigError(f"model.name: {cfg.model.name} is not a DETR model (detr_r50, detr_r101, detr_smoke)")
         from vitray.storage import embedded_unless
         from vitray.train import launch
 
