@@ -66,11 +66,12 @@ def main() -> None:
             f"uniform — {verdict(r['val_nll'] < 0.7 * g['uniform_nll'])} |")
     t = load("peer_timm")
     for r in (t or {}).get("rows", []):
-        ours, theirs = r["vitray_images_per_s"], r["timm_images_per_s"]
+        q1, q3 = r["ratio_quartiles"]
         rows.append(
-            f"| train step `{r['vitray']}` vs timm `{r['timm']}` ({t['what'].split(', ', 1)[1]}) "
-            f"| {min(ours):.2f}–{max(ours):.2f} img/s | {min(theirs):.2f}–{max(theirs):.2f} img/s (timm {t['timm']}) "
-            f"| **{r['ratio_median']:.2f}×** | ≥ 1.0× — {verdict(r['ratio_median'] >= 1.0)} |")
+            f"| train step `{r['vitray']}` vs timm `{r['timm']}` ({t['what'].split(', ', 1)[1]}), {r['steps']} "
+            f"alternating steps each | {r['vitray_images_per_s']:.2f} img/s (median step) | "
+            f"{r['timm_images_per_s']:.2f} img/s (timm {t['timm']}) | **{r['ratio_median']:.2f}×** (quartiles "
+            f"{q1:.2f}–{q3:.2f}) | ≥ 1.0× — {verdict(r['ratio_median'] >= 1.0)} |")
     m = (i or s or {}).get("machine", {})
     print(f"Measured on {m.get('cores')} cores ({m.get('cpu')}), {m.get('memory_gib')} GiB, GPU: {m.get('gpu')}; "
           f"Python {m.get('python')}, Ray {m.get('ray')}, torch {m.get('torch')}, DeepSpeed {m.get('deepspeed')}.\n")

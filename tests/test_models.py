@@ -50,6 +50,34 @@ def test_explicit_attention_matches_fused_path():
     assert torch.allclose(attention[0].sum(-1), torch.ones(2, 2, 17))
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_test", "hybrid_tiny_test"])
+def test_class_token_only_last_block_gives_the_same_logits_and_gradients(name):
+    """The classifier reads only the class token, so the last block computes only its output; logits and every
+    parameter's gradient must equal those of running all tokens through it."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, image_size=32)
+    torch.nn.init.normal_(model.head.weight)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 4])
+    full = model.head(model.encode(x)[0][:, 0])
+    short = model(x)
+    assert full.shape == short.shape == (3, 5) and torch.allclose(full, short, atol=1e-5)
+    grads = []
+    for logits in (full, model(x)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+    with torch.no_grad():  # and it is less work: the last block's MLP runs on one token per image
+        from torch.utils.flop_counter import FlopCounterMode
+        counts = []
+        for run in (lambda: model.encode(x), lambda: model(x)):
+            with FlopCounterMode(display=False) as counter:
+                run()
+            counts.append(counter.get_total_flops())
+    assert counts[1] < counts[0]
+
+
 def test_patch_must_divide_image():
     with pytest.raises(ValueError, match="not divisible by patch size 8"):
         build_model("vit_tiny_test", num_classes=2, image_size=30)

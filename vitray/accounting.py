@@ -61,41 +61,47 @@ def _resnet_flops(blocks: tuple[int, ...], width: int, image_size,
     return flops, hw, cin
 
 
-def _transformer_flops(spec, n: int) -> float:
-    """L encoder blocks over n tokens: qkv, QKᵀ and AV, output projection, MLP (2 FLOPs per multiply-add)."""
+def _transformer_flops(spec, n: int, last_queries: int | None = None) -> float:
+    """L encoder blocks over n tokens: qkv, QKᵀ and AV, output projection, MLP (2 FLOPs per multiply-add).
+    `last_queries`: the last block computes only that many tokens' outputs (qkv still for all n)."""
     d, m = spec.width, spec.mlp_dim
-    return 2.0 * spec.depth * (n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * m)
+
+    def block(q: int) -> float:
+        return n * d * 3 * d + 2 * q * n * d + q * d * d + 2 * q * d * m
+
+    return 2.0 * ((spec.depth - 1) * block(n) + block(last_queries or n))
 
 
 def vit_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, representation_size: int = 0,
-                      skip_padding: bool = False) -> float:
-    """Forward FLOPs for one image: 2·[patch embed + L·(12·N·D² + 2·N²·D) + pre-logits + head] with MLP ratio 4.
+                      paper: bool = False) -> float:
+    """Forward FLOPs for one image: 2·[patch embed + L·(12·N·D² + 2·N²·D) + pre-logits + head] with MLP ratio 4,
+    less what vitray's last block skips (it computes only the class token: `ViT.encode`) unless `paper`.
     Hybrids replace the patch embedding by their ResNet and a 1×1 projection of its feature map."""
     h, w = _side(image_size)
     d = spec.width
     if spec.family == "hybrid":
-        embed, grid, channels = _resnet_flops(spec.resnet, spec.resnet_width, (h, w), skip_padding)
+        embed, grid, channels = _resnet_flops(spec.resnet, spec.resnet_width, (h, w), skip_padding=paper)
         embed += _conv(channels, d, 1, grid)[0]
         n = grid[0] * grid[1] + 1
     else:
         n = spec.tokens((h, w))  # includes the class token
         embed = 2.0 * (n - 1) * 3 * spec.patch**2 * d
     head = 2.0 * (d * representation_size + (representation_size or d) * num_classes)
-    return embed + _transformer_flops(spec, n) + head
+    return embed + _transformer_flops(spec, n, None if paper else 1) + head
 
 
 def resnet_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, representation_size: int = 0,
-                         skip_padding: bool = False) -> float:
-    flops, _, channels = _resnet_flops(spec.blocks, spec.width, image_size, skip_padding)
+                         paper: bool = False) -> float:
+    flops, _, channels = _resnet_flops(spec.blocks, spec.width, image_size, skip_padding=paper)
     return flops + 2.0 * (channels * representation_size + (representation_size or channels) * num_classes)
 
 
 def detr_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, representation_size: int = 0,
-                       skip_padding: bool = False) -> float:
+                       paper: bool = False) -> float:
     """Backbone and 1×1 projection; encoder self-attention over the n = h·w feature cells; decoder self-attention
     over the Q queries and cross-attention from them to the n cells; FFNs; class and box heads on every decoder
     layer (the auxiliary outputs are computed too)."""
-    flops, grid, channels = _resnet_flops(spec.backbone, spec.backbone_width, image_size, skip_padding)
+    flops, grid, channels = _resnet_flops(spec.backbone, spec.backbone_width, image_size, skip_padding=paper)
     d, m, q = spec.width, spec.mlp_dim, spec.queries
     n = grid[0] * grid[1]
     flops += _conv(channels, d, 1, grid)[0]
@@ -108,7 +114,7 @@ def detr_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int
 
 
 def igpt_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int = 0, representation_size: int = 0,
-                       skip_padding: bool = False) -> float:
+                       paper: bool = False) -> float:
     """One token per pixel: the transformer over n = H·W tokens (causal attention still computes the full n×n
     scores in the fused kernel's count), the palette head, and the nearest-colour search of the quantiser."""
     h, w = _side(image_size)
@@ -117,12 +123,14 @@ def igpt_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int
 
 
 def forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, pre_logits: bool = False,
-                  skip_padding: bool = False) -> float:
-    """Analytic forward FLOPs per image of any registered model (`pre_logits`: with the pretraining tanh layer;
-    `skip_padding`: XLA's convention of not charging convolution taps on padding, see `_conv`)."""
+                  paper: bool = False) -> float:
+    """Analytic forward FLOPs per image of any registered model (`pre_logits`: with the pretraining tanh layer).
+    By default what vitray's model computes (FlopCounterMode's count; MFU uses it). `paper`: as the ViT paper's
+    Table 6 counted — XLA's rule of not charging convolution taps on padding (see `_conv`), and every token
+    through every block."""
     fn = {"bit": resnet_forward_flops, "detr": detr_forward_flops, "igpt": igpt_forward_flops}.get(spec.family,
                                                                                                   vit_forward_flops)
-    return fn(spec, image_size, num_classes, spec.features if pre_logits else 0, skip_padding)
+    return fn(spec, image_size, num_classes, spec.features if pre_logits else 0, paper)
 
 
 def train_flops_per_image(forward_flops: float) -> float:

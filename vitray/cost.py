@@ -195,15 +195,15 @@ def check_fits(est: Estimate) -> None:
 
 
 def paper_exaflops(model: str, epochs: float, num_images: float = 303e6, image_size: int = 224,
-                   num_classes: int = 18291, skip_padding: bool = True) -> float:
+                   num_classes: int = 18291, paper: bool = True) -> float:
     """Pretraining compute as Table 6 counts it: images × epochs × 3 × forward FLOPs (with the pre-logits layer),
     convolution taps on padding not charged — XLA's cost analysis, which the paper's TPU code reported. That rule
-    is what brings BiT's rows from 3.5–5 % above the table to within 1 %; ViT has no padded convolutions."""
+    is what brings BiT's rows from 3.5–5 % above the table to within 1 %; ViT has no padded convolutions.
+    `paper=False`: the same schedule counted as vitray's models compute it."""
     from vitray.models.registry import get_spec
 
     spec = get_spec(model)
-    fwd = accounting.forward_flops(spec, image_size, num_classes, pre_logits=spec.family != "bit",
-                                 skip_padding=skip_padding)
+    fwd = accounting.forward_flops(spec, image_size, num_classes, pre_logits=spec.family != "bit", paper=paper)
     return num_images * epochs * accounting.train_flops_per_image(fwd) / 1e18
 
 

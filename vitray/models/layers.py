@@ -19,9 +19,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False, causal: bool = False):
+    def forward(self, x: torch.Tensor, need_weights: bool = False, causal: bool = False, queries: int | None = None):
+        """`queries`: attend from the first `queries` tokens only (to all N keys). One qkv projection serves both
+        cases: slicing its weight instead would bypass the module call that ZeRO-3 gathers parameters on."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3×(B,h,N,d_h)
+        if queries is not None:
+            assert not causal, "a causal mask needs every query"
+            q = q[:, :, :queries]
         weights = None
         if need_weights:
             scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
@@ -31,7 +36,7 @@ class Attention(nn.Module):
             out = weights @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        out = out.transpose(1, 2).reshape(b, n, d)
+        out = out.transpose(1, 2).reshape(b, q.shape[2], d)
         return self.drop(self.proj(out)), weights
 
 
@@ -47,7 +52,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x)) (paper Eq. 2–3)."""
+    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x)) (paper Eq. 2–3). With `queries` = k only the
+    first k tokens' outputs are computed — exact for them, since every token still serves as a key and value."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -56,7 +62,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, mlp_dim, dropout)
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False, causal: bool = False):
-        a, weights = self.attn(self.norm1(x), need_weights, causal)
-        x = x + a
+    def forward(self, x: torch.Tensor, need_weights: bool = False, causal: bool = False, queries: int | None = None):
+        a, weights = self.attn(self.norm1(x), need_weights, causal, queries)
+        x = x[:, :queries] + a
         return x + self.mlp(self.norm2(x)), weights

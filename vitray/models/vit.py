@@ -99,21 +99,25 @@ class ViT(nn.Module):
         self.num_classes = num_classes
         return self
 
-    def encode(self, images: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All output tokens after the final LayerNorm (B, N+1, D), and per-layer attention weights if asked."""
+    def encode(self, images: torch.Tensor, need_weights: bool = False,
+               class_only: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All output tokens after the final LayerNorm (B, N+1, D), and per-layer attention weights if asked.
+        `class_only`: just the class token (B, 1, D) — the last block then computes only its output, which is
+        exact and spares that block's MLP, projection and N−1 attention rows (~7 % of ViT-B/16's training step;
+        MFU still counts the paper's full FLOPs, so it reads a little low against what is computed)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
         attention = []
-        for block in self.blocks:
-            x, weights = block(x, need_weights)
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, need_weights, queries=1 if class_only and i == len(self.blocks) - 1 else None)
             if need_weights:
                 attention.append(weights)
         return self.norm(x), attention
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pre-logit features (B, representation_size or D): what few-shot and linear probes read."""
-        tokens, _ = self.encode(images)
+        tokens, _ = self.encode(images, class_only=True)
         return self.pre_logits(tokens[:, 0])
 
     def layer_features(self, images: torch.Tensor, layers: list[int], pool: str = "mean") -> list[torch.Tensor]:
@@ -136,7 +140,7 @@ class ViT(nn.Module):
         return [outputs[k] for k in layers]
 
     def forward(self, images: torch.Tensor, return_attention: bool = False):
-        tokens, attention = self.encode(images, need_weights=return_attention)
+        tokens, attention = self.encode(images, need_weights=return_attention, class_only=not return_attention)
         logits = self.head(self.pre_logits(tokens[:, 0]))
         return (logits, attention) if return_attention else logits
 
