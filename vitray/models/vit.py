@@ -104,7 +104,7 @@ class ViT(nn.Module):
         """All output tokens after the final LayerNorm (B, N+1, D), and per-layer attention weights if asked.
         `class_only`: just the class token (B, 1, D) — the last block then computes only its output, which is
         exact and spares that block's MLP, projection and N−1 attention rows (~7 % of ViT-B/16's training step;
-        MFU still counts the paper's full FLOPs, so it reads a little low against what is computed)."""
+        `accounting.forward_flops` counts the block as computed, so MFU is of the work really done)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
