@@ -1,5 +1,5 @@
 """vitray's ViT against timm's implementation of the same configuration: train-step images/s (forward, backward,
-AdamW step) at Ti/16, S/16 and B/16, the two interleaved round by round in one process, reported as a ratio
+AdamW step) at Ti/16, S/16 and B/16, single steps alternating between the two in one process, as a ratio
 (vitray ÷ timm; goal ≥ 1.0). Both use fused attention (SDPA), class token, no pre-logits, a 1000-class head.
 vitray's last block computes only the class token's output (exact: see `ViT.encode`); timm computes all tokens.
 
