@@ -6,7 +6,10 @@
 
     python jobs/evaluate.py --checkpoint s3://bucket/vitray/runs/<run>/step_N --test s3://bucket/cifar10/val \\
         [--train s3://bucket/cifar10/train] [--layers final,8,16] [--endpoint-url URL] [--image-size 224]
+    python jobs/evaluate.py --checkpoint ViT-B_16.npz --train ./cifar10/train --test ./cifar10/val   # released
 On a laptop: python jobs/evaluate.py --smoke   (pretrains the smoke model first, evaluates on the digits)
+    python jobs/evaluate.py --checkpoint runs/<run>/step_N   (a run trained on the built-in digits: --train and
+        --test default to the digits, served again by an embedded S3 server)
 
 --eval defaults to every protocol the arguments allow: top1 when the checkpoint's head has as many classes as
 --test's manifest, fewshot and probe when --train is given. A DETR checkpoint gets COCO box AP on --test instead.
@@ -26,7 +29,7 @@ PROTOCOLS = ("top1", "fewshot", "probe")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="vitray checkpoint folder")
+    p.add_argument("--checkpoint", help="vitray checkpoint folder (<storage>/runs/<run>/step_N) or a released .npz")
     p.add_argument("--test", help="held-out shards")
     p.add_argument("--train", help="shards the few-shot examples and the probe are fitted on")
     p.add_argument("--eval", default="", help=f"comma-separated, of {', '.join(PROTOCOLS)} (default: all that apply)")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from vitray.eval.linear import fewshot, linear_probe
     from vitray.train import launch
 
-    if not args.smoke and not (args.checkpoint and args.test):
+    if not args.smoke and not args.checkpoint:
         p.error("give --checkpoint and --test (and --train for fewshot and probe), or --smoke")
     try:
         asked = [e for e in args.eval.split(",") if e]
@@ -65,23 +68,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result: dict = {}
+    from vitray.checkpoints import CheckpointError, describe
+
     try:
-        with storage.embedded_unless("" if args.smoke else "given") as embedded:
+        about = describe(args.checkpoint, storage.Endpoint(url=args.endpoint_url)) if args.checkpoint else None
+        digits = (about and not args.test and (about["config"] or {}).get("data", {}).get("builtin") == "digits")
+        if args.checkpoint and not args.test and not digits:
+            raise ConfigError("--test: give the held-out shards (the checkpoint was not trained on the built-in digits)")
+        with storage.embedded_unless("" if args.smoke or digits else "given") as embedded:
             endpoint = embedded.endpoint if embedded else storage.Endpoint(url=args.endpoint_url)
             ckpt, train, test = args.checkpoint, args.train, args.test
             if args.smoke:
                 summary = launch.run(smoke(), embedded=embedded)
+                ckpt = summary["checkpoint"]
+                about = describe(ckpt, endpoint)
+            if args.smoke or digits:  # the digits again, into this process's embedded server
+                from vitray.data.datasets import write_digits
+
                 base = f"s3://{embedded.bucket}/datasets/digits"
-                ckpt, train, test = summary["checkpoint"], f"{base}/train", f"{base}/val"
+                write_digits(base, endpoint)
+                train, test = train or f"{base}/train", f"{base}/val"
 
             # Everything checked before Ray starts: the checkpoint, the shards, the protocols, the layers.
-            meta_uri = storage.join(ckpt, "vitray.json")
-            if not storage.exists(meta_uri, endpoint):
-                raise ConfigError(f"--checkpoint: {meta_uri} not found")
-            saved = json.loads(storage.read_bytes(meta_uri, endpoint))["config"]
-            from vitray.models.registry import get_spec
-
-            if get_spec(saved["model"]["name"]).family == "detr":  # detection: COCO AP on --test, in one process
+            if about["family"] == "detr":  # detection: COCO AP on --test, in one process
                 from vitray.tasks.detection.task import evaluate_checkpoint
 
                 read_manifest(test, endpoint, "--test")
@@ -90,17 +99,23 @@ def main(argv: list[str] | None = None) -> int:
             test_classes = len(read_manifest(test, endpoint, "--test").classes)
             if train:
                 read_manifest(train, endpoint, "--train")
-            head = saved["model"]["num_classes"]
+            head = about["num_classes"]
             if not asked:
                 asked = (["top1"] if head == test_classes else []) + (["fewshot", "probe"] if train else [])
             if "top1" in asked and head != test_classes:
                 raise ConfigError(f"--eval top1: the checkpoint's head has {head} classes, --test has {test_classes}")
             if {"fewshot", "probe"} & set(asked) and not train:
                 raise ConfigError("--eval fewshot/probe: need --train, the shards the read-out is fitted on")
-            depth = get_spec(saved["model"]["name"]).depth
+            if not asked:
+                raise ConfigError(f"--eval: nothing to do: the checkpoint's head has {head} classes and --test"
+                                  f" {test_classes}, so no top1; give --train for fewshot and probe")
+            depth = about["depth"]
             bad = [k for k in layers if k != FINAL and not 0 <= k <= depth]
             if bad:
                 raise ConfigError(f"--layers: {bad[0]} is not final or a block index 0..{depth}")
+            size = args.image_size or about["image_size"]
+            if not size:
+                raise ConfigError(f"--image-size: {ckpt} has no square grid to read the resolution from; give it")
 
             import ray
 
@@ -108,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
             if not ray.is_initialized():
                 init_ray()
-            size = args.image_size or saved["data"]["image_size"]
             common = dict(endpoint=endpoint, image_size=size, weights=args.weights, actors=args.actors)
             result = {"checkpoint": ckpt, "image_size": size, "weights": args.weights}
             if "top1" in asked:
@@ -123,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         tx[FINAL], ty, vx[FINAL], vy, shots=shots, seeds=tuple(range(args.seeds))).items()}
                 if "probe" in asked:
                     result["linear_probe"] = {str(k): linear_probe(tx[k], ty, vx[k], vy) for k in layers}
-    except (ConfigError, DataError, storage.StorageError) as e:
+    except (ConfigError, DataError, CheckpointError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))

@@ -59,7 +59,7 @@ def report(cfg, summary: dict, embedded) -> dict:
     from vitray.eval.inspect import load_images
     from vitray.eval.linear import linear_probe
     from vitray.tasks.pixels import probe_png, samples_png
-    from vitray.train.checkpoint import load_model
+    from vitray.checkpoints import load_model
 
     endpoint = embedded.endpoint if embedded else storage.Endpoint(url=cfg.storage.endpoint_url or None)
     ckpt = summary["checkpoint"]

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--shard-size-mb", type=int, default=256, help="target shard size (default 256 MB)")
     p.add_argument("--shard-samples", type=int, default=10_000, help="at most this many samples per shard")
+    p.add_argument("--skip-bad", action="store_true", help="folder: leave out files that cannot be read or decoded;"
+                   " each is listed (path, reason) here and in the manifest's \"skipped\"")
     args = p.parse_args(argv)
     endpoint = Endpoint(url=args.endpoint_url, region=args.region)
     try:
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         kind, _, path = args.source.partition(":")
         from vitray.data.shards import write_shards
 
+        skipped: list[dict] | None = [] if args.skip_bad else None
+        if args.skip_bad and kind != "folder":
+            p.error("--skip-bad applies to --source folder:<path>")
+
         if kind == "coco" and ":" in path:
             from vitray.data.detection import samples_from_coco
 
@@ -66,12 +72,15 @@ def main(argv: list[str] | None = None) -> int:
             from vitray.data.datasets import folder_classes, samples_from_folder
 
             classes = folder_classes(path)
-            samples = samples_from_folder(path, classes)
+            samples = samples_from_folder(path, classes, skipped)
         else:
             p.error(f"--source {args.source!r}: expected folder:<path>, coco:<json>:<dir>, digits or digit_canvases")
-        m = write_shards(samples, args.dest, classes, endpoint,
-                         max_shard_bytes=args.shard_size_mb << 20, max_shard_samples=args.shard_samples)
-        print(f"{args.dest}: {len(m.shards)} shards, {m.num_samples} samples, {len(classes)} classes")
+        m = write_shards(samples, args.dest, classes, endpoint, max_shard_bytes=args.shard_size_mb << 20,
+                         max_shard_samples=args.shard_samples, skipped=skipped)
+        for bad in m.skipped:
+            print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
+        print(f"{args.dest}: {len(m.shards)} shards, {m.num_samples} samples, {len(classes)} classes"
+              + (f", {len(m.skipped)} files skipped (listed in its manifest.json)" if m.skipped else ""))
         return 0
     except (DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)

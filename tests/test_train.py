@@ -131,7 +131,7 @@ def test_finetune_from_checkpoint_with_ema_that_survives_resume(ray_cluster, s3,
 
     # Evaluation loads the averaged weights by default; the raw ones on request.
     from vitray.train import checkpoint
-    from vitray.train.checkpoint import load_model
+    from vitray.checkpoints import load_model
 
     final = storage.join(plan.run_uri, "step_00000008")
     averaged, meta = load_model(final, plan.endpoint)
@@ -164,7 +164,7 @@ def test_top1_over_ray_data_counts_every_sample_exactly(ray_cluster, s3, digits,
     from vitray.data.datasets import digits_arrays
     from vitray.data.transforms import center_crop
     from vitray.eval.features import top1
-    from vitray.train.checkpoint import load_model
+    from vitray.checkpoints import load_model
 
     accuracy, count = top1(pretrained, digits["val"], s3.endpoint, image_size=16, actors=2, batch_size=50)
     # The same checkpoint applied here, in one process, to the same 297 images.

@@ -71,7 +71,8 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    uri: str = ""  # where runs go (checkpoints, metrics); "" = the embedded S3 server
+    uri: str = ""  # where runs and written datasets go; "" = data on the embedded S3 server, runs in runs_dir
+    runs_dir: str = "runs"  # with no storage.uri: the local folder runs go to, so they outlive the embedded server
     endpoint_url: str = ""  # S3-compatible endpoint (MinIO, Ceph); "" = AWS. Credentials: standard AWS chain only
     region: str = "us-east-1"
     run_name: str = ""  # "" = <model>-<UTC time>; reuse it with --resume

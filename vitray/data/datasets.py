@@ -25,29 +25,53 @@ def folder_classes(root: str) -> list[str]:
     return classes
 
 
-def samples_from_folder(root: str, classes: list[str]) -> Iterator[Sample]:
-    """`root/<class>/<file>` → samples. JPEG and PNG keep their bytes; other formats are re-encoded as PNG.
-    Every file is decoded once here, so an unreadable one is reported by its path at write time."""
+def folder_files(root: str, classes: list[str]) -> list[tuple[str, str, int]]:
+    """(path, sample key, label) of every image file under `root/<class>/`, checked before anything is read or
+    written. The key is the class and the whole file name (`cat/x.jpg` → `cat_x_jpg`), so the same photo saved as
+    `x.jpg` and `x.png` gives two samples; names that still collide once '.' becomes '_' are named together."""
+    files, owner = [], {}
     for label, cls in enumerate(classes):
         folder = os.path.join(root, cls)
         for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
             if not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
-            with open(path, "rb") as f:
-                data = f.read()
+            path = os.path.join(folder, name)
+            key = f"{cls}_{name}".replace(".", "_").replace("/", "_")
+            if key in owner:
+                raise DataError(f"{owner[key]} and {path}: both become sample key {key!r} (WebDataset keys hold no"
+                                " '.'); rename one of them")
+            owner[key] = path
+            files.append((path, key, label))
+    return files
+
+
+def samples_from_folder(root: str, classes: list[str], skipped: list[dict] | None = None) -> Iterator[Sample]:
+    """`root/<class>/<file>` → samples. JPEG and PNG keep their bytes; other formats are re-encoded as PNG.
+    Every file is decoded once here, so an unreadable one is reported by its path at write time — or, given a
+    `skipped` list, recorded there ({"path", "reason"}) and left out."""
+    for path, key, label in folder_files(root, classes):
+        try:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
             img = decode_rgb(data, path)  # raises DataError naming the path
-            fmt = Image.open(io.BytesIO(data)).format
-            if fmt == "JPEG":
-                ext = "jpg"
-            elif fmt == "PNG":
-                ext = "png"
-            else:
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
-                data, ext = buf.getvalue(), "png"
-            key = f"{cls}_{os.path.splitext(name)[0]}".replace(".", "_").replace("/", "_")
-            yield Sample(key=key, image=data, ext=ext, label=label)
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append({"path": path, "reason": str(e).removeprefix(f"{path}: ")})
+            continue
+        fmt = Image.open(io.BytesIO(data)).format
+        if fmt == "JPEG":
+            ext = "jpg"
+        elif fmt == "PNG":
+            ext = "png"
+        else:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            data, ext = buf.getvalue(), "png"
+        yield Sample(key=key, image=data, ext=ext, label=label)
 
 
 def samples_from_arrays(images: np.ndarray, labels: np.ndarray, prefix: str = "img") -> Iterator[Sample]:

@@ -53,6 +53,7 @@ class Manifest:
     format: str = "webdataset"
     version: int = 1
     task: str = "classification"  # or "detection": samples carry a .json annotation instead of a .cls label
+    skipped: list[dict] = dataclasses.field(default_factory=list)  # writer's --skip-bad: {"path", "reason"} each
 
     @property
     def num_samples(self) -> int:
@@ -67,7 +68,7 @@ class Manifest:
     def from_json(text: str) -> "Manifest":
         d = json.loads(text)
         return Manifest(classes=d["classes"], shards=[ShardInfo(**s) for s in d["shards"]], format=d["format"],
-                        version=d["version"], task=d.get("task", "classification"))
+                        version=d["version"], task=d.get("task", "classification"), skipped=d.get("skipped", []))
 
 
 def _tar_bytes(samples: list[Sample]) -> bytes:
@@ -89,11 +90,13 @@ def write_shards(
     endpoint: Endpoint | None = None,
     max_shard_bytes: int = 256 << 20,
     max_shard_samples: int = 10_000,
+    skipped: list[dict] | None = None,
 ) -> Manifest:
     """Write `samples` as tar shards under `dest`, then the manifest.
 
     Each shard is one atomic object (or an atomic rename on local disk) and the manifest comes last, so a reader
-    never sees a half-written dataset. Refuses to overwrite an existing dataset.
+    never sees a half-written dataset. Refuses to overwrite an existing dataset. `skipped`: the files the source
+    left out ({"path", "reason"}), filled while `samples` is consumed; the manifest lists them.
     """
     if storage.exists(storage.join(dest, MANIFEST), endpoint):
         raise DataError(f"{dest}: already holds a dataset ({MANIFEST} exists); choose another destination")
@@ -131,7 +134,7 @@ def write_shards(
     flush()
     if not shards:
         raise DataError(f"{dest}: no samples to write")
-    manifest = Manifest(classes=list(classes), shards=shards, task=tasks.pop())
+    manifest = Manifest(classes=list(classes), shards=shards, task=tasks.pop(), skipped=list(skipped or []))
     storage.write_bytes(storage.join(dest, MANIFEST), manifest.to_json().encode(), endpoint)
     return manifest
 

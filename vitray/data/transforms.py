@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import zlib
 
 import numpy as np
@@ -30,7 +31,17 @@ def decode_rgb(data: bytes, where: str) -> Image.Image:
             img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8))
         return img.convert("RGB")
     except Exception as e:  # PIL raises many types; the caller only needs to know which sample failed
-        raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
+        raise DataError(f"{where}: cannot decode image ({_reason(e, data)})") from e
+
+
+def _reason(e: Exception, data: bytes) -> str:
+    """Pillow's error without the in-memory buffer's repr it names (`<_io.BytesIO object at 0x…>`)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        kind = "empty file" if not data else f"{len(data)} bytes starting {data[:8]!r}"
+        return f"not an image format Pillow reads: {kind}"
+    return f"{type(e).__name__}: {re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', 'the image', str(e))}"
 
 
 def inception_crop(img: Image.Image, size: int, rng: np.random.Generator, area_min: float = 0.05) -> Image.Image:

@@ -14,15 +14,16 @@ FINAL = "final"  # the pre-logit features; an int k names the tokens after block
 
 
 class CheckpointActor:
-    """Ray Data actor: loads the checkpoint once, then maps image batches to predicted labels or features."""
+    """Ray Data actor: loads the checkpoint (a run's folder or a released .npz) once, then maps image batches to predicted labels or features."""
 
-    def __init__(self, checkpoint_uri: str, endpoint: Endpoint | None, weights: str, layers: list, pool: str):
+    def __init__(self, checkpoint_uri: str, endpoint: Endpoint | None, weights: str, layers: list, pool: str,
+                 image_size: int):
         import torch
 
-        from vitray.train.checkpoint import load_model
+        from vitray.checkpoints import load_model
 
         torch.set_num_threads(1)
-        self.model, _ = load_model(checkpoint_uri, endpoint, weights=weights)
+        self.model, _ = load_model(checkpoint_uri, endpoint, weights=weights, image_size=image_size)
         self.model.eval()
         self.layers, self.pool = layers, pool
 
@@ -57,7 +58,7 @@ def _apply(checkpoint_uri: str, data_uris: list[str], endpoint: Endpoint | None,
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(CheckpointActor, batch_size=batch_size, concurrency=actors, num_cpus=0.5,
                         fn_constructor_kwargs=dict(checkpoint_uri=checkpoint_uri, endpoint=endpoint, weights=weights,
-                                                   layers=layers, pool=pool))
+                                                   layers=layers, pool=pool, image_size=image_size))
     batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     return [{k: v[out["split"] == i] for k, v in out.items() if k != "split"} for i in range(len(data_uris))]

@@ -13,9 +13,7 @@ inspection empty or stale maps.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import math
 
 import numpy as np
 import torch
@@ -37,66 +35,20 @@ def load_for_inspection(uri: str, endpoint: Endpoint | None = None, weights: str
                         image_size: int | tuple[int, int] | None = None):
     """(ViT in eval mode, metadata) from a vitray checkpoint folder or an official `.npz` (vit_jax / big_vision
     layout; the architecture is read off the array shapes). A model without attention layers is refused here."""
-    if uri.endswith(".npz"):
-        model, meta = _from_npz(uri, endpoint, image_size)
-    else:
-        from vitray.train.checkpoint import CheckpointError, load_model
+    from vitray.checkpoints import CheckpointError, describe, load_model
 
-        from vitray.models.registry import get_spec
-
-        if not storage.exists(storage.join(uri, "vitray.json"), endpoint):
-            raise InspectionError(f"--checkpoint: {uri} is neither a vitray checkpoint folder (no vitray.json) nor a .npz")
-        name = json.loads(storage.read_bytes(storage.join(uri, "vitray.json"), endpoint))["config"]["model"]["name"]
-        if get_spec(name).family not in ("vit", "hybrid"):  # before any weights are downloaded
-            raise InspectionError(f"--checkpoint: {uri} holds {name} ({get_spec(name).family}), a model without"
+    try:
+        about = describe(uri, endpoint)
+        if about["family"] not in ("vit", "hybrid"):  # before any weights are downloaded
+            raise InspectionError(f"--checkpoint: {uri} holds {about['name']} ({about['family']}), a model without"
                                   " attention layers or position embeddings; inspection needs a ViT or a hybrid")
-        try:
-            model, meta = load_model(uri, endpoint, weights=weights)
-        except CheckpointError as e:
-            raise InspectionError(f"--checkpoint: {e}") from e
-        meta = {"checkpoint": uri, "model": meta["config"]["model"]["name"], "step": meta.get("step"),
-                "weights": meta["weights"]}
-        if image_size is not None:
-            model.adapt_for_finetuning(model.num_classes, image_size)  # 2-D interpolated position embeddings
+        model, meta = load_model(uri, endpoint, weights=weights, image_size=image_size)
+    except CheckpointError as e:
+        raise InspectionError(f"--checkpoint: {e}") from e
+    meta = {"checkpoint": uri, "model": about["name"], "step": meta.get("step"), "weights": meta["weights"]}
     meta.update(family=model.spec.family, grid=list(model.grid), patch=model.spec.patch, depth=model.spec.depth,
                 heads=model.spec.heads, width=model.spec.width)
     return model.eval(), meta
-
-
-def _from_npz(uri: str, endpoint: Endpoint | None, image_size):
-    from vitray.models.npz import CheckpointError, load_npz
-    from vitray.models.registry import ViTSpec
-    from vitray.models.vit import ViT
-
-    data = storage.read_bytes(uri, endpoint)
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as f:
-            shapes = {k: f[k].shape for k in f.files}
-    except Exception as e:  # zip/format errors come in many types
-        raise InspectionError(f"--checkpoint: {uri} is not a readable .npz ({type(e).__name__}: {e})") from e
-    if "embedding/kernel" not in shapes or "Transformer/posembed_input/pos_embedding" not in shapes:
-        raise InspectionError(f"--checkpoint: {uri} has no embedding/kernel or position embedding: not a ViT .npz"
-                              " (a ResNet has no attention layers to inspect)")
-    p, _, _, d = shapes["embedding/kernel"]
-    depth = sum(1 for k in shapes if k.endswith("MultiHeadDotProductAttention_1/query/kernel"))
-    heads = shapes["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"][1]
-    mlp = shapes["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"][1]
-    tokens = shapes["Transformer/posembed_input/pos_embedding"][1] - 1
-    if image_size is None:  # released checkpoints have square grids; give image_size for any other
-        side = math.isqrt(tokens)
-        if side * side != tokens:
-            raise InspectionError(f"--checkpoint: {uri} has {tokens} position embeddings, not a square grid;"
-                                  " give --image-size H,W")
-        image_size = side * p
-    spec = ViTSpec(width=d, depth=depth, mlp_dim=mlp, heads=heads, patch=p)
-    rep = shapes["pre_logits/kernel"][1] if "pre_logits/kernel" in shapes else None
-    model = ViT(spec, num_classes=shapes["head/kernel"][1], image_size=image_size, representation_size=rep)
-    try:
-        load_npz(model, data, uri)
-    except CheckpointError as e:
-        raise InspectionError(f"--checkpoint: {e}") from e
-    return model, {"checkpoint": uri, "model": f"ViT D={d} L={depth} heads={heads} /{p} (.npz)", "step": None,
-                   "weights": "npz"}
 
 
 def load_images(uri: str | None, endpoint: Endpoint | None, n: int, size: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
@@ -131,6 +83,8 @@ def load_images(uri: str | None, endpoint: Endpoint | None, n: int, size: tuple[
 
         files = [uri] if uri.lower().endswith(IMAGE_EXTENSIONS) else sorted(
             f for f in storage.list_files(uri, endpoint) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if files != [uri]:  # the listing names files inside the folder
+            files = [storage.join(uri, f) for f in files]
         raw = [(f.rsplit("/", 1)[-1], storage.read_bytes(f, endpoint)) for f in files[:n]]
     else:
         raise InspectionError(f"--images: {uri} does not exist")

@@ -65,6 +65,77 @@ def save_npz(model: ViT) -> bytes:
     return buf.getvalue()
 
 
+def npz_shapes(model: ViT) -> dict[str, tuple[int, ...]]:
+    """The official key → shape layout `model` expects, from its parameter shapes alone (works on the meta device,
+    so a checkpoint can be checked against a 632 M-parameter model without building it)."""
+    d, h, s = model.spec.width, model.spec.heads, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    rev = lambda k: s[k][::-1]  # noqa: E731  (Dense kernels are (in, out))
+    out = {"embedding/kernel": tuple(s["patch_embed.weight"][i] for i in (2, 3, 1, 0)),
+           "embedding/bias": s["patch_embed.bias"], "cls": s["cls_token"],
+           "Transformer/posembed_input/pos_embedding": s["pos_embed"],
+           "Transformer/encoder_norm/scale": s["norm.weight"], "Transformer/encoder_norm/bias": s["norm.bias"],
+           "head/kernel": rev("head.weight"), "head/bias": s["head.bias"]}
+    if "pre_logits.0.weight" in s:
+        out["pre_logits/kernel"], out["pre_logits/bias"] = rev("pre_logits.0.weight"), s["pre_logits.0.bias"]
+    for i in range(model.spec.depth):
+        blk = f"Transformer/encoderblock_{i}/"
+        for ln in ("LayerNorm_0", "LayerNorm_2"):
+            out[f"{blk}{ln}/scale"] = out[f"{blk}{ln}/bias"] = (d,)
+        for name in ("query", "key", "value"):
+            out[f"{_attn(i)}/{name}/kernel"], out[f"{_attn(i)}/{name}/bias"] = (d, h, d // h), (h, d // h)
+        out[f"{_attn(i)}/out/kernel"], out[f"{_attn(i)}/out/bias"] = (h, d // h, d), (d,)
+        for k, fc in ((0, "fc1"), (1, "fc2")):
+            out[f"{blk}MlpBlock_3/Dense_{k}/kernel"] = rev(f"blocks.{i}.mlp.{fc}.weight")
+            out[f"{blk}MlpBlock_3/Dense_{k}/bias"] = s[f"blocks.{i}.mlp.{fc}.bias"]
+    return out
+
+
+HEAD_KEYS = ("head/kernel", "head/bias", "pre_logits/kernel", "pre_logits/bias")
+POS_KEY = "Transformer/posembed_input/pos_embedding"
+
+
+def check_npz(shapes: dict[str, tuple[int, ...]], model: ViT, where: str, load_head: bool = True) -> None:
+    """Every key `model` needs is there with a shape it can take, and nothing else is: a 12-block file must not load
+    into a 6-block model by dropping half of it. Position embeddings of another square grid are fine (resized).
+    `load_head=False`: the file's head (and pre-logits) are not used, whatever their shape."""
+    expected = npz_shapes(model)
+    skip = () if load_head else HEAD_KEYS
+    missing = [k for k in expected if k not in shapes and k not in skip]
+    if missing:
+        raise CheckpointError(f"{where}: missing keys {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    unexpected = sorted(k for k in shapes if k not in expected and k not in skip)
+    if unexpected:
+        raise CheckpointError(f"{where}: {len(unexpected)} keys the model has no place for (another depth or head?):"
+                              f" {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+    pos, want = shapes[POS_KEY], expected[POS_KEY]
+    if pos != want:  # another resolution: the grid is resized, the class token kept
+        old = int(round(np.sqrt(pos[1] - 1)))
+        if len(pos) != 3 or old * old != pos[1] - 1 or pos[2] != want[2]:
+            raise CheckpointError(f"{where}: {POS_KEY} has shape {pos}, cannot map to {want}")
+    wrong = [f"{k} {shapes[k]} ≠ {v}" for k, v in expected.items()
+             if k not in skip and k != POS_KEY and shapes[k] != v]
+    if wrong:
+        raise CheckpointError(f"{where}: shape mismatch: {'; '.join(wrong[:5])}")
+
+
+def read_npz_shapes(f) -> dict[str, tuple[int, ...]]:
+    """key → shape of every array in an `.npz` (a seekable binary file), from the array headers only: a 2.5 GB
+    released checkpoint is checked in milliseconds, before anything is downloaded whole."""
+    import zipfile
+
+    shapes = {}
+    try:
+        with zipfile.ZipFile(f) as z:
+            for info in z.infolist():
+                with z.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shapes[info.filename.removesuffix(".npy")] = tuple(read(member)[0])
+    except Exception as e:  # zip/format errors come in many types
+        raise CheckpointError(f"not a readable .npz ({type(e).__name__}: {e})") from e
+    return shapes
+
+
 def load_npz(model: ViT, data: bytes, where: str = "checkpoint", load_head: bool = True,
              posemb_method: str = "bilinear") -> ViT:
     """Copy an official `.npz` into `model` (in place). Position embeddings are resized to the model's grid; with
@@ -74,23 +145,13 @@ def load_npz(model: ViT, data: bytes, where: str = "checkpoint", load_head: bool
             params = {k: f[k] for k in f.files}
     except Exception as e:  # zip/format errors come in many types
         raise CheckpointError(f"{where}: not a readable .npz ({type(e).__name__}: {e})") from e
-    expected = to_npz_dict(model)
-    skip = () if load_head else ("head/kernel", "head/bias", "pre_logits/kernel", "pre_logits/bias")
-    missing = [k for k in expected if k not in params and k not in skip]
-    if missing:
-        raise CheckpointError(f"{where}: missing keys {missing[:5]}{' …' if len(missing) > 5 else ''}")
-    pos_key = "Transformer/posembed_input/pos_embedding"
-    pos = params[pos_key]
-    if pos.shape != expected[pos_key].shape:  # another resolution: resize the grid, keep the class token
+    check_npz({k: v.shape for k, v in params.items()}, model, where, load_head)
+    skip = () if load_head else HEAD_KEYS
+    pos = params[POS_KEY]
+    if pos.shape != tuple(model.pos_embed.shape):
         old = int(round(np.sqrt(pos.shape[1] - 1)))
-        if old * old != pos.shape[1] - 1 or pos.shape[2] != expected[pos_key].shape[2]:
-            raise CheckpointError(f"{where}: {pos_key} has shape {pos.shape}, cannot map to {expected[pos_key].shape}")
-        params[pos_key] = resize_pos_embed(torch.from_numpy(pos), (old, old), model.grid, posemb_method).numpy()
-    wrong = [f"{k} {params[k].shape} ≠ {v.shape}" for k, v in expected.items()
-             if k not in skip and k in params and params[k].shape != v.shape]
-    if wrong:
-        raise CheckpointError(f"{where}: shape mismatch: {'; '.join(wrong[:5])}")
-    state = _to_state_dict(model, {k: v for k, v in params.items() if k in expected and k not in skip})
+        params[POS_KEY] = resize_pos_embed(torch.from_numpy(pos), (old, old), model.grid, posemb_method).numpy()
+    state = _to_state_dict(model, {k: v for k, v in params.items() if k not in skip})
     current = model.state_dict()
     current.update(state)
     model.load_state_dict(current)

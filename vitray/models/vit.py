@@ -86,17 +86,24 @@ class ViT(nn.Module):
     ) -> "ViT":
         """The paper's transfer recipe (Sec. 3.2, App. B.1.1): the pretraining head (tanh MLP) gives way to one
         zero-initialised linear layer, and the position embeddings are interpolated in 2-D to the new grid."""
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        if h % self.spec.patch or w % self.spec.patch:
-            raise ValueError(f"image size {h}x{w} is not divisible by patch size {self.spec.patch}")
-        new_grid = (h // self.spec.patch, w // self.spec.patch)
-        self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, self.grid, new_grid, posemb_method))
-        self.grid = new_grid
+        self.resize_grid(image_size, posemb_method)
         self.pre_logits = nn.Identity()
         self.head = nn.Linear(self.spec.width, num_classes).to(self.pos_embed.device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.num_classes = num_classes
+        return self
+
+    def resize_grid(self, image_size: int | tuple[int, int], posemb_method: str = "bilinear") -> "ViT":
+        """Take images of another size (same patch): the position embeddings are interpolated in 2-D to the new
+        grid; the head is kept (evaluating a checkpoint at another resolution)."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if h % self.spec.patch or w % self.spec.patch:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {self.spec.patch}")
+        new_grid = (h // self.spec.patch, w // self.spec.patch)
+        if new_grid != self.grid:
+            self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, self.grid, new_grid, posemb_method))
+            self.grid = new_grid
         return self
 
     def encode(self, images: torch.Tensor, need_weights: bool = False,

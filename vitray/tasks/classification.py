@@ -16,6 +16,7 @@ from vitray.models.registry import build_model, get_spec
 
 class ClassificationTask:
     metric = "val_top1"  # the number the loop logs after evaluation
+    better = "max"  # which way the metric improves (the runs listing picks each run's best by it)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

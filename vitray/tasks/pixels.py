@@ -50,6 +50,7 @@ class PixelTask:
     nats and in bits per pixel token."""
 
     metric = "val_bits_per_pixel"
+    better = "min"
 
     def __init__(self, cfg, palette_uri: str | None = None, endpoint: Endpoint | None = None):
         self.cfg, self.palette_uri, self.endpoint = cfg, palette_uri, endpoint

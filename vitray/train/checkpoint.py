@@ -4,7 +4,7 @@ Each rank saves into its own local folder and hands it to `ray.train.report`; Ra
 one checkpoint folder in storage (local or s3://) and records it only once every rank has reported, keeping the
 last `storage.keep_checkpoints`. After a barrier — every rank's upload finished — rank 0 writes the commit
 marker `COMMIT` last. A folder without it is a save that was interrupted: resume skips it and says so, and
-`load_model` refuses it. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks'
+`vitray.checkpoints.load_model` refuses it. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks'
 shards are stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
 
 Layout of `<run>/step_00001000/`:
@@ -19,7 +19,6 @@ import base64
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -30,13 +29,10 @@ import torch
 import torch.distributed as dist
 
 from vitray import storage
+from vitray.checkpoints import COMMIT, META, TAG, CheckpointError, load_model, scan, step_dir  # noqa: F401
 from vitray.data.stream import Position
-from vitray.models.npz import CheckpointError
 
-TAG = "state"
 UNIVERSAL = "universal"  # DeepSpeed's universal checkpoint of the same state, made for resuming on another world size
-COMMIT = "COMMIT"
-STEP_DIR = re.compile(r"^step_(\d{8})$")
 logger = logging.getLogger("vitray")
 
 
@@ -58,7 +54,7 @@ def save(engine, step: int, position: Position, metrics: dict, run_info: dict, r
                 extra["ema_digest"] = module_digest(ema.module)
             if engine.zero_optimization_stage() < 3:  # ZeRO-3 ranks hold only slices of the weights
                 extra["model_digest"] = module_digest(engine.module)
-            with open(os.path.join(folder, "vitray.json"), "w") as f:
+            with open(os.path.join(folder, META), "w") as f:
                 json.dump({"step": step, "optimizer_digest": digest, **extra, **run_info}, f, indent=1)
         ray.train.report(
             {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -71,26 +67,6 @@ def save(engine, step: int, position: Position, metrics: dict, run_info: dict, r
         _test_crash_point("before-commit", step, rank)
         marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
         storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
-
-
-def step_dir(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def scan(run_uri: str, endpoint) -> tuple[list[int], list[int]]:
-    """(complete, incomplete) checkpoint steps of a run, oldest first: complete ones hold the commit marker."""
-    fs, path = storage.resolve(run_uri, endpoint)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError as e:
-        raise storage.StorageError(f"{run_uri}: cannot list checkpoints ({e})") from e
-    complete, incomplete = [], []
-    for info in infos:
-        m = STEP_DIR.match(info.base_name)
-        if m and info.type == pafs.FileType.Directory:
-            committed = fs.get_file_info(f"{info.path}/{COMMIT}").type != pafs.FileType.NotFound
-            (complete if committed else incomplete).append(int(m.group(1)))
-    return sorted(complete), sorted(incomplete)
 
 
 def _test_crash_point(where: str, step: int, rank: int) -> None:
@@ -224,48 +200,6 @@ def make_universal(checkpoint_uri: str, endpoint) -> None:
 
 def module_digest(module: torch.nn.Module) -> float:
     return float(sum(p.detach().double().abs().sum().item() for p in module.parameters()))
-
-
-def load_model(uri: str, endpoint=None, dropout: float = 0.0, weights: str = "auto") -> tuple[torch.nn.Module, dict]:
-    """The model saved in a vitray checkpoint folder (any ZeRO stage). `weights`: "raw" (the
-    trained weights), "ema" (their Polyak average; an error if the run kept none) or "auto" (the average when the
-    run kept one: the paper evaluates the averaged weights). Returns the model and the checkpoint's vitray.json
-    (step, config, ...) with "weights" saying which were loaded."""
-    if weights not in ("auto", "raw", "ema"):
-        raise ValueError(f"weights: {weights!r} is not 'auto', 'raw' or 'ema'")
-    from vitray.models.registry import build_model, get_spec
-
-    with tempfile.TemporaryDirectory(prefix="vitray-load-") as local:
-        fs, path = storage.resolve(uri, endpoint)
-        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        if not os.path.exists(os.path.join(local, COMMIT)):
-            raise CheckpointError(f"{uri}: incomplete checkpoint (no {COMMIT} marker: its save was interrupted);"
-                                  " use an earlier step")
-        with open(os.path.join(local, "vitray.json")) as f:
-            meta = json.load(f)
-        saved = meta["config"]
-        m = saved["model"]
-        spec = get_spec(m["name"])
-        model = build_model(m["name"], num_classes=m["num_classes"], image_size=saved["data"]["image_size"],
-                            dropout=dropout, representation_size=spec.features if m["pre_logits"] else None)
-        if saved["deepspeed"]["zero_stage"] == 0:
-            state = torch.load(os.path.join(local, TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
-                               weights_only=False)["module"]
-        else:  # DeepSpeed reassembles the fp32 weights from the ZeRO partitions
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(local, tag=TAG)
-        ema_path = os.path.join(local, "ema.pt")
-        if weights == "ema" and not os.path.exists(ema_path):
-            raise CheckpointError(f"{uri}: holds no averaged (EMA) weights; the run had transfer.ema_decay = 0")
-        if weights != "raw" and os.path.exists(ema_path):
-            averaged = torch.load(ema_path, map_location="cpu")  # torch's AveragedModel: module.* + n_averaged
-            state = {k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")}
-            meta["weights"] = "ema"
-        else:
-            meta["weights"] = "raw"
-    model.load_state_dict(state)
-    return model, meta
 
 
 def load_pretrained(cfg, endpoint) -> torch.nn.Module:

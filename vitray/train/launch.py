@@ -16,6 +16,7 @@ from vitray.data.shards import DataError, read_manifest
 from vitray.storage import Endpoint
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it once a checkpoint is fully registered
+RUNS = "runs"  # <storage>/runs/<run name>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +46,13 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
     if cfg.storage.uri:
         endpoint = Endpoint(url=cfg.storage.endpoint_url or None, region=cfg.storage.region)
         root = cfg.storage.uri
+        runs_root = storage.join(root, RUNS)
     elif embedded is not None:
-        if resume:
-            raise ConfigError(
-                "storage.uri: --resume needs storage that outlives one process; the embedded S3 server does not."
-                " Run with --set storage.uri=s3://bucket/prefix (or a local folder) and resume from there"
-            )
+        # The laptop default: the data streams from the embedded S3 server, but the run (checkpoints, metrics,
+        # TensorBoard events, cost row) goes to a local folder, which outlives the server — so the tools and
+        # --resume work on it afterwards. The server holds only what prepare writes again each time (the digits).
         endpoint, root = embedded.endpoint, f"s3://{embedded.bucket}"
+        runs_root = os.path.abspath(cfg.storage.runs_dir)
     else:
         raise ConfigError("storage.uri: no storage given and no embedded S3 server running")
 
@@ -90,23 +91,17 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
             f" {cfg.data.train_uri}"
         )
 
-    init = cfg.transfer.init_from
-    if init:
-        marker = init if init.endswith(".npz") else storage.join(init, "COMMIT")
+    if cfg.transfer.init_from:
+        from vitray.checkpoints import CheckpointError, check_init_from
+
         try:
-            found = storage.exists(marker, endpoint)
-            folder = not init.endswith(".npz") and storage.exists(storage.join(init, "vitray.json"), endpoint)
-        except storage.StorageError as e:
-            raise ConfigError(f"transfer.init_from: {e}") from None
-        if folder and not found:
-            raise ConfigError(f"transfer.init_from: {init} is an incomplete checkpoint (no COMMIT marker: its save"
-                              " was interrupted); use an earlier step")
-        if not found:
-            raise ConfigError(f"transfer.init_from: {init} not found (give a vitray checkpoint folder,"
-                              " <storage>/runs/<name>/step_N, or an official .npz)")
+            check_init_from(cfg.transfer.init_from, cfg.model.name, cfg.model.num_classes, cfg.data.image_size,
+                            endpoint)
+        except (CheckpointError, storage.StorageError) as e:
+            raise ConfigError(str(e) if str(e).startswith("transfer.init_from") else f"transfer.init_from: {e}") from None
 
     name = cfg.storage.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    run_uri = storage.join(root, "runs", name)
+    run_uri = storage.join(runs_root, name)
     try:
         has_checkpoint = storage.exists(storage.join(run_uri, RAY_SNAPSHOT), endpoint)
     except storage.StorageError as e:
@@ -115,10 +110,7 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
         raise ConfigError(f"storage.run_name: --resume found no checkpoint of run {name!r} under {run_uri}")
     saved_world, saved_step = check_resumable(cfg, run_uri, endpoint) if resume else (cfg.scaling.num_workers, 0)
     if not resume and storage.exists(run_uri, endpoint):
-        raise ConfigError(
-            f"storage.run_name: run {name!r} already exists at {run_uri}; pass --resume to continue it or choose"
-            " another name"
-        )
+        reuse_name(name, run_uri, endpoint)
 
     total = total_steps(cfg, manifest.num_samples)
     if resume and saved_step >= min(total, cfg.stop_at_step or total):
@@ -127,6 +119,26 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
     cfg = cfg.replace(storage=dict(run_name=name))
     return cfg, Plan(name, run_uri, endpoint, cfg.data.train_uri, cfg.data.val_uri, manifest.num_samples, total, resume,
                      saved_world != cfg.scaling.num_workers, tuple(manifest.classes))
+
+
+def reuse_name(name: str, run_uri: str, endpoint: Endpoint) -> None:
+    """A new run under the name of an existing one: refused when that run has a committed checkpoint (it can be
+    resumed) or is running; an attempt that ended before its first checkpoint is moved aside, kept whole."""
+    from vitray import runs
+    from vitray.checkpoints import scan
+
+    complete, _ = scan(run_uri, endpoint)
+    if complete:
+        raise ConfigError(f"storage.run_name: run {name!r} already exists at {run_uri} with a checkpoint (step"
+                          f" {complete[-1]}); pass --resume to continue it or choose another name")
+    record = runs.read_state(run_uri, endpoint) or {}
+    if record.get("state") == "running":
+        raise ConfigError(f"storage.run_name: run {name!r} at {run_uri} says it is running (last written"
+                          f" {time.time() - record['updated']:.0f} s ago). Choose another name; if its driver is"
+                          f" gone (killed), delete {run_uri} first")
+    moved = runs.move_aside(run_uri, endpoint)
+    print(f"run {name!r}: the earlier attempt ({record.get('state', 'no record')}) ended before its first"
+          f" checkpoint; what it wrote is kept at {moved}", flush=True)
 
 
 def total_steps(cfg: Config, num_samples: int) -> int:
@@ -189,13 +201,18 @@ def init_ray(**local: object) -> None:
     fit; a live one does not know our controller, and the cleaner would remove our workers' placement group."""
     import ray
 
+    from vitray import ray_logs
+
+    ray_logs.setup_worker()  # this process too: it runs Ray Data's executions for evaluation
+    ray_logs.quiet_driver()
+    hook = {"worker_process_setup_hook": ray_logs.HOOK}  # merged with a submitted job's own runtime_env
     address = os.environ.get("RAY_ADDRESS", "local")
     if address != "local":
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", runtime_env=hook)
         return
     port = storage.free_port()
     ray.init(address="local", logging_level="WARNING", include_dashboard=True, dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **local)
+             runtime_env={**hook, "env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **local)
 
 
 def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list | None = None):
@@ -263,14 +280,27 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
     if not ray.is_initialized():
         init_ray()
     check_cluster(cfg)
-    plan = with_palette(cfg, plan)
+    from vitray import runs
+    from vitray.tasks.classification import make_task
+
+    task = make_task(cfg)
+    runs.write_state(plan.run_uri, plan.endpoint, "running", config=cfg.to_dict(), total_steps=plan.total_steps,
+                     metric=task.metric, better=task.better, started=time.time(), error=None)
     try:
+        plan = with_palette(cfg, plan)
         result = fit(cfg, plan, timeline, callbacks)
+        if result.error:
+            raise TrainingFailed(f"run {plan.run_uri} failed: {result.error}")
+    except KeyboardInterrupt:
+        runs.write_state(plan.run_uri, plan.endpoint, "interrupted", error="interrupted (Ctrl-C)")
+        raise
     except Exception as e:  # Ray Train V2 raises the workers' error (e.g. a non-finite loss) from fit()
-        raise TrainingFailed(f"run {plan.run_uri} failed: {e}") from e
-    if result.error:
-        raise TrainingFailed(f"run {plan.run_uri} failed: {result.error}")
+        error = str(e).removeprefix(f"run {plan.run_uri} failed: ")
+        diverged = "non-finite training loss" in error
+        runs.write_state(plan.run_uri, plan.endpoint, "diverged" if diverged else "failed", error=error[-4000:])
+        raise e if isinstance(e, TrainingFailed) else TrainingFailed(f"run {plan.run_uri} failed: {e}") from e
     m = result.metrics or {}
+    runs.write_state(plan.run_uri, plan.endpoint, "finished" if m.get("step") == plan.total_steps else "stopped")
     summary = {"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"),
                **({k: v for k, v in m.items() if k.startswith("val_")} or {"val_top1": None}),
                "accelerator": estimate.accelerator,

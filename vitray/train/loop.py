@@ -148,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 cfg, export=(plan["run_uri"], endpoint)))
         if rank == 0:
             logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
-    log.lines.append(json.dumps({"step": step, "final": True, **results}))
+    log.final(step, results)
     log.flush()
     checkpoint.save(engine, step, position, results, run_info, plan["run_uri"], endpoint, ema)
 

@@ -1,5 +1,10 @@
 """Per-step training metrics: loss, LR, throughput, FLOPs, MFU, accelerator-hours, ETA — printed and kept as
-JSONL next to the run's checkpoints (`<run>/metrics.jsonl`), where benchmarks and later studies read them."""
+JSONL next to the run's checkpoints (`<run>/metrics.jsonl`), where benchmarks, `jobs/runs.py` and later studies read
+them, and as TensorBoard events beside it (`tensorboard --logdir <storage>/runs` shows every run).
+
+The event file is written locally by tensorboardX and uploaded whole at each flush, like the JSONL: object stores
+have no append, and a reader never sees a torn file. A resumed run starts a new event file (TensorBoard merges
+the files of one folder)."""
 from __future__ import annotations
 
 import json
@@ -26,6 +31,13 @@ class MetricsLog:
         self.step_window = start_step
         self.lines: list[str] = []
         self.last_upload = 0.0
+        self.events = None
+        if write:
+            import tempfile
+
+            from tensorboardX import SummaryWriter
+
+            self.events = SummaryWriter(tempfile.mkdtemp(prefix="vitray-events-"), flush_secs=3600)
         target = storage.join(uri, "metrics.jsonl")
         if write and start_step > 0 and storage.exists(target, endpoint):  # resumed: keep the history up to here
             old = storage.read_bytes(target, endpoint).decode().splitlines()
@@ -50,6 +62,8 @@ class MetricsLog:
         self.t_window, self.step_window = now, step
         if self.write:
             self.lines.append(json.dumps(row))
+            self.scalars(step, {"train/loss": loss, "train/lr": lr, "throughput/images_per_s": images_per_s,
+                                "throughput/mfu": row["mfu"], "cost/accelerator_hours": row["accelerator_hours"]})
             logger.info(
                 f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} {images_per_s:.1f} img/s "
                 f"({per_accel:.1f}/accel) MFU {row['mfu']:.1%} [{self.peak_source}] "
@@ -67,8 +81,28 @@ class MetricsLog:
                 "accelerator_hours": elapsed * self.world / 3600.0, "train_flops_per_image": self.flops_per_image,
                 "mfu_peak_source": self.peak_source}
 
+    def scalars(self, step: int, values: dict) -> None:
+        """TensorBoard scalars (rank 0); non-numbers are left out."""
+        if self.events is not None:
+            for tag, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.events.add_scalar(tag, value, step)
+
+    def final(self, step: int, results: dict) -> None:
+        """The run's last line (held-out metrics, totals) in both logs."""
+        self.lines.append(json.dumps({"step": step, "final": True, **results}))
+        self.scalars(step, {f"val/{k.removeprefix('val_')}": v for k, v in results.items() if k.startswith("val_")})
+
     def flush(self) -> None:
-        """Rewrite `<run>/metrics.jsonl` whole: each upload is one atomic object, never a torn file."""
+        """Rewrite `<run>/metrics.jsonl` and the event file whole: each upload is one atomic object."""
         if self.write and self.lines:
             storage.write_bytes(storage.join(self.uri, "metrics.jsonl"), ("\n".join(self.lines) + "\n").encode(), self.endpoint)
             self.last_upload = time.perf_counter()
+        if self.events is not None:
+            import os
+
+            self.events.flush()
+            folder = self.events.logdir
+            for name in os.listdir(folder):
+                with open(os.path.join(folder, name), "rb") as f:
+                    storage.write_bytes(storage.join(self.uri, name), f.read(), self.endpoint)

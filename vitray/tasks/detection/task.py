@@ -20,6 +20,7 @@ from vitray.tasks.detection.criterion import LossWeights, set_loss
 
 class DetectionTask:
     metric = "val_AP50"  # the number the loop logs after evaluation
+    better = "max"
 
     def __init__(self, cfg: Config, classes: list[str] | None = None):
         self.cfg = cfg
@@ -116,7 +117,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, endpoint=None, batch
     from vitray.data.shards import read_manifest, shard_paths
     from vitray.data.stream import shard_table
     from vitray.models.detr import postprocess
-    from vitray.train.checkpoint import load_model
+    from vitray.checkpoints import load_model
 
     model, meta = load_model(checkpoint_uri, endpoint)
     model.eval()
