@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result: dict = {}
     from vitray.checkpoints import CheckpointError, describe
+    from vitray.tasks import task_class
 
     try:
         about = describe(args.checkpoint, storage.Endpoint(url=args.endpoint_url)) if args.checkpoint else None
@@ -83,18 +84,17 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt = summary["checkpoint"]
                 about = describe(ckpt, endpoint)
             if args.smoke or digits:  # the digits again, into this process's embedded server
-                from vitray.data.datasets import write_digits
+                from vitray.data.datasets import builtin_uri, write_digits
 
-                base = f"s3://{embedded.bucket}/datasets/digits"
+                base = builtin_uri(f"s3://{embedded.bucket}", "digits")
                 write_digits(base, endpoint)
                 train, test = train or f"{base}/train", f"{base}/val"
 
             # Everything checked before Ray starts: the checkpoint, the shards, the protocols, the layers.
-            if about["family"] == "detr":  # detection: COCO AP on --test, in one process
-                from vitray.tasks.detection.task import evaluate_checkpoint
-
-                read_manifest(test, endpoint, "--test")
-                print(json.dumps({"checkpoint": ckpt, **evaluate_checkpoint(ckpt, test, endpoint)}))
+            read_manifest(test, endpoint, "--test")
+            own = task_class(family=about["family"]).evaluate_checkpoint(ckpt, test, endpoint)
+            if own is not None:  # the task's own protocol (DETR: COCO box AP), in one process
+                print(json.dumps({"checkpoint": ckpt, **own}))
                 return 0
             test_classes = len(read_manifest(test, endpoint, "--test").classes)
             if train:

@@ -19,65 +19,41 @@ import time
 
 STARTED = time.time()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vitray.config import FINETUNE_PRESETS, ConfigError, apply_overrides, model_override, preset  # noqa: E402
+from vitray.config import FINETUNE_PRESETS, ConfigError  # noqa: E402
+from vitray.config.jobs import training_job  # noqa: E402
+
+MODELS = "vit_b16, R50+ViT-B/16, bit_r152x2, ... (any registered classification model)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="smoke", help="smoke or <model>_<dataset>, e.g. b16_cifar10")
-    parser.add_argument("--init-from", help="vitray checkpoint folder or official .npz (= transfer.init_from)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--model", help="= model.name: vit_b16, R50+ViT-B/16, bit_r152x2, ... (any registered model)")
-    parser.add_argument("--run-name", help="= storage.run_name")
-    parser.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
-    parser.add_argument("--print-config", action="store_true")
-    args = parser.parse_args(argv)
-    extra = ([f"transfer.init_from={args.init_from}"] if args.init_from else []) + (
-        [f"storage.run_name={args.run_name}"] if args.run_name else [])
-    try:
-        extra += model_override(args.model)
-        cfg = apply_overrides(preset(args.preset, FINETUNE_PRESETS), args.overrides + extra)
-        if args.print_config:
-            print(json.dumps(cfg.to_dict(), indent=1))
-            return 0
-        chain = args.preset == "smoke" and not cfg.transfer.init_from
-        if not chain and not cfg.transfer.init_from:
-            raise ConfigError("transfer.init_from: fine-tuning needs pretrained weights: --init-from URI")
-        return run(cfg, args.resume, chain)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(cfg, args) -> int:
+    from vitray.config import smoke
 
-
-def run(cfg, resume: bool, chain: bool) -> int:
-    from vitray.config import smoke, validate
+    chain = args.preset == "smoke" and not cfg.transfer.init_from
+    if not chain and not cfg.transfer.init_from:
+        raise ConfigError("transfer.init_from: fine-tuning needs pretrained weights: --init-from URI")
     from vitray.storage import embedded_unless
     from vitray.train import launch
 
-    validate(cfg)
-    try:
-        with embedded_unless(cfg.storage.uri) as embedded:
-            if chain:  # the smoke chain: pretrain first, into the same storage
-                base = smoke().replace(storage=dict(uri=cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url))
-                pre = launch.run(base, embedded=embedded)
-                print(json.dumps({"pretrain": pre}), flush=True)
-                cfg = cfg.replace(transfer=dict(init_from=pre["checkpoint"]))
-            summary = launch.run(cfg, resume, embedded, timeline={"driver_start": STARTED})
-    except launch.TrainingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with embedded_unless(cfg.storage.uri) as embedded:
+        if chain:  # the smoke chain: pretrain first, into the same storage
+            base = smoke().replace(storage=dict(uri=cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url))
+            pre = launch.run(base, embedded=embedded)
+            print(json.dumps({"pretrain": pre}), flush=True)
+            cfg = cfg.replace(transfer=dict(init_from=pre["checkpoint"]))
+        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
     if chain:
         summary = {"pretrain_val_top1": pre["val_top1"], **summary, "wall_s": time.time() - STARTED}
     print(json.dumps(summary))
     return 0
 
+
+main = training_job(__doc__, FINETUNE_PRESETS, MODELS, run, init_from=True)
 
 if __name__ == "__main__":
     sys.exit(main())

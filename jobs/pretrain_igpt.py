@@ -11,42 +11,26 @@ import time
 
 STARTED = time.time()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vitray.config import ConfigError  # noqa: E402
-from vitray.config.recipes import IGPT_PRESETS, add_job_arguments, job_config  # noqa: E402
+from vitray.config.jobs import training_job  # noqa: E402
+from vitray.config.recipes import IGPT_PRESETS  # noqa: E402
 
 MODELS = "igpt_s, igpt_m, igpt_l, igpt_smoke, each also as *_bert"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_job_arguments(parser, IGPT_PRESETS, MODELS)
-    args = parser.parse_args(argv)
-    try:
-        cfg = job_config(args, IGPT_PRESETS, "igpt", MODELS)
-        if args.print_config:
-            print(json.dumps(cfg.to_dict(), indent=1))
-            return 0
-        from vitray.storage import embedded_unless
-        from vitray.train import launch
+def run(cfg, args) -> int:
+    from vitray.storage import embedded_unless
+    from vitray.train import launch
 
-        try:
-            with embedded_unless(cfg.storage.uri) as embedded:
-                summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
-                if cfg.data.val_uri or cfg.data.builtin:
-                    summary.update(report(cfg, summary, embedded))
-        except launch.TrainingFailed as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with embedded_unless(cfg.storage.uri) as embedded:
+        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
+        if summary["data"]["val_uri"]:
+            summary.update(report(cfg, summary, embedded))
     print(json.dumps(summary))
     return 0
 
@@ -63,9 +47,7 @@ def report(cfg, summary: dict, embedded) -> dict:
 
     endpoint = embedded.endpoint if embedded else storage.Endpoint(url=cfg.storage.endpoint_url or None)
     ckpt = summary["checkpoint"]
-    data = storage.join(summary["run"].rsplit("/runs/", 1)[0], "datasets", "digits") if cfg.data.builtin else None
-    train_uri = cfg.data.train_uri or storage.join(data, "train")
-    val_uri = cfg.data.val_uri or storage.join(data, "val")
+    train_uri, val_uri = summary["data"]["train_uri"], summary["data"]["val_uri"]
     model, _ = load_model(ckpt, endpoint)
     layers = list(range(model.spec.depth + 1))
     size = cfg.data.image_size
@@ -81,6 +63,8 @@ def report(cfg, summary: dict, embedded) -> dict:
     best = max(probes, key=probes.get)
     return {"linear_probe": probes, "best_layer": best, "figures": [storage.join(ckpt, n) for n in figures]}
 
+
+main = training_job(__doc__, IGPT_PRESETS, MODELS, run, family="igpt")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         root = args.uri
         if not storage.exists(root, endpoint):
             raise storage.StorageError(f"{root}: does not exist")
-        if storage.exists(storage.join(root, "runs"), endpoint):  # given the storage.uri rather than its runs/
-            root = storage.join(root, "runs")
+        if storage.exists(runs.runs_root(root), endpoint):  # given the storage.uri rather than its runs/
+            root = runs.runs_root(root)
         if args.plot:
             curves, metric = {}, {}
             for name in args.plot:

@@ -19,52 +19,37 @@ import time
 
 STARTED = time.time()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vitray.config import DETR_PRESETS, ConfigError  # noqa: E402
-from vitray.config.recipes import add_job_arguments, job_config  # noqa: E402
+from vitray.config import DETR_PRESETS  # noqa: E402
+from vitray.config.jobs import training_job  # noqa: E402
 
 MODELS = "detr_r50, detr_r101, detr_smoke"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_job_arguments(parser, DETR_PRESETS, MODELS)
-    args = parser.parse_args(argv)
-    try:
-        cfg = job_config(args, DETR_PRESETS, "detr", MODELS)
-        if args.print_config:
-            print(json.dumps(cfg.to_dict(), indent=1))
-            return 0
-        from vitray.storage import embedded_unless
-        from vitray.train import launch
+def run(cfg, args) -> int:
+    from vitray.storage import embedded_unless
+    from vitray.train import launch
 
-        chain = args.preset == "smoke" and not cfg.transfer.init_from and not args.resume
-        try:
-            with embedded_unless(cfg.storage.uri) as embedded:
-                if chain:  # pretrain the backbone as a digit classifier first, into the same storage
-                    from vitray.config.recipes import detr_backbone_smoke
+    chain = args.preset == "smoke" and not cfg.transfer.init_from and not args.resume
+    with embedded_unless(cfg.storage.uri) as embedded:
+        if chain:  # pretrain the backbone as a digit classifier first, into the same storage
+            from vitray.config.recipes import detr_backbone_smoke
 
-                    base = detr_backbone_smoke().replace(storage=dict(uri=cfg.storage.uri,
-                                                                      endpoint_url=cfg.storage.endpoint_url))
-                    backbone = launch.run(base, embedded=embedded)
-                    print(json.dumps({"backbone": backbone}), flush=True)
-                    cfg = cfg.replace(transfer=dict(init_from=backbone["checkpoint"]))
-                summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
-        except launch.TrainingFailed as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            base = detr_backbone_smoke().replace(storage=dict(uri=cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url))
+            backbone = launch.run(base, embedded=embedded)
+            print(json.dumps({"backbone": backbone}), flush=True)
+            cfg = cfg.replace(transfer=dict(init_from=backbone["checkpoint"]))
+        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
     print(json.dumps(summary))
     return 0
 
+
+main = training_job(__doc__, DETR_PRESETS, MODELS, run, family="detr")
 
 if __name__ == "__main__":
     sys.exit(main())

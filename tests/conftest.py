@@ -1,4 +1,8 @@
-"""Shared fixtures: one embedded S3 server and one local Ray cluster for the whole session (both real)."""
+"""Shared fixtures: one embedded S3 server and one local Ray cluster for the whole session (both real).
+
+Tiers: `python -m pytest -m quick` runs every test that starts no real Ray / DeepSpeed run (a few minutes, for
+iterating); plain `python -m pytest` runs everything (CI). A test is end-to-end when it uses the session's Ray
+cluster or trained models (`E2E_FIXTURES`) or is marked `@pytest.mark.e2e` (jobs started as subprocesses)."""
 from __future__ import annotations
 
 import os
@@ -14,6 +18,20 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+E2E_FIXTURES = {"ray_cluster", "smoke_chain"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: starts a real Ray / DeepSpeed run (left out of -m quick)")
+    config.addinivalue_line("markers", "quick: no real Ray / DeepSpeed run (set by conftest; -m quick)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("e2e") is None and E2E_FIXTURES.isdisjoint(item.fixturenames):
+            item.add_marker(pytest.mark.quick)
 
 
 @pytest.fixture(scope="session")

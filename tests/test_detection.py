@@ -10,7 +10,8 @@ import torch
 from vitray import storage
 from vitray.data.detection import augment, check_annotation, digit_canvases, write_digit_canvases
 from vitray.data.shards import DataError, Sample, write_shards
-from vitray.tasks.detection import box_ops, coco
+from vitray.models import box_ops
+from vitray.tasks.detection import coco
 from vitray.tasks.detection.criterion import set_loss
 from vitray.tasks.detection.matcher import cost_matrix, match
 
@@ -205,7 +206,7 @@ def test_coco_importer_round_trips_real_images_and_names_bad_annotations(tmp_pat
 def test_detr_backbone_comes_from_a_bit_classifier_of_the_same_shape():
     from vitray.models.npz import CheckpointError
     from vitray.models.registry import build_model
-    from vitray.train.checkpoint import _detr_from_classifier
+    from vitray.tasks.detection.task import backbone_from_classifier as _detr_from_classifier
 
     torch.manual_seed(0)
     classifier = build_model("bit_smoke_s", num_classes=10, image_size=24)
@@ -274,3 +275,22 @@ def test_detr_smoke_chain_on_two_workers_detects_digits_and_exports_coco(s3, tmp
     found = gt.loadRes(str(tmp_path / "val_results.json"))
     assert len(gt.getImgIds()) == 300 and len(found.getAnnIds()) == 300 * 10  # one detection per query
     assert {c["id"] for c in gt.loadCats(gt.getCatIds())} == set(range(10))
+
+
+def test_detr_backbone_trains_at_a_tenth_of_the_lr():
+    """The task names the LR multiplier (`DetectionTask.lr_scales`), the engine applies it to the backbone."""
+    from vitray.config.recipes import DETR_PRESETS
+    from vitray.tasks import make_task
+    from vitray.train.engine import build_optimizer
+
+    cfg = DETR_PRESETS["smoke"]().replace(detection=dict(backbone_lr_scale=0.1))  # the paper's; smoke uses 1
+    task = make_task(cfg)
+    model = task.build_model()
+    groups = build_optimizer(model, cfg, task.lr_scales()).param_groups
+    backbone = {id(p) for p in model.backbone.parameters()}
+    for g in groups:
+        in_backbone = {id(p) in backbone for p in g["params"]}
+        assert len(in_backbone) == 1  # a group is all backbone or all the rest
+        want = cfg.optim.lr * (cfg.detection.backbone_lr_scale if in_backbone.pop() else 1.0)
+        assert g["lr"] == pytest.approx(want)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)

@@ -57,7 +57,9 @@ def test_missing_s3_prefix(s3):
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     proc = _job("--preset", "smoke", "--set", f"storage.uri={tmp_path}", "--run-name", "never-ran", "--resume")
     _assert_clean_error(proc, "--resume found no checkpoint of run 'never-ran'")
-    _assert_clean_error(_job("--preset", "smoke", "--resume"), "storage.uri: --resume needs storage that outlives")
+    # Laptop runs (no storage.uri) live in ./runs, so --resume looks there.
+    _assert_clean_error(_job("--preset", "smoke", "--resume", "--run-name", "never-ran"),
+                        f"--resume found no checkpoint of run 'never-ran' under {os.path.join(ROOT, 'runs', 'never-ran')}")
 
 
 def test_unknown_preset_and_override_syntax():

@@ -53,9 +53,10 @@ def reference(ray_cluster, s3, digits):
 def test_training_matches_the_stored_known_good_loss_curve(reference):
     """Regenerate with VITRAY_WRITE_CURVE=1 after a change that is meant to alter training, and say why."""
     losses, _ = reference
-    if os.environ.get("VITRAY_WRITE_CURVE") == "1":
+    if os.environ.get("VITRAY_WRITE_CURVE") == "1":  # writing is not checking: this run compares nothing
         with open(CURVE, "w") as f:
             json.dump({"steps": STEPS, "loss": [losses[s] for s in range(1, STEPS + 1)]}, f, indent=1)
+        pytest.skip(f"wrote {CURVE}; run the test again without VITRAY_WRITE_CURVE to compare against it")
     with open(CURVE) as f:
         stored = json.load(f)["loss"]
     # Exact on this machine; the tolerance absorbs other CPUs' summation order, far below what a changed data order,

@@ -257,3 +257,19 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_cl
     assert 4 <= kept < diverged
     saved = [name for name in storage.list_files(plan.run_uri, plan.endpoint) if name.startswith("step_")]
     assert max(saved) == f"step_{kept:08d}", saved  # nothing saved after the divergence
+
+
+def test_workers_that_would_starve_ray_data_or_overfill_the_cluster_are_refused(ray_cluster):
+    """2 workers × 1 CPU on a 2-CPU machine once hung silently: the workers held every CPU and Ray Data's read tasks
+    could never run. Now the driver refuses it before Ray Train asks for anything (the session cluster has 4 CPUs)."""
+    from vitray.config import ConfigError
+
+    cfg = smoke()
+    launch.check_cluster(cfg)  # 2 × 0.5 CPUs: room for Ray Data
+    with pytest.raises(ConfigError, match=r"2 workers × 2 CPUs take all 4 CPUs .* none for Ray Data.* at most 1\.5"):
+        launch.check_cluster(cfg.replace(scaling=dict(cpus_per_worker=2)))
+    with pytest.raises(ConfigError, match=r"2 workers × 3 CPUs = 6 CPUs, but the Ray cluster has 4"):
+        launch.check_cluster(cfg.replace(scaling=dict(cpus_per_worker=3)))
+    with pytest.raises(ConfigError, match=r"needs 2 GPU workers but the Ray cluster has no GPUs"):
+        launch.check_cluster(cfg.replace(scaling=dict(use_gpu=True)))
+    launch.check_cluster(cfg.replace(scaling=dict(cpus_per_worker=3, autoscale=True)))  # nodes come on demand

@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import time
 
+from vitray.models.registry import representation_size
+
 # Peak dense bf16 FLOP/s per accelerator (vendor datasheets; TPUv3: 123 T per chip, 2 cores per chip).
 PEAK_FLOPS = {
     "TPUv3-core": 61.5e12,
@@ -130,7 +132,7 @@ def forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, pre
     through every block."""
     fn = {"bit": resnet_forward_flops, "detr": detr_forward_flops, "igpt": igpt_forward_flops}.get(spec.family,
                                                                                                   vit_forward_flops)
-    return fn(spec, image_size, num_classes, spec.features if pre_logits else 0, paper)
+    return fn(spec, image_size, num_classes, representation_size(spec, pre_logits) or 0, paper)
 
 
 def train_flops_per_image(forward_flops: float) -> float:

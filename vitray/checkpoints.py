@@ -145,7 +145,7 @@ def load_model(uri: str, endpoint: Endpoint | None = None, dropout: float = 0.0,
         return model, {"checkpoint": uri, "step": None, "weights": "npz", "config": None}
     import torch
 
-    from vitray.models.registry import build_model, get_spec
+    from vitray.models.registry import build_model
 
     with tempfile.TemporaryDirectory(prefix="vitray-load-") as local:
         fs, path = storage.resolve(uri, endpoint)
@@ -159,9 +159,8 @@ def load_model(uri: str, endpoint: Endpoint | None = None, dropout: float = 0.0,
             meta = json.load(f)
         saved = meta["config"]
         m = saved["model"]
-        spec = get_spec(m["name"])
         model = build_model(m["name"], num_classes=m["num_classes"], image_size=saved["data"]["image_size"],
-                            dropout=dropout, representation_size=spec.features if m["pre_logits"] else None)
+                            dropout=dropout, pre_logits=m["pre_logits"])
         if saved["deepspeed"]["zero_stage"] == 0:
             state = torch.load(os.path.join(local, TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
                                weights_only=False)["module"]
@@ -218,3 +217,22 @@ def check_init_from(uri: str, model_name: str, num_classes: int, image_size: int
     elif source != target:
         raise CheckpointError(f"{where} holds {saved}, not {model_name}: set model.name={saved} (fine-tuning keeps"
                               " the architecture; only the head and the resolution change)")
+
+
+def pretrained_for_finetuning(cfg, endpoint: Endpoint | None):
+    """The model to fine-tune: weights from `cfg.transfer.init_from` — a vitray checkpoint folder or an official
+    .npz — with the pretraining head swapped for a zero-initialised one for `cfg.model.num_classes` and the position
+    embeddings interpolated to `cfg.data.image_size` (the paper's transfer recipe)."""
+    from vitray.models.registry import build_model, get_spec
+
+    uri, t = cfg.transfer.init_from, cfg.transfer
+    if is_npz(uri):
+        from vitray.models.npz import load_npz
+
+        if get_spec(cfg.model.name).family != "vit":
+            raise CheckpointError(f"{uri}: .npz import covers the plain ViT layout; {cfg.model.name} is not one")
+        model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.data.image_size,
+                            dropout=cfg.model.dropout)
+        return load_npz(model, storage.read_bytes(uri, endpoint), uri, load_head=False, posemb_method=t.posemb_method)
+    model, _ = load_model(uri, endpoint, cfg.model.dropout)
+    return model.adapt_for_finetuning(cfg.model.num_classes, cfg.data.image_size, t.posemb_method)

@@ -76,7 +76,7 @@ def activation_bytes(cfg: Config, micro_batch: int | None = None, bf16: bool = T
     """Bytes autograd saves for backward in one micro-batch's forward pass, measured on the meta device."""
     import torch
 
-    from vitray.tasks.classification import make_task
+    from vitray.tasks import make_task
 
     saved: dict[int, int] = {}
 
@@ -154,7 +154,7 @@ def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str 
     spec = get_spec(cfg.model.name)
     with torch.device("meta"):
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.data.image_size,
-                            representation_size=spec.features if cfg.model.pre_logits else None)
+                            pre_logits=cfg.model.pre_logits)
     params = sum(p.numel() for p in model.parameters())
     mixed = cfg.deepspeed.precision in ("bf16", "fp16") or (cfg.deepspeed.precision == "auto" and cfg.scaling.use_gpu)
     world = cfg.scaling.num_workers

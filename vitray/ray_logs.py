@@ -47,7 +47,10 @@ class _DropLines:
                 self._stream.write(line + "\n")
         return len(text)
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # a partial line (a progress bar's "\r" update) is not held back past a flush
+        if self._pending and not any(d in self._pending for d in self._drops):
+            self._stream.write(self._pending)
+            self._pending = ""
         self._stream.flush()
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...: the real stream's

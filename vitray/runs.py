@@ -22,10 +22,19 @@ from vitray import storage
 from vitray.checkpoints import scan, step_dir
 from vitray.storage import Endpoint
 
+RUNS = "runs"  # <storage.uri>/runs/<run name>
 STATE = "run.json"
 METRICS = "metrics.jsonl"
 COST_LOG = "accelerator_days.jsonl"
 STATES = ("running", "finished", "stopped", "failed", "diverged", "interrupted")
+
+
+def runs_root(storage_uri: str) -> str:
+    return storage.join(storage_uri, RUNS)
+
+
+def run_uri(storage_uri: str, name: str) -> str:
+    return storage.join(storage_uri, RUNS, name)
 
 
 def read_state(run_uri: str, endpoint: Endpoint | None) -> dict | None:

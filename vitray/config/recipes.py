@@ -255,28 +255,3 @@ def preset(name: str, table: dict | None = None) -> Config:
     if name not in table:
         raise ConfigError(f"--preset: unknown preset {name!r} (known: {', '.join(table)})")
     return table[name]()
-
-
-def add_job_arguments(parser, table: dict, models: str) -> None:
-    """The arguments every training job of a model family takes (see `job_config`)."""
-    parser.add_argument("--preset", default="smoke", help=f"recipe: {', '.join(table)} (default smoke)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--model", help=f"= model.name: {models}")
-    parser.add_argument("--run-name", help="= storage.run_name")
-    parser.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
-    parser.add_argument("--print-config", action="store_true")
-
-
-def job_config(args, table: dict, family: str, models: str) -> Config:
-    """The config `add_job_arguments`' arguments name: the preset, then --set, --model and --run-name. Validated,
-    and of the job's model `family`, unless it is only to be printed (ConfigError otherwise)."""
-    from vitray.config.schema import apply_overrides, model_override, validate
-    from vitray.models.registry import get_spec
-
-    extra = ([f"storage.run_name={args.run_name}"] if args.run_name else []) + model_override(args.model)
-    cfg = apply_overrides(preset(args.preset, table), args.overrides + extra)
-    if not args.print_config:
-        validate(cfg)
-        if get_spec(cfg.model.name).family != family:
-            raise ConfigError(f"model.name: {cfg.model.name} is not a {family} model ({models})")
-    return cfg

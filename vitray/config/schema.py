@@ -6,6 +6,7 @@ named, and no cluster resource is requested for it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 
@@ -204,9 +205,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+@functools.lru_cache(maxsize=256)
 def validate(cfg: Config) -> None:
     """Check everything that can be checked without touching storage or Ray; raise one ConfigError naming
-    every field at fault."""
+    every field at fault. Configs are frozen, so a config that passed once is not checked again (the jobs check
+    it when they build it, the driver's `prepare` asks again for callers that built theirs in Python)."""
     from vitray.models import registry
 
     errors: list[str] = []

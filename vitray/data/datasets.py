@@ -84,6 +84,12 @@ def samples_from_arrays(images: np.ndarray, labels: np.ndarray, prefix: str = "i
         yield Sample(key=f"{prefix}{i:07d}", image=buf.getvalue(), ext="png", label=int(label))
 
 
+def builtin_uri(root: str, name: str, image_size: int | None = None) -> str:
+    """Where a built-in dataset is written under a storage root: <root>/datasets/digits, or per size for the
+    detection canvases (<root>/datasets/digit_canvases_64); its splits are train/ and val/ below."""
+    return storage.join(root, "datasets", name if image_size is None else f"{name}_{image_size}")
+
+
 # scikit-learn's digits: 1,797 real 8×8 handwritten digits (UCI optdigits) shipped inside the package.
 DIGITS_VAL = 297  # fixed held-out split: leaves 1,500 for training, divisible by 2, 3, 4 and 5 workers
 

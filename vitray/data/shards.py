@@ -231,8 +231,6 @@ def iter_tar(data: bytes, where: str) -> Iterator[tuple[str, bytes, str, int]]:
 def _check_annotation(s: Sample, num_classes: int) -> None:
     from PIL import Image
 
-    from vitray.data.detection import check_annotation
-
     where = f"sample {s.key}"
     try:
         ann = json.loads(s.annotation)
@@ -240,3 +238,20 @@ def _check_annotation(s: Sample, num_classes: int) -> None:
     except (ValueError, OSError) as e:
         raise DataError(f"{where}: unreadable image or annotation ({e})") from e
     check_annotation(ann, width, height, num_classes, where)
+
+
+def check_annotation(ann: dict, width: int, height: int, num_classes: int, where: str) -> None:
+    """One clear error naming the sample for a box outside the image, a non-positive size or an unknown category."""
+    boxes, labels = ann.get("boxes"), ann.get("labels")
+    if not isinstance(boxes, list) or not isinstance(labels, list) or len(boxes) != len(labels):
+        raise DataError(f"{where}: annotation needs lists 'boxes' and 'labels' of equal length")
+    for i, (box, label) in enumerate(zip(boxes, labels)):
+        if len(box) != 4:
+            raise DataError(f"{where}: box {i} has {len(box)} numbers, not [x, y, w, h]")
+        x, y, w, h = box
+        if w <= 0 or h <= 0:
+            raise DataError(f"{where}: box {i} {box} has a non-positive size")
+        if x < 0 or y < 0 or x + w > width + 1e-6 or y + h > height + 1e-6:
+            raise DataError(f"{where}: box {i} {box} lies outside the {width}×{height} image")
+        if not isinstance(label, int) or not 0 <= label < num_classes:
+            raise DataError(f"{where}: box {i} has unknown category {label!r} (known: 0..{num_classes - 1})")

@@ -30,8 +30,10 @@ class CheckpointActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        from vitray.models.inputs import to_model_input
+
         with torch.no_grad():
-            images = torch.from_numpy(np.require(batch["image"], requirements="W")).permute(0, 3, 1, 2).float() / 127.5 - 1
+            images = to_model_input(batch["image"])
             out = {"label": batch["label"], "split": batch["split"]}
             if not self.layers:
                 out["prediction"] = self.model(images).argmax(-1).numpy()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vitray import storage
+from vitray.models.inputs import to_model_input
 from vitray.storage import Endpoint
 
 NUM_FILTERS = 28  # the paper's Figure 7 (left) shows the first 28 principal components
@@ -101,11 +102,6 @@ def load_images(uri: str | None, endpoint: Endpoint | None, n: int, size: tuple[
         img = center_crop(img, h) if h == w else img.resize((w, h), Image.BICUBIC)
         out.append(np.asarray(img))
     return np.stack(out), [name for name, _ in raw[:n]]
-
-
-def to_model_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [−1, 1], the training pipeline's normalisation."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 # ---------------------------------------------------------------------------------------------------- analyses

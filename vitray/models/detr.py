@@ -11,14 +11,13 @@ image (B, 3, H, W)
 The paper's backbone is an ImageNet-pretrained torchvision ResNet-50 with frozen BatchNorm; vitray's is its own BiT
 ResNetV2 (GroupNorm and weight standardisation: no batch statistics, so it behaves the same at DETR's 2–4 images per
 device), pretrained by any vitray classification run of the same ResNet and loaded through `transfer.init_from`
-(`checkpoint.load_pretrained`).
+(`DetectionTask.pretrained_model`).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitray.models.registry import BUILDERS, DETRSpec, ResNetSpec
@@ -123,7 +122,7 @@ class DETR(nn.Module):
 def postprocess(logits: torch.Tensor, boxes: torch.Tensor, sizes: list[tuple[int, int]]) -> list[dict]:
     """Per image: every query's best real class, its probability as the score, and its box in pixels (x0, y0, x1,
     y1) for an image of `sizes[b]` = (height, width). No NMS: set prediction makes duplicates rare by design."""
-    from vitray.tasks.detection.box_ops import cxcywh_to_xyxy
+    from vitray.models.box_ops import cxcywh_to_xyxy
 
     prob = logits.float().softmax(-1)[..., :-1]
     scores, labels = prob.max(-1)

@@ -177,8 +177,17 @@ def get_spec(name: str):
     return MODELS[canonical(name)]
 
 
-def build_model(name: str, **kwargs):
+def representation_size(spec, pre_logits: bool) -> int | None:
+    """The pretraining head's hidden width (paper Sec. 3.1: a tanh layer as wide as the features), or None."""
+    return spec.features if pre_logits else None
+
+
+def build_model(name: str, pre_logits: bool | None = None, **kwargs):
+    """The model `name` names. `pre_logits` (a config's model.pre_logits) sets the head's hidden layer by the
+    paper's rule; or pass `representation_size` directly."""
     spec = get_spec(name)
+    if pre_logits is not None:
+        kwargs["representation_size"] = representation_size(spec, pre_logits)
     if spec.family not in BUILDERS:  # families register on import
         import vitray.models.detr  # noqa: F401
         import vitray.models.igpt  # noqa: F401

@@ -10,30 +10,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitray.config.schema import Config
-from vitray.models.registry import build_model, get_spec
+from vitray.models.inputs import to_model_input
+from vitray.models.registry import build_model
+from vitray.tasks import Task
 
 
-class ClassificationTask:
-    metric = "val_top1"  # the number the loop logs after evaluation
-    better = "max"  # which way the metric improves (the runs listing picks each run's best by it)
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+class ClassificationTask(Task):
+    metric = "val_top1"
 
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
-        spec = get_spec(m.name)
         return build_model(
             m.name, num_classes=m.num_classes, image_size=self.cfg.data.image_size, dropout=m.dropout,
-            representation_size=spec.features if m.pre_logits else None,
+            pre_logits=m.pre_logits,
         )
 
     def to_tensors(self, batch: dict[str, np.ndarray], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """uint8 HWC images from the pipeline → [-1, 1] NCHW on the device (the paper's (x − 127.5)/127.5)."""
-        images = torch.from_numpy(np.require(batch["image"], requirements="W")).to(device, non_blocking=True)
-        images = images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
-        return {"image": images, "label": torch.from_numpy(np.require(batch["label"], requirements="W")).to(device)}
+        return {"image": to_model_input(batch["image"], device, dtype), "label": torch.from_numpy(np.require(batch["label"], requirements="W")).to(device)}
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(batch["image"])
@@ -41,9 +35,6 @@ class ClassificationTask:
         return loss, {"correct": (logits.argmax(-1) == batch["label"]).sum(), "count": torch.tensor(len(logits))}
 
     # --- evaluation: exact top-1 over a split that may give ranks unequal shares -------------------------------
-
-    def decoder(self) -> None:
-        return None  # the pipeline's default: image + class label
 
     def empty_batch(self) -> dict[str, np.ndarray]:
         s = self.cfg.data.image_size
@@ -65,16 +56,3 @@ class ClassificationTask:
         dist.all_reduce(counts)
         return {"val_top1": (counts[0] / counts[1]).item()}
 
-
-def make_task(cfg: Config, classes: list[str] | None = None, palette_uri: str | None = None, endpoint=None):
-    """The task a config trains: detection for DETR, next pixels for iGPT, classification for everything else."""
-    family = get_spec(cfg.model.name).family
-    if family == "detr":
-        from vitray.tasks.detection.task import DetectionTask
-
-        return DetectionTask(cfg, classes)
-    if family == "igpt":
-        from vitray.tasks.pixels import PixelTask
-
-        return PixelTask(cfg, palette_uri, endpoint)
-    return ClassificationTask(cfg)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from vitray.models.registry import get_spec
 from vitray.storage import Endpoint
+from vitray.tasks import Task
 
 
 def _keep_pixels(batch: dict[str, np.ndarray], per_image: int, seed: int) -> dict[str, np.ndarray]:
@@ -44,7 +46,7 @@ def fit_palette(pixels: np.ndarray, colours: int, seed: int = 0) -> np.ndarray:
 PALETTE_FILE = "palette.npy"
 
 
-class PixelTask:
+class PixelTask(Task):
     """iGPT's objective for the training loop: the images are their own targets (labels unused). Evaluation
     reports the held-out negative log-likelihood of the predicted tokens (all of them, or BERT's masked ones) in
     nats and in bits per pixel token."""
@@ -52,11 +54,24 @@ class PixelTask:
     metric = "val_bits_per_pixel"
     better = "min"
 
-    def __init__(self, cfg, palette_uri: str | None = None, endpoint: Endpoint | None = None):
-        self.cfg, self.palette_uri, self.endpoint = cfg, palette_uri, endpoint
+    def before_fit(self, plan):
+        """k-means the colour palette from a sample of the training pixels (a Ray Data job), once per run, saved as
+        <run>/palette.npy; a resumed run keeps its own. The workers' tasks load it (`palette_uri`)."""
+        import dataclasses
+        import io
 
-    def decoder(self) -> None:
-        return None  # the classification pipeline's images; the label column is ignored
+        from vitray import storage
+
+        uri = storage.join(plan.run_uri, PALETTE_FILE)
+        if not storage.exists(uri, plan.endpoint):
+            vocab = get_spec(self.cfg.model.name).vocab
+            palette = fit_palette(sample_pixels(plan.train_uri, plan.endpoint, self.cfg.data.image_size,
+                                                seed=self.cfg.seed), vocab, self.cfg.seed)
+            buf = io.BytesIO()
+            np.save(buf, palette)
+            storage.write_bytes(uri, buf.getvalue(), plan.endpoint)
+            print(f"palette: {vocab} colours by k-means → {uri}", flush=True)
+        return dataclasses.replace(plan, palette_uri=uri)
 
     def build_model(self):
         import io
@@ -73,10 +88,9 @@ class PixelTask:
         return model
 
     def to_tensors(self, batch: dict[str, np.ndarray], device, dtype) -> dict:
-        import torch
+        from vitray.models.inputs import to_model_input
 
-        images = torch.from_numpy(np.require(batch["image"], requirements="W")).to(device, non_blocking=True)
-        return {"image": images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)}
+        return {"image": to_model_input(batch["image"], device, dtype)}
 
     def loss(self, model, batch: dict):
         """Cross-entropy of the image's own palette indices: every next pixel, or (BERT) the masked pixels. The
@@ -132,10 +146,11 @@ def samples_png(model, images: np.ndarray, completions: int = 3, unconditional: 
     from PIL import Image
 
     from vitray.models.igpt import dequantize
+    from vitray.models.inputs import to_model_input, to_pixels
 
     g = torch.Generator().manual_seed(seed)
     h, w = model.size
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_model_input(images)
     tokens = model.tokens(x)
     half = tokens[:, : (h // 2) * w]
     rows = []
@@ -149,7 +164,7 @@ def samples_png(model, images: np.ndarray, completions: int = 3, unconditional: 
     canvas = Image.new("RGB", (cols * cell, (len(rows) + 1) * cell), "white")
     for r, batch in enumerate([*rows, free]):
         for c, img in enumerate(batch):
-            pixels = ((img.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            pixels = to_pixels(img)
             canvas.paste(Image.fromarray(pixels).resize((cell - 4, cell - 4), Image.NEAREST), (c * cell + 2, r * cell + 2))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")

@@ -63,10 +63,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, lr_scal
             for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: Config, lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    """`lr_scales`: parameter-name prefix → LR multiplier, from the task (`Task.lr_scales`)."""
     o = cfg.optim
-    lr_scales = {"backbone.": cfg.detection.backbone_lr_scale} if getattr(model, "spec", None) is not None and \
-        model.spec.family == "detr" else None
     groups = param_groups(model, o.weight_decay, o.lr, lr_scales)
     if o.optimizer == "adam":
         # Decoupled decay (AdamW): the paper's "Adam, weight decay 0.1" as in the official JAX code.
@@ -75,14 +74,14 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_steps: int, on_gpu: bool,
-                 load_universal: bool = False):
+                 load_universal: bool = False, lr_scales: dict[str, float] | None = None):
     """`load_universal`: the engine will restore a universal checkpoint (resuming on another number of workers)."""
     import deepspeed
 
     config = deepspeed_config(cfg, world_size, total_steps, on_gpu)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, lr_scales)
     scheduler = None
     if cfg.optim.schedule == "step":
         drop = max(1, round(cfg.optim.lr_drop * total_steps))

@@ -10,18 +10,18 @@ import math
 import os
 import time
 
-from vitray import cost, storage
+from vitray import cost, runs, storage
+from vitray.config.jobs import TrainingFailed
 from vitray.config.schema import Config, ConfigError, validate
 from vitray.data.shards import DataError, read_manifest
 from vitray.storage import Endpoint
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it once a checkpoint is fully registered
-RUNS = "runs"  # <storage>/runs/<run name>
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What the driver worked out before Ray starts; handed to every worker."""
+    """What the driver worked out before Ray starts; handed to every worker as it is (typed, not a dict)."""
 
     run_name: str
     run_uri: str
@@ -35,18 +35,13 @@ class Plan:
     classes: tuple[str, ...] = ()  # the training manifest's class (category) names
     palette_uri: str = ""  # iGPT: the k-means colour palette the run trains with (<run>/palette.npy)
 
-    def to_worker(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["has_val"] = bool(self.val_uri)
-        return d
-
 
 def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None = None) -> tuple[Config, Plan]:
     validate(cfg)
     if cfg.storage.uri:
         endpoint = Endpoint(url=cfg.storage.endpoint_url or None, region=cfg.storage.region)
         root = cfg.storage.uri
-        runs_root = storage.join(root, RUNS)
+        runs_root = runs.runs_root(root)
     elif embedded is not None:
         # The laptop default: the data streams from the embedded S3 server, but the run (checkpoints, metrics,
         # TensorBoard events, cost row) goes to a local folder, which outlives the server — so the tools and
@@ -57,15 +52,16 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
         raise ConfigError("storage.uri: no storage given and no embedded S3 server running")
 
     if cfg.data.builtin == "digits" and not cfg.data.train_uri:
-        from vitray.data.datasets import write_digits
+        from vitray.data.datasets import builtin_uri, write_digits
 
-        base = storage.join(root, "datasets", "digits")
+        base = builtin_uri(root, "digits")
         write_digits(base, endpoint)
         cfg = cfg.replace(data=dict(train_uri=storage.join(base, "train"), val_uri=storage.join(base, "val")))
     elif cfg.data.builtin == "digit_canvases" and not cfg.data.train_uri:
+        from vitray.data.datasets import builtin_uri
         from vitray.data.detection import write_digit_canvases
 
-        base = storage.join(root, "datasets", f"digit_canvases_{cfg.data.image_size}")
+        base = builtin_uri(root, "digit_canvases", cfg.data.image_size)
         write_digit_canvases(base, endpoint, size=cfg.data.image_size)
         cfg = cfg.replace(data=dict(train_uri=storage.join(base, "train"), val_uri=storage.join(base, "val")))
 
@@ -74,9 +70,9 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
         val_task = read_manifest(cfg.data.val_uri, endpoint, "data.val_uri").task if cfg.data.val_uri else manifest.task
     except DataError as e:
         raise ConfigError(str(e)) from None
-    from vitray.models.registry import get_spec
+    from vitray.tasks import task_class
 
-    wanted = "detection" if get_spec(cfg.model.name).family == "detr" else "classification"
+    wanted = task_class(cfg.model.name).shards
     for field, task in (("data.train_uri", manifest.task), ("data.val_uri", val_task)):
         if task != wanted:
             raise ConfigError(f"{field}: holds {task} shards but {cfg.model.name} is a {wanted} model")
@@ -124,7 +120,6 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
 def reuse_name(name: str, run_uri: str, endpoint: Endpoint) -> None:
     """A new run under the name of an existing one: refused when that run has a committed checkpoint (it can be
     resumed) or is running; an attempt that ended before its first checkpoint is moved aside, kept whole."""
-    from vitray import runs
     from vitray.checkpoints import scan
 
     complete, _ = scan(run_uri, endpoint)
@@ -152,9 +147,8 @@ def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> tuple[int,
     """Before Ray: the run has a complete checkpoint, and when it was saved by another number of workers it can be
     resharded (ZeRO ≤ 2, through DeepSpeed's universal checkpoint, made here). Names the interrupted saves the
     resume will skip. Returns (the world size that saved the checkpoint, its step)."""
-    import json
-
-    from vitray.train.checkpoint import COMMIT, make_universal, scan, step_dir
+    from vitray.checkpoints import COMMIT, read_meta, scan, step_dir
+    from vitray.train.checkpoint import make_universal
 
     complete, incomplete = scan(run_uri, endpoint)
     if not complete:
@@ -164,7 +158,7 @@ def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> tuple[int,
             print(f"skipping incomplete checkpoint {step_dir(s)} (no {COMMIT} marker: its save was interrupted);"
                   f" resuming from {step_dir(complete[-1])}", flush=True)
     latest = storage.join(run_uri, step_dir(complete[-1]))
-    saved = json.loads(storage.read_bytes(storage.join(latest, "vitray.json"), endpoint))
+    saved = read_meta(latest, endpoint)
     world, stage = saved["world_size"], saved["config"]["deepspeed"]["zero_stage"]
     if world != cfg.scaling.num_workers:
         if stage == 3 or cfg.deepspeed.zero_stage != stage:
@@ -179,17 +173,37 @@ def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> tuple[int,
     return world, saved["step"]
 
 
+DATA_CPUS = 1.0  # Ray Data's read and decode tasks ask for one CPU each: at least one must stay free for them
+
+
 def check_cluster(cfg: Config) -> None:
-    """Fail fast when the recipe needs GPUs the cluster does not have (and cannot add)."""
+    """Fail fast, before Ray Train asks for anything, when the workers need more than the cluster has (and cannot
+    add), or would take every CPU and leave Ray Data none to read with — which otherwise waits forever, silently."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.scaling.use_gpu and gpus == 0 and not cfg.scaling.autoscale:
+    s, have = cfg.scaling, ray.cluster_resources()
+    gpus, cpus = have.get("GPU", 0), have.get("CPU", 0)
+    if s.autoscale:  # the cluster grows on demand: what is up now says nothing
+        return
+    if s.use_gpu and gpus == 0:
         raise ConfigError(
-            f"scaling.use_gpu: this recipe needs {cfg.scaling.num_workers} GPU workers but the Ray cluster has no"
+            f"scaling.use_gpu: this recipe needs {s.num_workers} GPU workers but the Ray cluster has no"
             " GPUs. Submit it to a GPU cluster (see cluster/), set scaling.autoscale=true if the cluster adds GPU"
             " nodes on demand, or try the CPU recipe: --preset smoke"
         )
+    if s.use_gpu and gpus < s.num_workers:
+        raise ConfigError(f"scaling.num_workers: {s.num_workers} GPU workers, but the Ray cluster has {gpus:g} GPUs;"
+                          " lower scaling.num_workers or set scaling.autoscale=true if it adds nodes on demand")
+    need = s.num_workers * s.cpus_per_worker
+    if need > cpus:
+        raise ConfigError(f"scaling.cpus_per_worker: {s.num_workers} workers × {s.cpus_per_worker:g} CPUs = {need:g}"
+                          f" CPUs, but the Ray cluster has {cpus:g}; lower scaling.cpus_per_worker or"
+                          " scaling.num_workers (or set scaling.autoscale=true if the cluster adds nodes)")
+    if cpus - need < DATA_CPUS:
+        fits = (cpus - DATA_CPUS) / s.num_workers
+        raise ConfigError(f"scaling.cpus_per_worker: {s.num_workers} workers × {s.cpus_per_worker:g} CPUs take all"
+                          f" {cpus:g} CPUs of the Ray cluster, leaving none for Ray Data's read and decode tasks"
+                          f" (the run would wait forever); set scaling.cpus_per_worker to at most {fits:.2g}")
 
 
 def init_ray(**local: object) -> None:
@@ -224,7 +238,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from vitray.data.stream import build_dataset, stream_splits_config
-    from vitray.tasks.classification import make_task
+    from vitray.tasks import make_task
     from vitray.train.loop import train_loop_per_worker
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -241,7 +255,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     fs, runs_path = storage.resolve(plan.run_uri.rsplit("/", 1)[0], plan.endpoint)  # Ray adds the run name
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_worker(), "timeline": {**(timeline or {}), "fit_called": time.time()}},
+        train_loop_config={"cfg": cfg, "plan": plan, "timeline": {**(timeline or {}), "fit_called": time.time()}},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
@@ -261,10 +275,6 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     return trainer.fit()
 
 
-class TrainingFailed(RuntimeError):
-    pass
-
-
 def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None = None, timeline: dict | None = None,
         callbacks: list | None = None) -> dict:
     """The driver's whole sequence: prepare (no Ray) → join or start Ray → check the cluster → fit. Returns the
@@ -280,14 +290,13 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
     if not ray.is_initialized():
         init_ray()
     check_cluster(cfg)
-    from vitray import runs
-    from vitray.tasks.classification import make_task
+    from vitray.tasks import make_task
 
     task = make_task(cfg)
     runs.write_state(plan.run_uri, plan.endpoint, "running", config=cfg.to_dict(), total_steps=plan.total_steps,
                      metric=task.metric, better=task.better, started=time.time(), error=None)
     try:
-        plan = with_palette(cfg, plan)
+        plan = task.before_fit(plan)
         result = fit(cfg, plan, timeline, callbacks)
         if result.error:
             raise TrainingFailed(f"run {plan.run_uri} failed: {result.error}")
@@ -301,7 +310,8 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
         raise e if isinstance(e, TrainingFailed) else TrainingFailed(f"run {plan.run_uri} failed: {e}") from e
     m = result.metrics or {}
     runs.write_state(plan.run_uri, plan.endpoint, "finished" if m.get("step") == plan.total_steps else "stopped")
-    summary = {"run": plan.run_uri, "step": m.get("step"), "loss": m.get("loss"),
+    summary = {"run": plan.run_uri, "data": {"train_uri": plan.train_uri, "val_uri": plan.val_uri},
+               "step": m.get("step"), "loss": m.get("loss"),
                **({k: v for k, v in m.items() if k.startswith("val_")} or {"val_top1": None}),
                "accelerator": estimate.accelerator,
                "plan": {"params": estimate.params, "train_flops_per_image": estimate.train_flops_per_image,
@@ -321,31 +331,6 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
         if log_uri != "none":
             append_jsonl(log_uri, row, plan.endpoint)
     return summary
-
-
-def with_palette(cfg: Config, plan: Plan) -> Plan:
-    """iGPT runs: k-means the colour palette from a sample of the training pixels (a Ray Data job), once per run,
-    saved as <run>/palette.npy; a resumed run keeps its own."""
-    from vitray.models.registry import get_spec
-
-    spec = get_spec(cfg.model.name)
-    if spec.family != "igpt":
-        return plan
-    import io
-
-    import numpy as np
-
-    from vitray.tasks.pixels import PALETTE_FILE, fit_palette, sample_pixels
-
-    uri = storage.join(plan.run_uri, PALETTE_FILE)
-    if not storage.exists(uri, plan.endpoint):
-        palette = fit_palette(sample_pixels(plan.train_uri, plan.endpoint, cfg.data.image_size, seed=cfg.seed),
-                              spec.vocab, cfg.seed)
-        buf = io.BytesIO()
-        np.save(buf, palette)
-        storage.write_bytes(uri, buf.getvalue(), plan.endpoint)
-        print(f"palette: {spec.vocab} colours by k-means → {uri}", flush=True)
-    return dataclasses.replace(plan, palette_uri=uri)
 
 
 def cost_row(cfg: Config, plan: Plan, metrics: dict, estimate) -> dict:

@@ -10,7 +10,6 @@ import logging
 import os
 import time
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -22,8 +21,7 @@ from vitray import accounting, cost
 from vitray.config.schema import Config
 from vitray.data.stream import TrainStream, micro_batches, start_early
 from vitray.models.registry import get_spec
-from vitray.storage import Endpoint
-from vitray.tasks.classification import make_task
+from vitray.tasks import make_task
 from vitray.train import checkpoint
 from vitray.train.engine import build_engine, precision
 from vitray.train.metrics import MetricsLog
@@ -34,7 +32,7 @@ logger = logging.getLogger("vitray")
 
 def train_loop_per_worker(config: dict) -> None:
     timeline = {**config.get("timeline", {}), "worker_start": time.time()}  # start-up phases, logged once
-    cfg, plan = Config.from_dict(config["cfg"]), config["plan"]
+    cfg, plan = config["cfg"], config["plan"]  # a Config and a launch.Plan
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -42,17 +40,17 @@ def train_loop_per_worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")  # before DeepSpeed is imported
     if not on_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    endpoint = Endpoint(**plan["endpoint"])
+    endpoint = plan.endpoint
 
     # Data first: Ray Data starts its read and decode tasks while DeepSpeed builds the engine. A restarted or
     # resumed run continues from each rank's position in the newest complete checkpoint.
-    resume_from = checkpoint.latest_complete(plan["run_uri"], endpoint)
+    resume_from = checkpoint.latest_complete(plan.run_uri, endpoint)
     # A reshard applies to the checkpoint it was made for; a later restart of this run resumes normally.
-    resharded = bool(plan.get("reshard")) and resume_from is not None and _saved_world(resume_from) != world
+    resharded = plan.reshard and resume_from is not None and _saved_world(resume_from) != world
     position, rng_state = checkpoint.read_position(resume_from, resharded)
     d = cfg.data
-    task = make_task(cfg, plan.get("classes"), plan.get("palette_uri"), endpoint)
-    train_data = TrainStream(plan["train_uri"], endpoint, rank, world, d.image_size, cfg.seed, cfg.optim.micro_batch,
+    task = make_task(cfg, list(plan.classes), plan.palette_uri, endpoint)
+    train_data = TrainStream(plan.train_uri, endpoint, rank, world, d.image_size, cfg.seed, cfg.optim.micro_batch,
                              d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples, task.decoder())
     stream = start_early(micro_batches(train_data.epoch, cfg.optim.micro_batch, position, rank))
 
@@ -61,9 +59,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     # A restart restores everything from its own checkpoint, so the pretrained weights are only fetched once.
     fresh_finetune = cfg.transfer.init_from and resume_from is None
-    model = checkpoint.load_pretrained(cfg, endpoint) if fresh_finetune else task.build_model()
-    total_steps = plan["total_steps"]
-    engine = build_engine(model, cfg, world, total_steps, on_gpu, load_universal=resharded)
+    model = task.pretrained_model() if fresh_finetune else task.build_model()
+    total_steps = plan.total_steps
+    engine = build_engine(model, cfg, world, total_steps, on_gpu, load_universal=resharded, lr_scales=task.lr_scales())
     ema = None
     if cfg.transfer.ema_decay:
         ema = AveragedModel(engine.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.transfer.ema_decay), use_buffers=True)
@@ -82,7 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
         spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
     peak, peak_source = accounting.peak_flops(cfg.scaling.accelerator, on_gpu)
     log = MetricsLog(
-        plan["run_uri"], endpoint, world, total_steps, cfg.optim.global_batch, flops, peak, peak_source, step, rank == 0,
+        plan.run_uri, endpoint, world, total_steps, cfg.optim.global_batch, flops, peak, peak_source, step, rank == 0,
     )
     if restored_step is not None:
         log.lines.append(json.dumps({"step": step, "event": "resumed", "optimizer_digest": resumed_digest,
@@ -130,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss_count = 0
         if saving and step < last_step:
             log.flush()  # first: a committed checkpoint always has its metrics history in storage
-            checkpoint.save(engine, step, position, {"loss": last_loss}, run_info, plan["run_uri"], endpoint, ema)
+            checkpoint.save(engine, step, position, {"loss": last_loss}, run_info, plan.run_uri, endpoint, ema)
             last_good = step
 
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
@@ -140,17 +138,17 @@ def train_loop_per_worker(config: dict) -> None:
                "worker_nodes": _distinct_nodes()}
     if d.bad_samples == "skip":
         results["skipped_samples"] = _sum_over_ranks(train_data.skipped, device)
-    if plan.get("has_val") and step == total_steps:
+    if plan.val_uri and step == total_steps:
         if ema is not None:  # both: the averaged weights (reported as val_*) and the raw ones (val_*_raw)
             raw = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
             results.update({f"{k}_raw": v for k, v in raw.items()})
         results.update(evaluate(ema.module if ema else engine, task, ray.train.get_dataset_shard("val"), device, dtype,
-                                cfg, export=(plan["run_uri"], endpoint)))
+                                cfg, export=(plan.run_uri, endpoint)))
         if rank == 0:
             logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
     log.final(step, results)
     log.flush()
-    checkpoint.save(engine, step, position, results, run_info, plan["run_uri"], endpoint, ema)
+    checkpoint.save(engine, step, position, results, run_info, plan.run_uri, endpoint, ema)
 
 
 @torch.no_grad()
@@ -211,7 +209,7 @@ def _max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
 def _saved_world(ckpt) -> int:
     from vitray import storage
 
-    return json.loads(storage.with_retries(lambda: checkpoint.read_file(ckpt.filesystem, f"{ckpt.path}/vitray.json")))["world_size"]
+    return json.loads(storage.with_retries(lambda: checkpoint.read_file(ckpt.filesystem, f"{ckpt.path}/{checkpoint.META}")))["world_size"]
 
 
 def _distinct_nodes() -> int:

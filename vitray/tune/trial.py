@@ -12,7 +12,7 @@ import json
 import logging
 import time
 
-from vitray import storage
+from vitray import runs, storage
 from vitray.config.schema import Config
 from vitray.storage import Endpoint
 from vitray.tune.study import Study, train_flops_per_image
@@ -56,20 +56,20 @@ def _pretrain(cfg: Config, endpoint: Endpoint, asha: bool) -> tuple[dict, Config
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from vitray.train import launch
-    from vitray.train.checkpoint import scan, step_dir
+    from vitray.checkpoints import read_meta, scan, step_dir
 
     # Intermediate reports (one per checkpoint) reach Tune only when a scheduler needs them.
     callbacks = [TuneReportCallback()] if asha else None
     base, attempt = cfg.storage.run_name, 0
     while True:
-        run_uri = storage.join(cfg.storage.uri, "runs", cfg.storage.run_name)
+        run_uri = runs.run_uri(cfg.storage.uri, cfg.storage.run_name)
         # Each trial keeps its own accelerator-days log: concurrent trials appending to one object would race.
         cfg = cfg.replace(storage=dict(cost_log=storage.join(run_uri, "accelerator_days.jsonl")))
         if not storage.exists(run_uri, endpoint):
             return launch.run(cfg, callbacks=callbacks), cfg
         complete, _ = scan(run_uri, endpoint)
         if complete:
-            saved = json.loads(storage.read_bytes(storage.join(run_uri, step_dir(complete[-1]), "vitray.json"), endpoint))
+            saved = read_meta(storage.join(run_uri, step_dir(complete[-1])), endpoint)
             if saved["step"] >= saved["total_steps"]:  # trained to the end in an earlier session
                 return _summary_of(run_uri, complete[-1], saved, endpoint), cfg
             logger.info(f"run {cfg.storage.run_name}: resuming from {step_dir(complete[-1])}")
@@ -80,7 +80,7 @@ def _pretrain(cfg: Config, endpoint: Endpoint, asha: bool) -> tuple[dict, Config
 
 def _summary_of(run_uri: str, step: int, saved: dict, endpoint: Endpoint) -> dict:
     """launch.run's summary, rebuilt from a finished run's final checkpoint and accelerator-days row."""
-    from vitray.train.checkpoint import step_dir
+    from vitray.checkpoints import step_dir
 
     summary = {"run": run_uri, "step": saved["step"], "loss": saved.get("loss"),
                "checkpoint": storage.join(run_uri, step_dir(step))}

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from vitray.tasks.detection import box_ops
+from vitray.models import box_ops
 from vitray.tasks.detection.matcher import match
 
 

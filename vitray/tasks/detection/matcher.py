@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from vitray.tasks.detection import box_ops
+from vitray.models import box_ops
 
 
 @torch.no_grad()

@@ -13,17 +13,19 @@ import torch
 import torch.distributed as dist
 
 from vitray.config.schema import Config
+from vitray.models.inputs import to_model_input
 from vitray.models.registry import build_model
+from vitray.tasks import Task
 from vitray.tasks.detection import coco
 from vitray.tasks.detection.criterion import LossWeights, set_loss
 
 
-class DetectionTask:
-    metric = "val_AP50"  # the number the loop logs after evaluation
-    better = "max"
+class DetectionTask(Task):
+    metric = "val_AP50"
+    shards = "detection"
 
-    def __init__(self, cfg: Config, classes: list[str] | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, classes: list[str] | None = None, palette_uri=None, endpoint=None):
+        super().__init__(cfg, classes, palette_uri, endpoint)
         self.classes = classes or [str(i) for i in range(cfg.model.num_classes)]
         d = cfg.detection
         self.weights = LossWeights(d.cost_class, d.cost_l1, d.cost_giou, d.eos_coef)
@@ -33,13 +35,28 @@ class DetectionTask:
         d = self.cfg.detection
         return {"max_boxes": d.max_boxes, "num_classes": self.cfg.model.num_classes, "crop_min": d.crop_min}
 
+    def pretrained_model(self) -> torch.nn.Module:
+        """DETR's recipe starts from a classification-pretrained backbone: a BiT ResNet's weights (all but its head)
+        go into DETR's backbone; the transformer, projection and heads start fresh."""
+        from vitray.checkpoints import load_model
+
+        source, meta = load_model(self.cfg.transfer.init_from, self.endpoint, self.cfg.model.dropout)
+        return backbone_from_classifier(self.build_model(), source, meta["config"]["model"]["name"],
+                                        self.cfg.transfer.init_from)
+
+    @staticmethod
+    def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, endpoint) -> dict:
+        return evaluate_checkpoint(checkpoint_uri, data_uri, endpoint)
+
+    def lr_scales(self) -> dict[str, float]:
+        return {"backbone.": self.cfg.detection.backbone_lr_scale}
+
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
         return build_model(m.name, num_classes=m.num_classes, image_size=self.cfg.data.image_size, dropout=m.dropout)
 
     def to_tensors(self, batch: dict[str, np.ndarray], device: torch.device, dtype: torch.dtype) -> dict:
-        images = torch.from_numpy(np.require(batch["image"], requirements="W")).to(device, non_blocking=True)
-        images = images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
+        images = to_model_input(batch["image"], device, dtype)
         targets = [{"boxes": torch.from_numpy(np.ascontiguousarray(b[:n])).to(device),
                     "labels": torch.from_numpy(np.ascontiguousarray(lb[:n])).to(device)}
                    for b, lb, n in zip(batch["boxes"], batch["labels"], batch["num_boxes"])]
@@ -129,7 +146,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, endpoint=None, batch
         out = decode_detection_shards(batch, shard_table(manifest), False, cfg["data"]["image_size"],
                                       cfg["detection"]["max_boxes"], cfg["model"]["num_classes"])
         for i in range(0, len(out["key"]), batch_size):
-            images = torch.from_numpy(out["image"][i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            images = to_model_input(out["image"][i:i + batch_size])
             sizes = [tuple(int(v) for v in hw) for hw in out["orig_size"][i:i + batch_size]]
             with torch.no_grad():
                 o = model(images)
@@ -140,3 +157,17 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, endpoint=None, batch
                 truth.append(((h, w), np.stack([cx - bw / 2, cy - bh / 2, bw, bh], 1), out["labels"][j, :n]))
     gt = coco.ground_truth([t[0] for t in truth], [t[1] for t in truth], [t[2] for t in truth], manifest.classes)
     return {f"val_{k}": v for k, v in coco.evaluate(gt, coco.results(predictions)).items()}
+
+
+def backbone_from_classifier(detr: torch.nn.Module, source: torch.nn.Module, name: str, uri: str) -> torch.nn.Module:
+    """Copy a BiT ResNet's weights (all but its head) into `detr`'s backbone; refused unless the shapes agree."""
+    from vitray.checkpoints import CheckpointError
+
+    want = detr.spec
+    got = getattr(source, "spec", None)
+    if getattr(got, "family", "") != "bit" or got.blocks != want.backbone or got.width != want.backbone_width:
+        raise CheckpointError(f"transfer.init_from: {uri} holds {name}; the backbone of a DETR with {want.backbone}"
+                              f" blocks × width {want.backbone_width} needs a BiT ResNet of that shape")
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "pre_logits."))}
+    detr.backbone.load_state_dict(state)
+    return detr
