@@ -108,6 +108,7 @@ def test_kuberay_manifests_match_the_crd(name):
         assert manifest["spec"]["entrypoint"].startswith("python jobs/pretrain_vit_h14.py")
 
 
+@pytest.mark.e2e
 def test_local_autoscaling_cluster_launches_up_to_max_and_removes_idle_nodes(tmp_path):
     (local,) = _load("local-autoscale.yaml")
     (aws,) = _load("aws-gpu.yaml")
@@ -139,6 +140,7 @@ def test_local_autoscaling_cluster_launches_up_to_max_and_removes_idle_nodes(tmp
     assert result["removed_after_s"] >= local["idle_timeout_minutes"] * 60 * 0.9
 
 
+@pytest.mark.e2e
 def test_train_workers_spread_across_nodes_train_exactly_as_on_one(s3, digits):
     """The reliability run with its two workers spread over two nodes: the same loss at every step as the stored
     known-good curve (one node): placement changes where workers run, never what they compute."""

@@ -242,6 +242,7 @@ def test_bad_detection_configs_stop_before_ray(tmp_path):
         assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_detr_smoke_chain_on_two_workers_detects_digits_and_exports_coco(s3, tmp_path):
     """`jobs/train_detr.py --preset smoke` on a shorter schedule: the backbone pretrained as a digit classifier, then
     DETR on the canvases on 2 CPU workers (ZeRO-2) from the session's S3 for 12 epochs (750 steps, LR drop after

@@ -65,6 +65,7 @@ def test_bert_hides_masked_tokens_and_attends_both_ways():
         model.sample(1)
 
 
+@pytest.mark.e2e
 def test_bert_objective_learns_masked_digit_pixels():
     """The BERT variant on real digits (in process, 150 Adam steps): the held-out NLL of masked pixels falls well
     below the uniform palette's ln 16 (the pixel-level training on the engine is the smoke job's test)."""
@@ -126,6 +127,7 @@ def test_palette_from_real_digit_pixels_reconstructs_them():
     assert error < 0.05  # 8 grey levels for 17 ink levels: each pixel within about one level
 
 
+@pytest.mark.e2e
 def test_igpt_smoke_job_learns_pixels_and_its_layers_beat_chance(s3):
     """`jobs/pretrain_igpt.py --preset smoke` (8 of its 20 epochs) on 2 CPU workers from S3: held-out NLL well below
     the uniform palette's ln 16, a linear probe above chance at its best layer, a valid samples PNG."""

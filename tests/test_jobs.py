@@ -78,6 +78,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_ray_job_submit_smoke_against_a_started_head():
     """`ray start --head`, then `ray job submit -- python jobs/pretrain_vit_h14.py --preset smoke`, as the README says."""
     bin_dir = os.path.dirname(sys.executable)
@@ -169,6 +170,7 @@ def test_planner_job_and_training_job_refuse_what_cannot_fit(s3, digits):
     _assert_clean_error(proc, "needs", "but has 80 GiB")
 
 
+@pytest.mark.e2e
 def test_no_credential_reaches_logs_checkpoints_or_results(s3, digits):
     """The smoke job with recognisable fake AWS credentials (moto accepts any) and a recognisable Ray token: neither
     its output, nor any object it wrote (checkpoints, configs, metrics, accelerator-days rows), nor its Ray

@@ -265,6 +265,7 @@ def test_failed_run_records_why_and_its_name_can_be_used_again(ray_cluster, s3, 
     assert runs.read_state(f"{run_uri}.failed-1", s3.endpoint)["state"] == "diverged"
 
 
+@pytest.mark.e2e
 def test_laptop_run_is_kept_in_local_runs_and_its_terminal_shows_vitray_lines(tmp_path):
     """The README's first command with a short schedule, from a fresh folder: data from the embedded S3 server, the
     run in ./runs (it outlives the server), a terminal free of Ray Data's execution plans and Ray Train's internal
