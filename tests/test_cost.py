@@ -109,3 +109,27 @@ def test_gpu_mfu_script_runs_its_code_path_on_cpu():
     proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_mfu.py"), "--cpu-smoke"],
                           capture_output=True, text=True, timeout=300, cwd=os.path.join(root, "benchmarks"))
     assert proc.returncode == 0 and "vit_tiny_test @ 32, batch 4:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_long_runs_get_a_restart_budget_and_a_young_daly_checkpoint_interval():
+    """Paper presets restart after failures (max_failures > 0), and the plan suggests checkpoint_every from the
+    modelled save time and the stated node failure rate: sqrt(2 × save × MTBF / nodes). Doubling the workers halves
+    each node's share of the checkpoint and the job's MTBF, so the interval in seconds halves — and so does the step
+    time, leaving the interval in steps unchanged."""
+    import math
+
+    from vitray.config import PRESETS, preset
+    from vitray.config.recipes import DATASETS
+
+    assert all(PRESETS[name]().max_failures > 0 for name in PRESETS if name != "smoke")
+    plans = [cost.estimate(preset("h14_jft").replace(scaling=dict(num_workers=n, accelerator="H100")),
+                           DATASETS["jft"]["num_images"]) for n in (64, 128)]
+    for e in plans:
+        assert e.checkpoint_interval_s == pytest.approx(math.sqrt(2 * e.save_s * cost.NODE_MTBF_HOURS * 3600 / e.nodes))
+        assert e.expected_failures == pytest.approx(e.wall_clock_days * 24 * e.nodes / cost.NODE_MTBF_HOURS)
+        assert f"storage.checkpoint_every ≈ {e.suggested_checkpoint_every} steps (Young–Daly" in e.summary()
+    assert plans[1].nodes == 2 * plans[0].nodes == 16
+    assert plans[1].checkpoint_interval_s == pytest.approx(plans[0].checkpoint_interval_s / 2)
+    assert plans[1].suggested_checkpoint_every == plans[0].suggested_checkpoint_every
+    cpu = cost.estimate(preset("smoke"), 1500)  # no accelerator peak: no wall-clock, no suggestion
+    assert cpu.suggested_checkpoint_every is None and "Young–Daly" not in cpu.summary()

@@ -9,11 +9,19 @@ Compute = analytic FLOPs (`vitray.accounting`) × images × epochs; accelerator-
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from vitray import accounting
 from vitray.config.schema import Config, ConfigError
 
 GIB = 2**30
+
+# Long runs lose nodes; checkpoints and restart budgets are planned with a node failure rate that is stated, not
+# measured here. Llama 3's pretraining (Dubey et al. 2024, Sec. 3.3.4) saw 419 unexpected interruptions in 54 days
+# on 2,048 nodes of 8 GPUs: one per node every ~6,300 hours.
+NODE_MTBF_HOURS = 6300.0
+GPUS_PER_NODE = 8
+CHECKPOINT_WRITE_GB_S = 1.0  # per node, into object storage (modelled)
 
 # Device memory per accelerator (GiB; vendor datasheets, the largest common SKU).
 ACCELERATOR_MEMORY_GIB = {
@@ -114,6 +122,34 @@ class Estimate:
     mfu: float
     accelerator_days: float | None
     wall_clock_days: float | None
+    steps: int = 0
+    max_failures: int = 0
+    checkpoint_bytes: float = 0.0  # model + optimizer state of one checkpoint, all ranks together
+
+    @property
+    def nodes(self) -> int:
+        return max(1, -(-self.world // GPUS_PER_NODE)) if self.accelerator not in ("CPU",) else self.world
+
+    @property
+    def save_s(self) -> float:
+        """Modelled seconds to write one checkpoint: every node writes its share in parallel."""
+        return self.checkpoint_bytes / self.nodes / (CHECKPOINT_WRITE_GB_S * 1e9)
+
+    @property
+    def checkpoint_interval_s(self) -> float:
+        """Young–Daly: the interval that minimises expected lost work plus save time, sqrt(2 × save × job MTBF),
+        where the job fails when any of its nodes does (MTBF / nodes)."""
+        return math.sqrt(2 * self.save_s * NODE_MTBF_HOURS * 3600 / self.nodes)
+
+    @property
+    def suggested_checkpoint_every(self) -> int | None:
+        if not self.wall_clock_days or not self.steps:
+            return None
+        return max(1, round(self.checkpoint_interval_s / (self.wall_clock_days * 86400 / self.steps)))
+
+    @property
+    def expected_failures(self) -> float | None:
+        return self.wall_clock_days * 24 * self.nodes / NODE_MTBF_HOURS if self.wall_clock_days else None
 
     @property
     def memory_total(self) -> float:
@@ -131,7 +167,19 @@ class Estimate:
         return (f"plan: {self.model} @ {self.image_size} px, {self.params / 1e6:.4g}M params, "
                 f"{self.train_flops_per_image / 1e9:.4g} GFLOPs/img train; {self.world} × {self.accelerator}, "
                 f"ZeRO-{self.zero_stage}, micro-batch {self.micro_batch}; memory/device {self.memory_total / GIB:.3g} GiB"
-                f"{cap} ({mem}); {self.total_flops / 1e18:.4g} EFLOPs; {days}")
+                f"{cap} ({mem}); {self.total_flops / 1e18:.4g} EFLOPs; {days}{self._long_run()}")
+
+    def _long_run(self) -> str:
+        every = self.suggested_checkpoint_every
+        if every is None:
+            return ""
+        line = (f"; checkpoints {self.checkpoint_bytes / 1e9:.3g} GB, ~{self.save_s:.0f} s to save at"
+                f" {CHECKPOINT_WRITE_GB_S:g} GB/s per node (modelled): storage.checkpoint_every ≈ {every} steps"
+                f" (Young–Daly, a node failure per {NODE_MTBF_HOURS:,.0f} h → {self.expected_failures:.1f} expected"
+                f" on {self.nodes} nodes; max_failures={self.max_failures})")
+        if self.expected_failures > self.max_failures:
+            line += f" — raise max_failures above {self.expected_failures:.0f}"
+        return line
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "memory_total": self.memory_total, "fits": self.fits}
@@ -166,12 +214,14 @@ def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str 
     name, peak = _lookup(accounting.PEAK_FLOPS, accel)
     _, gib = _lookup(ACCELERATOR_MEMORY_GIB, accel)
     days = images * flops / (peak * mfu) / 86400 if peak else None
+    state_bytes = params * (14 if mixed else 12)  # weights (bf16 or fp32) + fp32 master and Adam's m, v
     return Estimate(
         model=cfg.model.name, image_size=cfg.data.image_size, params=params, train_flops_per_image=flops,
         world=world, accelerator=name or accel or ("GPU" if cfg.scaling.use_gpu else "CPU"),
         zero_stage=cfg.deepspeed.zero_stage, micro_batch=cfg.optim.micro_batch, memory=memory,
         device_memory=gib * GIB if gib else None, images=images, total_flops=images * flops, mfu=mfu,
         accelerator_days=days, wall_clock_days=days / world if days is not None else None,
+        steps=int(images // cfg.optim.global_batch), max_failures=cfg.max_failures, checkpoint_bytes=state_bytes,
     )
 
 

@@ -66,6 +66,8 @@ def pretrain(model: str, dataset: str = "jft", epochs: float | None = None) -> C
         # 64 GPUs × micro-batch 32 × accumulation 2 = 4096.
         scaling=dict(num_workers=64, use_gpu=True, cpus_per_worker=8),
         storage=dict(checkpoint_every=1000, keep_checkpoints=3),
+        # Weeks on 64+ accelerators lose nodes (the plan says how many to expect): restart from the last checkpoint.
+        max_failures=10,
     )
 
 

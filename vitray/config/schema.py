@@ -33,6 +33,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flips (off for mirror-sensitive data such as digits)
     shuffle_buffer: int = 10_000  # per-worker local shuffle buffer, in samples
     bad_samples: str = "error"  # error = stop naming shard and key | skip = drop, count and log each one
+    wait_warn_s: float = 120.0  # a worker waiting this long for a micro-batch says what Ray cannot schedule; 0 = off
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from vitray.tasks import make_task
 from vitray.train import checkpoint
 from vitray.train.engine import build_engine, precision
 from vitray.train.metrics import MetricsLog
+from vitray.train.waits import WaitWatch
 
 # Not print(): Ray Train tees worker prints to both stdout and its logger, so each line would show twice.
 logger = logging.getLogger("vitray")
@@ -53,6 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_data = TrainStream(plan.train_uri, endpoint, rank, world, d.image_size, cfg.seed, cfg.optim.micro_batch,
                              d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples, task.decoder())
     stream = start_early(micro_batches(train_data.epoch, cfg.optim.micro_batch, position, rank))
+    waiting = WaitWatch(d.wait_warn_s, f"training data (rank {rank})")
 
     # Model (fresh, or pretrained weights adapted for fine-tuning) and engine, restored from the latest checkpoint
     # if there is one. The optional Polyak average of the weights (paper: 0.9999) is what evaluation uses.
@@ -102,7 +104,8 @@ def train_loop_per_worker(config: dict) -> None:
     last_good = restored_step  # the latest checkpoint, which a non-finite loss must not overwrite
     while step < last_step:
         for _ in range(accumulation):
-            batch, position = next(stream)
+            with waiting:
+                batch, position = next(stream)
             timeline.setdefault("first_batch", time.time())
             loss, _ = task.loss(engine, task.to_tensors(batch, device, dtype))
             engine.backward(loss)
