@@ -274,31 +274,3 @@ def test_workers_that_would_starve_ray_data_or_overfill_the_cluster_are_refused(
         launch.check_cluster(cfg.replace(scaling=dict(use_gpu=True)))
     launch.check_cluster(cfg.replace(scaling=dict(cpus_per_worker=3, autoscale=True)))  # nodes come on demand
 
-
-def test_a_long_wait_says_what_ray_cannot_schedule(ray_cluster):
-    """A worker's wait for data past data.wait_warn_s is logged with what Ray has pending and what is free (here a
-    task asking for 100 CPUs stands for Ray Data's read tasks that cannot start); a short wait says nothing."""
-    import time
-
-    from vitray.train.waits import WaitWatch
-
-    @ray_cluster.remote(num_cpus=100)
-    def needs_a_bigger_cluster():
-        return 1
-
-    ref = needs_a_bigger_cluster.remote()
-    lines: list[str] = []
-    with WaitWatch(0.5, "training data (rank 0)", log=lines.append):
-        deadline = time.time() + 30  # Ray's state API sees a new task within a few seconds
-        while not any("needs_a_bigger_cluster" in line for line in lines) and time.time() < deadline:
-            time.sleep(0.2)
-    ray_cluster.cancel(ref, force=True)
-    line = next(line for line in lines if "needs_a_bigger_cluster" in line)
-    assert line.startswith("waited ") and " s for training data (rank 0): pending in Ray: " in line
-    assert "{CPU: 100}" in line and "free now: CPU " in line and " of 4" in line
-
-    quiet: list[str] = []
-    with WaitWatch(0.5, "data", log=quiet.append):
-        time.sleep(0.1)
-    time.sleep(1.0)
-    assert not quiet
