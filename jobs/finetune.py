@@ -46,7 +46,7 @@ def run(cfg, args) -> int:
             pre = launch.run(base, embedded=embedded)
             print(json.dumps({"pretrain": pre}), flush=True)
             cfg = cfg.replace(transfer=dict(init_from=pre["checkpoint"]))
-        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
+        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED}, rehearse=args.rehearse)
     if chain:
         summary = {"pretrain_val_top1": pre["val_top1"], **summary, "wall_s": time.time() - STARTED}
     print(json.dumps(summary))

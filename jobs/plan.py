@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--images: preset {args.preset!r} names no paper dataset; give the images per epoch")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu: {args.mfu} is not in (0, 1]")
-        estimate = cost.estimate(cfg, images, args.mfu)
+        estimate = cost.estimate(cfg, images, args.mfu, host=not cfg.scaling.use_gpu)
         print(json.dumps(estimate.to_dict()) if args.json else estimate.summary())
         cost.check_fits(estimate)
     except ConfigError as e:

@@ -28,7 +28,7 @@ def run(cfg, args) -> int:
     from vitray.train import launch
 
     with embedded_unless(cfg.storage.uri) as embedded:
-        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
+        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED}, rehearse=args.rehearse)
         if summary["data"]["val_uri"]:
             summary.update(report(cfg, summary, embedded))
     print(json.dumps(summary))

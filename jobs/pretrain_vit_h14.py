@@ -31,7 +31,7 @@ def run(cfg, args) -> int:
     from vitray.train import launch
 
     with embedded_unless(cfg.storage.uri) as embedded:  # the config was checked first: no server for a bad one
-        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
+        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED}, rehearse=args.rehearse)
     print(json.dumps(summary))
     return 0
 

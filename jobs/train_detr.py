@@ -44,7 +44,7 @@ def run(cfg, args) -> int:
             backbone = launch.run(base, embedded=embedded)
             print(json.dumps({"backbone": backbone}), flush=True)
             cfg = cfg.replace(transfer=dict(init_from=backbone["checkpoint"]))
-        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED})
+        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED}, rehearse=args.rehearse)
     print(json.dumps(summary))
     return 0
 

@@ -156,3 +156,22 @@ def test_train_workers_spread_across_nodes_train_exactly_as_on_one(s3, digits):
     assert result["nodes"] == 3 and result["worker_nodes"] == 2  # SPREAD: one worker on each of two nodes
     with open(CURVE) as f:
         assert result["losses"] == pytest.approx(json.load(f)["loss"], rel=2e-3)
+
+
+@pytest.mark.e2e
+def test_eight_workers_on_a_multi_node_cluster_stream_commit_and_resume():
+    """8 workers (0.25 CPU each) over a 4-node local cluster (benchmarks/worker_scaling.py): trained to the
+    half-way checkpoint, stopped, resumed to the end; every checkpoint holds all 8 ranks' data positions and its
+    commit marker, and the workers ran on more than one node."""
+    script = os.path.join(ROOT, "benchmarks", "worker_scaling.py")
+    proc = subprocess.run([sys.executable, script, "--workers", "8", "--steps", "6", "--json"], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHONPATH": ROOT})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    (row,) = json.loads(out[out.index("RESULT ") + 7:].splitlines()[0])
+    checks = row["checks"]
+    assert checks["committed_steps"] == [3, 6] and checks["commit_markers"]
+    assert checks["position_files"] == {"3": 8, "6": 8}
+    assert (checks["stopped_at"], checks["resumed_at"], checks["finished_at"]) == (3, [3], 6)
+    assert checks["worker_nodes"] >= 2 and checks["final_loss"] == checks["final_loss"]  # not NaN
+    assert row["startup_s"] > 0 and row["checkpoint_commit_s"] > 0

@@ -99,3 +99,29 @@ def test_each_family_trains_round_trips_and_adapts_through_its_task(family):
         with torch.no_grad():
             logits = tuned(torch.zeros(1, 3, bigger, bigger))
         assert logits.shape == (1, 3) and torch.count_nonzero(logits) == 0
+
+
+@pytest.fixture(scope="module")
+def zero_init_builds():
+    """Each family's smallest model built on 2 ranks under ZeRO-3's zero.Init and plainly (tests/zero_init_probe.py)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from vitray.storage import free_port
+
+    probe = os.path.join(os.path.dirname(__file__), "zero_init_probe.py")
+    done = subprocess.run([sys.executable, probe, str(free_port()), *SMALLEST.values()], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_builds_partitioned_under_zero3_with_the_same_weights(family, zero_init_builds):
+    """No rank holds the whole model while it is built (half of it each, on 2 ranks), and the gathered weights are
+    the plain build's, bit for bit: an init that wrote into a partitioned placeholder would leave torch's default."""
+    built = zero_init_builds[SMALLEST[family]]
+    assert built["differ"] == [], f"{SMALLEST[family]}: initialised differently under zero.Init: {built['differ']}"
+    assert built["held"] <= built["params"] / 2 + 1024

@@ -23,6 +23,15 @@ NODE_MTBF_HOURS = 6300.0
 GPUS_PER_NODE = 8
 CHECKPOINT_WRITE_GB_S = 1.0  # per node, into object storage (modelled)
 
+# DeepSpeed's buffers, as vitray sizes them (`vitray.train.engine` passes these). DeepSpeed's own defaults (5e8
+# elements per bucket, 1e9 live parameters) are 2–4 GB each in fp32: more than ViT-B's whole model state.
+BUCKET = 2**22  # elements per gradient-reduction / all-gather / ZeRO-3 prefetch bucket (16 MB fp32, ~DDP's 25 MB)
+SUB_GROUP = 2**25  # ZeRO-3: optimizer-partition elements stepped at once (bounds Adam's temporaries)
+LIVE_PARAMETERS = 2**25  # ZeRO-3: gathered parameters kept whole at once (ViT-H/14: 2**24.2 per block)
+# A CPU worker's resident memory before its model is built: Python, torch, DeepSpeed, Ray and pyarrow (measured
+# by the rehearsals, "started" phase). On a GPU the process is host memory and not counted.
+CPU_PROCESS_BYTES = 0.4 * GIB
+
 # Device memory per accelerator (GiB; vendor datasheets, the largest common SKU).
 ACCELERATOR_MEMORY_GIB = {
     "TPUv3-core": 16, "V100": 32, "A10G": 24, "L4": 24, "A100": 80, "H100": 80, "H200": 141, "B200": 192,
@@ -60,6 +69,18 @@ def model_state_bytes(params: int, world: int, zero_stage: int, mixed_precision:
         "gradients": params * g / (n if zero_stage >= 2 else 1),
         "optimizer": params * o / (n if zero_stage >= 1 else 1),
     }
+
+
+def deepspeed_buffer_bytes(params: int, world: int, zero_stage: int, mixed_precision: bool) -> float:
+    """What DeepSpeed allocates beside the model states: gradient-reduction buckets (two: one fills while the
+    other is reduced), the all-gather bucket; under ZeRO-3 the gathered parameters it keeps alive and prefetches,
+    and Adam's temporaries for one sub-group of the partition; under ZeRO ≤ 2, the step's fp32 buffers of the
+    whole partition (flat gradient, Adam's temporaries: four partition-sized, measured on ViT-B/16, ZeRO-1)."""
+    b = 2 if mixed_precision else 4
+    if zero_stage >= 3:
+        return (min(LIVE_PARAMETERS, params) + 3 * BUCKET) * b + 2 * 4 * min(SUB_GROUP, params / max(world, 1))
+    partition = params / (max(world, 1) if zero_stage >= 1 else 1)
+    return 3 * BUCKET * b + 4 * 4 * partition
 
 
 def measured_state_bytes(engine) -> dict[str, float]:
@@ -192,8 +213,10 @@ def _lookup(table: dict, accelerator: str):
     return None, None
 
 
-def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str | None = None) -> Estimate:
-    """The plan for `cfg` over a dataset of `num_images` (its `optim.epochs`, or `optim.total_steps` × batch)."""
+def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str | None = None,
+             host: bool = False) -> Estimate:
+    """The plan for `cfg` over a dataset of `num_images` (its `optim.epochs`, or `optim.total_steps` × batch).
+    `host`: the workers run on CPUs, so their memory is the process's: add its baseline (`CPU_PROCESS_BYTES`)."""
     import torch
 
     from vitray.models.registry import build_model, get_spec
@@ -208,6 +231,9 @@ def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str 
     world = cfg.scaling.num_workers
     memory = model_state_bytes(params, world, cfg.deepspeed.zero_stage, mixed)
     memory["activations"] = activation_bytes(cfg, bf16=mixed)
+    memory["deepspeed buffers"] = deepspeed_buffer_bytes(params, world, cfg.deepspeed.zero_stage, mixed)
+    if host:
+        memory["process"] = CPU_PROCESS_BYTES
     flops = accounting.train_flops_per_image(accounting.forward_flops(
         spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
     images = cfg.optim.total_steps * cfg.optim.global_batch if cfg.optim.total_steps else cfg.optim.epochs * num_images

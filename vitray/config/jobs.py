@@ -33,6 +33,9 @@ def add_job_arguments(parser, table: dict, models: str, default: str = "smoke", 
     parser.add_argument("--run-name", help="name of the run folder under <storage>/runs (= storage.run_name)")
     parser.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--rehearse", nargs="?", type=int, const=3, metavar="STEPS",
+                        help="run the configured model for STEPS (default 3) steps on what is attached, save and"
+                             " restore a checkpoint, and report time and memory beside the plan")
 
 
 def job_config(args, table: dict, family: str | None = None, models: str = "") -> Config:
@@ -44,11 +47,20 @@ def job_config(args, table: dict, family: str | None = None, models: str = "") -
     if getattr(args, "init_from", None):
         extra.append(f"transfer.init_from={args.init_from}")
     cfg = apply_overrides(preset(args.preset, table), args.overrides + extra)
+    if getattr(args, "rehearse", None) is not None and not (cfg.data.train_uri or cfg.data.builtin):
+        cfg = cfg.replace(data=dict(builtin=rehearsal_data(cfg)))  # a rehearsal with no data configured
     if not args.print_config:
         validate(cfg)
         if family and get_spec(cfg.model.name).family != family:
             raise ConfigError(f"model.name: {cfg.model.name} is not a {family} model ({models})")
     return cfg
+
+
+def rehearsal_data(cfg: Config) -> str:
+    """The built-in dataset a rehearsal runs on when no data is configured (cropped to the configured size)."""
+    from vitray.models.registry import get_spec
+
+    return "digit_canvases" if get_spec(cfg.model.name).family == "detr" else "digits"
 
 
 def exit_code(body: Callable[[], int]) -> int:

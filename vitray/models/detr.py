@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from vitray.models.partitioned import whole
 from vitray.models.registry import BUILDERS, DETRSpec, ResNetSpec
 from vitray.models.resnet import ResNetV2
 
@@ -89,9 +90,14 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(spec.queries, d)  # the object queries: learned positional encodings
         self.class_head = nn.Linear(d, num_classes + 1)  # index num_classes = "no object"
         self.box_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 4))
-        for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)  # the reference transformer's init
+        for layer in [*self.encoder, *self.decoder]:
+            with whole(layer):  # partitioned already under ZeRO-3's zero.Init (models/partitioned.py)
+                for p in layer.parameters():
+                    if p.dim() > 1:
+                        nn.init.xavier_uniform_(p)  # the reference transformer's init
+                for m in layer.modules():  # torch's MultiheadAttention zeroes this bias after its child was built
+                    if isinstance(m, nn.MultiheadAttention):
+                        nn.init.zeros_(m.out_proj.bias)
 
     def forward(self, images: torch.Tensor, return_attention: bool = False) -> dict:
         """{"logits": (B, N, classes + 1), "boxes": (B, N, 4) normalised cxcywh, "aux": [{"logits", "boxes"}

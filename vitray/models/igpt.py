@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitray.models.layers import Block
+from vitray.models.partitioned import whole
 from vitray.models.registry import BUILDERS, IGPTSpec
 
 MASK_PROB = 0.15  # BERT's masking rate, as in the paper
@@ -54,13 +55,15 @@ class IGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(d, spec.heads, spec.mlp_dim, dropout) for _ in range(spec.depth))
         self.norm = nn.LayerNorm(d, eps=1e-5)
         self.head = nn.Linear(d, spec.vocab, bias=False)
-        for p in (self.tok_embed.weight, self.pos_embed, self.sos):
-            nn.init.normal_(p, std=0.02)
+        with whole(self.tok_embed):  # partitioned already under ZeRO-3's zero.Init (models/partitioned.py)
+            for p in (self.tok_embed.weight, self.pos_embed, self.sos):
+                nn.init.normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                with whole(m):
+                    nn.init.normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
 
     def set_palette(self, palette: torch.Tensor) -> None:
         if palette.shape != self.palette.shape:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitray.models.partitioned import whole
 from vitray.models.registry import BUILDERS, ResNetSpec
 
 
@@ -69,7 +70,8 @@ class Bottleneck(nn.Module):
         self.conv1, self.gn1 = conv(cin, mid, 1), gn(mid)
         self.conv2, self.gn2 = conv(mid, mid, 3, stride), gn(mid)
         self.conv3, self.gn3 = conv(mid, cout, 1), gn(cout)
-        nn.init.zeros_(self.gn3.weight)
+        with whole(self.gn3):  # partitioned already under ZeRO-3's zero.Init (models/partitioned.py)
+            nn.init.zeros_(self.gn3.weight)
         self.proj = nn.Sequential(conv(cin, cout, 1, stride), gn(cout)) if stride != 1 or cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,12 +105,14 @@ class ResNetV2(nn.Module):
         self.head = nn.Linear(representation_size or channels, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if representation_size:
-            nn.init.trunc_normal_(self.pre_logits[0].weight, std=math.sqrt(1.0 / channels) / 0.8796)
-            nn.init.zeros_(self.pre_logits[0].bias)
-        nn.init.zeros_(self.head.weight)  # BiT: the head starts at zero
-        nn.init.zeros_(self.head.bias)
+                with whole(m):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        with whole(self.pre_logits, self.head):
+            if representation_size:
+                nn.init.trunc_normal_(self.pre_logits[0].weight, std=math.sqrt(1.0 / channels) / 0.8796)
+                nn.init.zeros_(self.pre_logits[0].bias)
+            nn.init.zeros_(self.head.weight)  # BiT: the head starts at zero
+            nn.init.zeros_(self.head.bias)
 
     def stem(self, images: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(F.pad(self.root(images), (1, 1, 1, 1)), kernel_size=3, stride=2)
@@ -162,7 +166,8 @@ class HybridStem(nn.Module):
         self.proj = nn.Conv2d(channels, dim, kernel_size=1)  # the "1×1 patches" of the feature map
         for m in self.modules():
             if isinstance(m, StdConv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                with whole(m):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.root_norm(self.root(images)))

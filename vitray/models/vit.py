@@ -22,6 +22,7 @@ from torch import nn
 
 from vitray.models.layers import Block
 from vitray.models.posemb import resize_pos_embed
+from vitray.models.partitioned import whole
 from vitray.models.registry import BUILDERS, ViTSpec
 
 
@@ -63,23 +64,26 @@ class ViT(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.02)
         embed = self.patch_embed.proj if self.spec.family == "hybrid" else self.patch_embed  # the ResNet inits itself
         fan_in = embed.in_channels * math.prod(embed.kernel_size)
-        nn.init.trunc_normal_(embed.weight, std=math.sqrt(1.0 / fan_in) / 0.8796, a=-2.0 * 0.8796, b=2.0 * 0.8796)
-        nn.init.zeros_(embed.bias)
+        with whole(embed):  # children are already partitioned under ZeRO-3's zero.Init (models/partitioned.py)
+            nn.init.trunc_normal_(embed.weight, std=math.sqrt(1.0 / fan_in) / 0.8796, a=-2.0 * 0.8796, b=2.0 * 0.8796)
+            nn.init.zeros_(embed.bias)
         for block in self.blocks:
-            for chunk in block.attn.qkv.weight.chunk(3):  # q, k, v initialised as three separate D×D kernels
-                nn.init.xavier_uniform_(chunk)
-            nn.init.xavier_uniform_(block.attn.proj.weight)
-            nn.init.zeros_(block.attn.qkv.bias)
-            nn.init.zeros_(block.attn.proj.bias)
-            for fc in (block.mlp.fc1, block.mlp.fc2):
-                nn.init.xavier_uniform_(fc.weight)
-                nn.init.normal_(fc.bias, std=1e-6)
-        if isinstance(self.pre_logits, nn.Sequential):
-            fc = self.pre_logits[0]
-            nn.init.trunc_normal_(fc.weight, std=math.sqrt(1.0 / fc.in_features) / 0.8796)
-            nn.init.zeros_(fc.bias)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+            with whole(block):
+                for chunk in block.attn.qkv.weight.chunk(3):  # q, k, v initialised as three separate D×D kernels
+                    nn.init.xavier_uniform_(chunk)
+                nn.init.xavier_uniform_(block.attn.proj.weight)
+                nn.init.zeros_(block.attn.qkv.bias)
+                nn.init.zeros_(block.attn.proj.bias)
+                for fc in (block.mlp.fc1, block.mlp.fc2):
+                    nn.init.xavier_uniform_(fc.weight)
+                    nn.init.normal_(fc.bias, std=1e-6)
+        with whole(self.pre_logits, self.head):
+            if isinstance(self.pre_logits, nn.Sequential):
+                fc = self.pre_logits[0]
+                nn.init.trunc_normal_(fc.weight, std=math.sqrt(1.0 / fc.in_features) / 0.8796)
+                nn.init.zeros_(fc.bias)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def adapt_for_finetuning(
         self, num_classes: int, image_size: int | tuple[int, int], posemb_method: str = "bilinear"

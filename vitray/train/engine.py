@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from vitray.config.schema import Config
+from vitray.cost import BUCKET, LIVE_PARAMETERS, SUB_GROUP
 
 
 def precision(cfg: Config, on_gpu: bool) -> str:
@@ -28,8 +29,15 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, on_gpu: boo
         scheduler = {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(total_steps, warmup + 1), "warmup_min_ratio": 0.0, "warmup_num_steps": warmup,
             "cos_min_ratio": 0.0, "warmup_type": "linear"}}
-    # Overlap gradient reduction with the backward pass, as DDP's buckets do.
-    zero: dict = {"stage": z.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    # Overlap gradient reduction with the backward pass, as DDP's buckets do; buckets and ZeRO-3's live parameters
+    # sized by the planner (`vitray.cost.BUCKET` …), which counts them.
+    zero: dict = {"stage": z.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+                  "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET}
+    if z.zero_stage == 3:
+        # DeepSpeed keeps a gathered parameter whose reuse comes within max_reuse_distance elements (default 1e9):
+        # forward's weights would stay whole until backward, up to max_live_parameters of them.
+        zero.update(stage3_prefetch_bucket_size=BUCKET, stage3_max_live_parameters=LIVE_PARAMETERS,
+                    stage3_max_reuse_distance=BUCKET, sub_group_size=SUB_GROUP)
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     mode = precision(cfg, on_gpu)
@@ -46,6 +54,19 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, on_gpu: boo
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # vitray logs its own metrics
     }
+
+
+def building(cfg: Config, world_size: int, total_steps: int, on_gpu: bool):
+    """The context a worker builds its model in: under ZeRO-3, DeepSpeed's `zero.Init`, which partitions each layer
+    across the ranks as it is constructed, so no rank holds the whole model (`vitray/models/partitioned.py`)."""
+    import contextlib
+
+    if cfg.deepspeed.zero_stage < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    deepspeed.init_distributed("nccl" if on_gpu else "gloo", verbose=False)  # joins torch's group: the world size
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size, total_steps, on_gpu))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, lr_scales: dict[str, float] | None = None) -> list[dict]:

@@ -22,8 +22,8 @@ from vitray.config.schema import Config
 from vitray.data.stream import TrainStream, micro_batches, start_early
 from vitray.models.registry import get_spec
 from vitray.tasks import make_task
-from vitray.train import checkpoint
-from vitray.train.engine import build_engine, precision
+from vitray.train import checkpoint, rehearse
+from vitray.train.engine import build_engine, building, precision
 from vitray.train.metrics import MetricsLog
 from vitray.train.waits import WaitWatch
 
@@ -42,6 +42,8 @@ def train_loop_per_worker(config: dict) -> None:
     if not on_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     endpoint = plan.endpoint
+    phases = rehearse.Phases(device)  # memory after each phase, for --rehearse
+    phases.mark("started")
 
     # Data first: Ray Data starts its read and decode tasks while DeepSpeed builds the engine. A restarted or
     # resumed run continues from each rank's position in the newest complete checkpoint.
@@ -61,18 +63,33 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     # A restart restores everything from its own checkpoint, so the pretrained weights are only fetched once.
     fresh_finetune = cfg.transfer.init_from and resume_from is None
-    model = task.pretrained_model() if fresh_finetune else task.build_model()
     total_steps = plan.total_steps
+    if fresh_finetune:
+        model = task.pretrained_model()
+    else:
+        with building(cfg, world, total_steps, on_gpu):  # ZeRO-3: partitioned layer by layer as it is built
+            model = task.build_model()
+    phases.mark("built")
     engine = build_engine(model, cfg, world, total_steps, on_gpu, load_universal=resharded, lr_scales=task.lr_scales())
     ema = None
     if cfg.transfer.ema_decay:
         ema = AveragedModel(engine.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.transfer.ema_decay), use_buffers=True)
     timeline["engine_ready"] = time.time()
+    phases.mark("engine")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, on_gpu), torch.float32)
+    restoring = time.time()
     restored_step = checkpoint.restore(engine, resume_from, ema, resharded)
     step = restored_step or 0
     if restored_step is not None:
         resumed_digest = checkpoint.optimizer_digest(engine)
+    if plan.rehearse == "restore":  # --rehearse, second half: fresh workers restore what the first half saved
+        phases.mark("restored")
+        memory = phases.over_ranks()
+        if rank == 0:
+            rehearse.write_measured(plan.run_uri, endpoint, "restore", {
+                "rebuild_s": restoring - timeline["worker_start"], "restore_s": time.time() - restoring,
+                "step": step, "optimizer_digest": resumed_digest, "memory": memory})
+        return
         if rank == 0:
             logger.info(f"resumed at step {step}, data epoch {position.epoch} + {position.consumed} samples")
 
@@ -117,6 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
             ema.update_parameters(engine.module)
         if "first_step" not in timeline:
             timeline["first_step"] = time.time()
+            phases.mark("first step")
             log.lines.append(json.dumps({"step": step, "event": "startup", **timeline}))
         # Checked at every log and before every save (one host sync each, not one per step): a diverged run stops
         # with the step named, and no checkpoint ever holds non-finite weights.
@@ -131,8 +149,13 @@ def train_loop_per_worker(config: dict) -> None:
             loss_count = 0
         if saving and step < last_step:
             log.flush()  # first: a committed checkpoint always has its metrics history in storage
+            saving_at = time.time()
             checkpoint.save(engine, step, position, {"loss": last_loss}, run_info, plan.run_uri, endpoint, ema)
+            log.lines.append(json.dumps({"step": step, "event": "checkpoint", "save_s": time.time() - saving_at}))
             last_good = step
+
+    timeline["last_step"] = time.time()
+    phases.mark("trained")
 
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
     results = {"step": step, "loss": last_loss, **log.totals(step), "memory_per_device": _peak_memory(device),
@@ -141,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
                "worker_nodes": _distinct_nodes()}
     if d.bad_samples == "skip":
         results["skipped_samples"] = _sum_over_ranks(train_data.skipped, device)
-    if plan.val_uri and step == total_steps:
+    if plan.val_uri and step == total_steps and not plan.rehearse:  # a rehearsal has no held-out set
         if ema is not None:  # both: the averaged weights (reported as val_*) and the raw ones (val_*_raw)
             raw = evaluate(engine, task, ray.train.get_dataset_shard("val"), device, dtype, cfg)
             results.update({f"{k}_raw": v for k, v in raw.items()})
@@ -151,7 +174,17 @@ def train_loop_per_worker(config: dict) -> None:
             logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
     log.final(step, results)
     log.flush()
+    saving = time.time()
     checkpoint.save(engine, step, position, results, run_info, plan.run_uri, endpoint, ema)
+    if plan.rehearse:  # --rehearse, first half: what training and the save took
+        phases.mark("saved")
+        first, saved = timeline["first_step"] - timeline["engine_ready"], time.time() - saving
+        steps = step - (restored_step or 0)
+        memory = phases.over_ranks()
+        if rank == 0:
+            rehearse.write_measured(plan.run_uri, endpoint, "train", {
+                "save_s": saved, "first_step_s": first, "memory": memory,
+                "step_s": (timeline["last_step"] - timeline["first_step"]) / (steps - 1) if steps > 1 else first})
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ class MetricsLog:
         self.flops_per_image, self.peak, self.peak_source = train_flops_per_image, peak_flops, peak_source
         self.start_step = start_step
         self.t0 = self.t_window = time.perf_counter()
+        self.cpu_window = time.process_time()
         self.step_window = start_step
         self.lines: list[str] = []
         self.last_upload = 0.0
@@ -46,6 +47,7 @@ class MetricsLog:
     def record(self, step: int, loss: float, lr: float, **extra) -> dict:
         now = time.perf_counter()
         steps, seconds = step - self.step_window, max(now - self.t_window, 1e-9)
+        cpu = time.process_time()
         images_per_s = steps * self.global_batch / seconds
         per_accel = images_per_s / self.world
         elapsed = now - self.t0
@@ -57,9 +59,12 @@ class MetricsLog:
             "mfu": per_accel * self.flops_per_image / self.peak, "mfu_peak_source": self.peak_source,
             "accelerator_hours": elapsed * self.world / 3600.0,
             "eta_s": (self.total_steps - step) / rate if rate > 0 else None,
+            # This worker's CPU seconds per step (all its threads): on oversubscribed CPUs, what separates the
+            # compute from the waiting in a step's wall time (benchmarks/worker_scaling.py).
+            "cpu_s_per_step": (cpu - self.cpu_window) / max(steps, 1),
             "time": time.time(), **extra,
         }
-        self.t_window, self.step_window = now, step
+        self.t_window, self.step_window, self.cpu_window = now, step, cpu
         if self.write:
             self.lines.append(json.dumps(row))
             self.scalars(step, {"train/loss": loss, "train/lr": lr, "throughput/images_per_s": images_per_s,

@@ -1,0 +1,74 @@
+"""--rehearse: the configured model on what is attached. How the rehearsal adapts a recipe to a host (no Ray: the
+plan is built on the meta device), and one real rehearsal of a small model through the job, end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vitray import cost
+from vitray.config import ConfigError, preset
+from vitray.train.rehearse import Attached, adapt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = cost.GIB
+
+
+def _tried(cfg, stage: int, host: Attached) -> float:
+    trial = cfg.replace(deepspeed=dict(zero_stage=stage), optim=dict(micro_batch=1, global_batch=2),
+                        scaling=dict(num_workers=2, use_gpu=False))
+    return cost.estimate(trial, 1, host=True).memory_total
+
+
+def test_the_default_h14_recipe_on_this_kind_of_machine_takes_the_lowest_zero_stage_that_fits():
+    cfg = preset("h14_jft").replace(data=dict(builtin="digits"))
+    host = Attached(gpus=0, cpus=2, memory=23.4 * GIB)
+    small, changes, plan = adapt(cfg, 3, host)
+    budget = host.budget(2, "")
+    s = small.deepspeed.zero_stage
+    assert plan.memory_total <= budget
+    assert all(_tried(cfg, lower, host) > budget for lower in range(cfg.deepspeed.zero_stage, s))
+    assert (small.scaling.num_workers, small.optim.micro_batch, small.optim.global_batch) == (2, 1, 2)
+    assert small.model == cfg.model and small.data.image_size == 224 and small.optim.optimizer == "adam"
+    assert small.optim.total_steps == 3 and small.data.val_uri == ""
+    text = "\n".join(changes)
+    assert "optim.micro_batch: 32 → 1" in text and "scaling.num_workers: 64 → 2" in text and "fp32 on CPU" in text
+    if s != cfg.deepspeed.zero_stage:  # the line says what the configured stage would need here
+        assert f"deepspeed.zero_stage: 1 → {s} (ZeRO-1, micro-batch 1: " in text and " GiB here)" in text
+
+
+def test_a_host_too_small_for_any_setting_is_refused_with_the_figures():
+    cfg = preset("h14_jft").replace(data=dict(builtin="digits"))
+    with pytest.raises(ConfigError) as e:
+        adapt(cfg, 3, Attached(gpus=0, cpus=2, memory=6 * GIB))
+    msg = str(e.value)
+    assert msg.startswith("--rehearse: vit_h14 @ 224 px fits none") and "ZeRO-3 + optimizer offload" in msg
+
+
+def test_a_gpu_host_keeps_the_micro_batch_that_fits():
+    cfg = preset("h14_jft").replace(data=dict(builtin="digits"))
+    small, _, plan = adapt(cfg, 3, Attached(gpus=8, cpus=96, memory=1e12, gpu_memory=80 * GIB))
+    assert small.scaling.num_workers == 8 and small.scaling.use_gpu
+    assert plan.memory_total <= 80 * GIB and small.optim.micro_batch >= 1
+
+
+@pytest.mark.e2e
+def test_rehearsal_of_a_small_model_reports_and_restores(tmp_path):
+    """The whole path a user takes: the job, adapted to 2 CPU workers, trained, saved, restored into a fresh
+    engine with the same optimizer state, and reported beside its plan in rehearsal.json and on the terminal."""
+    job = os.path.join(ROOT, "jobs", "pretrain_vit_h14.py")
+    proc = subprocess.run([sys.executable, job, "--model", "vit_ti16", "--rehearse", "2", "--set", "data.image_size=64",
+                           "--set", f"storage.runs_dir={tmp_path}/runs"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rehearsal of vit_ti16 @ 64 px: 2 steps on 2 CPU workers" in proc.stdout
+    assert "optimizer state identical" in proc.stdout
+    (run,) = [d for d in os.listdir(tmp_path / "runs") if d.startswith("rehearse-vit_ti16")]
+    row = json.loads((tmp_path / "runs" / run / "rehearsal.json").read_text())
+    assert row["rehearsed"] == {"workers": 2, "gpu": False, "zero_stage": 1, "micro_batch": 1,
+                                "offload_optimizer": False, "steps": 2}
+    assert row["optimizer_state_identical"] and row["checkpoint_gb"] > 0 and row["save_s"] > 0
+    assert row["peak_memory_per_worker_gib"] > row["phases_gib"]["started"] > 0
+    assert set(row["planned"]) >= {"parameters", "gradients", "optimizer", "activations", "process"}
+    assert row["full_run"]["accelerator"] == "H100" and row["full_run"]["accelerator_days"] > 0
