@@ -2,6 +2,7 @@
 the planner's peak memory per worker is from the measured one.
 
     python benchmarks/rehearsals.py [--models vit_b16 vit_l16 vit_h14] [--stages 1 2 3] [--steps 3]
+    python benchmarks/rehearsals.py --replan     # the last run's measurements beside the planner as it is now
 
 For each model and stage: the plan on this host (2 CPU workers, micro-batch 1, fp32, the JFT head of the H/14
 recipe); a stage whose plan exceeds a worker's share of memory is refused by that figure (as `--rehearse` would
@@ -37,9 +38,21 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vit_b16", "vit_l16", "vit_h14"])
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--replan", action="store_true",
+                        help="rewrite rehearsals.md from the last run's rows with today's planner; run nothing")
     args = parser.parse_args()
     host = Attached.here()
     budget = host.budget(2, "")
+    if args.replan:
+        with open(os.path.join(RESULTS, "rehearsals.jsonl")) as f:
+            last = [json.loads(line) for line in f if line.strip()][-len(args.models) * len(args.stages):]
+        for row in last:
+            est = plan(row["model"], row["zero_stage"], host)
+            row.update(planned_gib=est.memory_total / cost.GIB, planned={k: v / cost.GIB for k, v in est.memory.items()})
+        with open(os.path.join(RESULTS, "rehearsals.md"), "w") as f:
+            f.write(table(last, budget))
+        print(table(last, budget))
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="vitray-rehearsals-") as runs:
         for model in args.models:
@@ -87,7 +100,8 @@ def table(rows: list[dict], budget: float) -> str:
         head = f"| {r['model']} | {r['zero_stage']} | {r['planned_gib']:.2f} |"
         if r["result"] == "ran":
             x = r["rehearsal"]
-            lines.append(f"{head} {x['peak_memory_per_worker_gib']:.2f} | {x['plan_error']:+.0%} | {x['step_s']:.1f} |"
+            error = r["planned_gib"] / x["peak_memory_per_worker_gib"] - 1
+            lines.append(f"{head} {x['peak_memory_per_worker_gib']:.2f} | {error:+.0%} | {x['step_s']:.1f} |"
                          f" {x['checkpoint_gb']:.2f} | {x['save_s']:.1f} | {x['restore_s']:.1f} |")
         elif r["result"] == "refused":
             lines.append(f"{head} refused: the plan exceeds {r['budget_gib']:.1f} GiB | | | | | |")

@@ -2,6 +2,7 @@
 
     python tests/cluster_probes.py autoscale <gcs address>
     python tests/cluster_probes.py spread '<JSON list of --set overrides>'
+    python tests/cluster_probes.py pending
 """
 import json
 import sys
@@ -63,6 +64,39 @@ def spread(overrides_json: str) -> dict:
         cluster.shutdown()
 
 
+def pending() -> dict:
+    """A local Ray whose CPUs another actor holds: a worker's WaitWatch, waiting on a read task that cannot be
+    scheduled, says what Ray has pending (the case of Train workers that leave Ray Data no CPU)."""
+    import os
+
+    import ray
+
+    from vitray.storage import free_port
+    from vitray.train.waits import WaitWatch
+
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=port, logging_level="ERROR")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # as launch.init_ray names it to workers
+
+    @ray.remote(num_cpus=2)
+    class Hold:
+        def ping(self) -> int:
+            return 1
+
+    @ray.remote(num_cpus=1)
+    def read_shard() -> int:
+        return 1
+
+    hold = Hold.remote()
+    ray.get(hold.ping.remote())
+    lines: list[str] = []
+    watch = WaitWatch(2.0, "training data (rank 0)", log=lines.append)
+    with watch:
+        ready, _ = ray.wait([read_shard.remote()], timeout=7.0)
+    ray.shutdown()
+    return {"lines": lines, "finished": bool(ready)}
+
+
 if __name__ == "__main__":
-    result = {"autoscale": autoscale, "spread": spread}[sys.argv[1]](*sys.argv[2:])
+    result = {"autoscale": autoscale, "spread": spread, "pending": pending}[sys.argv[1]](*sys.argv[2:])
     print("PROBE " + json.dumps(result), flush=True)

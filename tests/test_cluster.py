@@ -161,17 +161,31 @@ def test_train_workers_spread_across_nodes_train_exactly_as_on_one(s3, digits):
 @pytest.mark.e2e
 def test_eight_workers_on_a_multi_node_cluster_stream_commit_and_resume():
     """8 workers (0.25 CPU each) over a 4-node local cluster (benchmarks/worker_scaling.py): trained to the
-    half-way checkpoint, stopped, resumed to the end; every checkpoint holds all 8 ranks' data positions and its
+    half-way point (checkpoints every quarter), stopped, resumed to the end; every checkpoint holds all 8 ranks' data positions and its
     commit marker, and the workers ran on more than one node."""
     script = os.path.join(ROOT, "benchmarks", "worker_scaling.py")
-    proc = subprocess.run([sys.executable, script, "--workers", "8", "--steps", "6", "--json"], capture_output=True,
+    proc = subprocess.run([sys.executable, script, "--workers", "8", "--steps", "8", "--json"], capture_output=True,
                           text=True, timeout=900, env={**os.environ, "PYTHONPATH": ROOT})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     (row,) = json.loads(out[out.index("RESULT ") + 7:].splitlines()[0])
     checks = row["checks"]
-    assert checks["committed_steps"] == [3, 6] and checks["commit_markers"]
-    assert checks["position_files"] == {"3": 8, "6": 8}
-    assert (checks["stopped_at"], checks["resumed_at"], checks["finished_at"]) == (3, [3], 6)
+    assert checks["committed_steps"] == [2, 4, 6, 8] and checks["commit_markers"]
+    assert checks["position_files"] == {"2": 8, "4": 8, "6": 8, "8": 8}
+    assert (checks["stopped_at"], checks["resumed_at"], checks["finished_at"]) == (4, [4], 8)
     assert checks["worker_nodes"] >= 2 and checks["final_loss"] == checks["final_loss"]  # not NaN
     assert row["startup_s"] > 0 and row["checkpoint_commit_s"] > 0
+
+
+@pytest.mark.e2e
+def test_a_waiting_worker_says_what_ray_cannot_schedule():
+    """Another actor holds both CPUs of a local Ray; a read task waits for one. The wait watch names it, with the
+    resources it asks for and what the cluster has free, every 2 s while the wait lasts."""
+    probe = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cluster_probes.py"), "pending"],
+                           env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=180)
+    out = probe.stdout + probe.stderr
+    assert probe.returncode == 0, out[-3000:]
+    result = json.loads(out[out.index("PROBE ") + 6:].splitlines()[0])
+    assert not result["finished"] and len(result["lines"]) >= 2
+    assert re.fullmatch(r"waited \d+ s for training data \(rank 0\): pending in Ray: 1 × read_shard \{CPU: 1\}; "
+                        r"free now: CPU 0 of 2", result["lines"][0]), result["lines"]

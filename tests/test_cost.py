@@ -81,8 +81,13 @@ def test_planner_refuses_what_cannot_fit_and_names_the_fix():
                                     optim=dict(micro_batch=256))
     est = cost.estimate(cfg, 303e6)
     assert not est.fits and est.memory["parameters"] == pytest.approx(est.params * 2)
-    with pytest.raises(ConfigError, match=r"needs \d+\.\d GiB per A100 .* has 80 GiB; try deepspeed.zero_stage=1"):
+    with pytest.raises(ConfigError, match=r"needs \d+\.\d GiB per A100 .* has 80 GiB; try a smaller optim.micro_batch") as e:
         cost.check_fits(est)
+    assert "zero_stage" not in str(e.value).split("try")[1]  # activations dominate: no stage would fit
+    # States that do not fit a 16 GiB TPUv3 core without ZeRO: the lowest stage that fits is named, with its figure.
+    small = cost.estimate(cfg.replace(scaling=dict(accelerator="TPUv3-core"), optim=dict(micro_batch=4)), 303e6)
+    with pytest.raises(ConfigError, match=r"has 16 GiB; try deepspeed.zero_stage=1 \(\d+\.\d GiB\)"):
+        cost.check_fits(small)
     ok = cost.estimate(cfg.replace(deepspeed=dict(zero_stage=3), optim=dict(micro_batch=8)), 303e6)
     assert ok.fits, ok.summary()
     # 14 epochs of JFT in A100-days at 40 % MFU: compute / (peak × MFU), the paper's 4262 EF less the ~2 % that

@@ -163,7 +163,7 @@ def test_planner_job_and_training_job_refuse_what_cannot_fit(s3, digits):
     assert ok.returncode == 0 and "1024 × H100, ZeRO-1" in ok.stdout and "H100-days" in ok.stdout, ok.stderr
     too_big = ["--set", "scaling.num_workers=2", "--set", "deepspeed.zero_stage=0", "--set", "optim.micro_batch=256",
                "--set", "scaling.accelerator=A100"]
-    _assert_clean_error(run("--preset", "h14_jft", *too_big), "vit_h14 @ 224 px needs", "but has 80 GiB; try deepspeed.zero_stage=1")
+    _assert_clean_error(run("--preset", "h14_jft", *too_big), "vit_h14 @ 224 px needs", "but has 80 GiB; try a smaller optim.micro_batch")
     # The training job runs the same check after reading its data, still before any Ray resource.
     proc = _job("--preset", "h14_jft", *too_big, "--set", f"data.train_uri={digits['train']}",
                 "--set", f"storage.uri=s3://{s3.bucket}/runs-fit", "--set", f"storage.endpoint_url={s3.endpoint.url}")

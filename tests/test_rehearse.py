@@ -72,3 +72,20 @@ def test_rehearsal_of_a_small_model_reports_and_restores(tmp_path):
     assert row["peak_memory_per_worker_gib"] > row["phases_gib"]["started"] > 0
     assert set(row["planned"]) >= {"parameters", "gradients", "optimizer", "activations", "process"}
     assert row["full_run"]["accelerator"] == "H100" and row["full_run"]["accelerator_days"] > 0
+
+
+def test_a_cpu_run_that_would_exhaust_this_machine_is_refused_before_ray(tmp_path):
+    """The issue's OOM-killed run: H/14 at ZeRO-1 on 2 CPU workers. Refused by the plan against each worker's share
+    of this machine, naming the lowest ZeRO stage that fits, before any Ray resource."""
+    cfg = preset("h14_jft").replace(data=dict(builtin="digits"))
+    host = Attached.here()
+    if _tried(cfg, 1, host) <= host.budget(2, ""):
+        pytest.skip("this machine has room for H/14 at ZeRO-1 on 2 CPU workers")
+    job = os.path.join(ROOT, "jobs", "pretrain_vit_h14.py")
+    proc = subprocess.run([sys.executable, job, "--set", "data.builtin=digits", "--set", "scaling.use_gpu=false",
+                           "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=0.5",
+                           "--set", "optim.global_batch=2", "--set", "optim.micro_batch=1",
+                           "--set", f"storage.runs_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "GiB per CPU worker" in proc.stderr and "try deepspeed.zero_stage=" in proc.stderr, proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr

@@ -74,13 +74,13 @@ def model_state_bytes(params: int, world: int, zero_stage: int, mixed_precision:
 def deepspeed_buffer_bytes(params: int, world: int, zero_stage: int, mixed_precision: bool) -> float:
     """What DeepSpeed allocates beside the model states: gradient-reduction buckets (two: one fills while the
     other is reduced), the all-gather bucket; under ZeRO-3 the gathered parameters it keeps alive and prefetches,
-    and Adam's temporaries for one sub-group of the partition; under ZeRO ≤ 2, the step's fp32 buffers of the
-    whole partition (flat gradient, Adam's temporaries: four partition-sized, measured on ViT-B/16, ZeRO-1)."""
+    and Adam's temporaries for one sub-group of the partition; under ZeRO ≤ 2, two fp32 buffers the size of the
+    rank's partition at the optimizer step: its averaged gradient and Adam's temporary (`exp_avg_sq.sqrt()`)."""
     b = 2 if mixed_precision else 4
     if zero_stage >= 3:
         return (min(LIVE_PARAMETERS, params) + 3 * BUCKET) * b + 2 * 4 * min(SUB_GROUP, params / max(world, 1))
     partition = params / (max(world, 1) if zero_stage >= 1 else 1)
-    return 3 * BUCKET * b + 4 * 4 * partition
+    return 3 * BUCKET * b + 2 * 4 * partition
 
 
 def measured_state_bytes(engine) -> dict[str, float]:
@@ -146,6 +146,7 @@ class Estimate:
     steps: int = 0
     max_failures: int = 0
     checkpoint_bytes: float = 0.0  # model + optimizer state of one checkpoint, all ranks together
+    mixed_precision: bool = True
 
     @property
     def nodes(self) -> int:
@@ -248,6 +249,7 @@ def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str 
         device_memory=gib * GIB if gib else None, images=images, total_flops=images * flops, mfu=mfu,
         accelerator_days=days, wall_clock_days=days / world if days is not None else None,
         steps=int(images // cfg.optim.global_batch), max_failures=cfg.max_failures, checkpoint_bytes=state_bytes,
+        mixed_precision=mixed,
     )
 
 
@@ -258,15 +260,22 @@ def check_fits(est: Estimate) -> None:
         return
     m = {k: v / GIB for k, v in est.memory.items()}
     hints = []
-    if est.zero_stage < 3:
-        hints.append(f"deepspeed.zero_stage={est.zero_stage + 1}")
+    for stage in range(est.zero_stage + 1, 4):  # the lowest stage that fits, by the same figures
+        memory = {**est.memory, **model_state_bytes(est.params, est.world, stage, est.mixed_precision),
+                  "deepspeed buffers": deepspeed_buffer_bytes(est.params, est.world, stage, est.mixed_precision)}
+        if sum(memory.values()) <= est.device_memory:
+            hints.append(f"deepspeed.zero_stage={stage} ({sum(memory.values()) / GIB:.1f} GiB)")
+            break
     if est.micro_batch > 1:
         hints.append(f"a smaller optim.micro_batch (activations are {m['activations']:.1f} GiB at {est.micro_batch})")
     hints.append("more scaling.num_workers" if est.zero_stage >= 1 else "ZeRO to partition across workers")
+    where = ("CPU worker" if est.accelerator == "CPU" else est.accelerator)
+    has = (f"{est.device_memory / GIB:.1f} GiB (its share of this machine below Ray's OOM threshold)"
+           if est.accelerator == "CPU" else f"{est.device_memory / GIB:.0f} GiB")
     raise ConfigError(
         f"optim.micro_batch / deepspeed.zero_stage: {est.model} @ {est.image_size} px needs "
-        f"{est.memory_total / GIB:.1f} GiB per {est.accelerator} ({', '.join(f'{k} {v:.1f}' for k, v in m.items())}) "
-        f"but has {est.device_memory / GIB:.0f} GiB; try {', or '.join(hints)}"
+        f"{est.memory_total / GIB:.1f} GiB per {where} ({', '.join(f'{k} {v:.1f}' for k, v in m.items())}) "
+        f"but has {has}; try {', or '.join(hints)}"
     )
 
 

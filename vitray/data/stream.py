@@ -253,14 +253,19 @@ def micro_batches(
 T = TypeVar("T")
 
 
-def start_early(items: Iterator[T]) -> Iterator[T]:
+def start_early(items: Iterator[T], timeline: dict | None = None) -> Iterator[T]:
     """Pull the first item on a background thread right away, so Ray Data starts its tasks while the caller does
-    other set-up (building the DeepSpeed engine); later items come straight from `items`."""
+    other set-up (building the DeepSpeed engine); later items come straight from `items`. `timeline["data_ready"]`:
+    when the first item arrived (the data's own start-up, whatever the caller was doing meanwhile)."""
+    import time
+
     box: dict = {}
 
     def pull() -> None:
         try:
             box["item"] = next(items)
+            if timeline is not None:
+                timeline["data_ready"] = time.time()
         except BaseException as e:  # re-raised in the caller's thread
             box["error"] = e
 

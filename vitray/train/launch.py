@@ -292,7 +292,12 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
     run's summary: run URI, final step, loss, held-out accuracy, final checkpoint URI, the plan's figures.
     `rehearse`: instead, that many steps of the configured model on what is attached (`vitray/train/rehearse.py`)."""
     if rehearse is not None:
-        return _rehearse(cfg, rehearse, resume, embedded, timeline)
+        from vitray.train import rehearse as rehearsal
+
+        validate(cfg)
+        if resume:
+            raise ConfigError("--rehearse: a rehearsal is a fresh run of its own; drop --resume")
+        return rehearsal.run(cfg, rehearse, embedded, timeline, _run)
     return _run(cfg, resume, embedded, timeline, callbacks)
 
 
@@ -304,6 +309,10 @@ def _run(cfg: Config, resume: bool, embedded, timeline: dict | None, callbacks: 
     # The cost plan, before any cluster resource: refuses a configuration that cannot fit on its accelerator.
     estimate = cost.estimate(cfg.replace(optim=dict(total_steps=plan.total_steps)), plan.train_samples,
                              host=not cfg.scaling.use_gpu)
+    if not cfg.scaling.use_gpu and os.environ.get("RAY_ADDRESS", "local") == "local":
+        from vitray.train.rehearse import Attached  # CPU workers on this machine share its memory
+
+        estimate = dataclasses.replace(estimate, device_memory=Attached.here().budget(cfg.scaling.num_workers, "CPU"))
     cost.check_fits(estimate)
     print(estimate.summary(), flush=True)
     import ray
@@ -352,36 +361,6 @@ def _run(cfg: Config, resume: bool, embedded, timeline: dict | None, callbacks: 
         if log_uri != "none":
             append_jsonl(log_uri, row, plan.endpoint)
     return summary
-
-
-def _rehearse(cfg: Config, steps: int, resume: bool, embedded, timeline: dict | None) -> dict:
-    """--rehearse: the configured run adapted to what is attached, run for `steps`, reported beside its plan."""
-    from vitray.config.recipes import DATASETS
-    from vitray.train import rehearse
-
-    validate(cfg)
-    if resume:
-        raise ConfigError("--rehearse: a rehearsal is a fresh run of its own; drop --resume")
-    if steps < 1:
-        raise ConfigError(f"--rehearse: give a positive number of steps, got {steps}")
-    small, changes, planned = rehearse.adapt(cfg, steps, rehearse.Attached.here())
-    endpoint = Endpoint(url=cfg.storage.endpoint_url or None, region=cfg.storage.region) if cfg.storage.uri else None
-    if cfg.data.train_uri:
-        try:
-            images = read_manifest(cfg.data.train_uri, endpoint if cfg.storage.uri else None, "data.train_uri").num_samples
-        except DataError as e:
-            raise ConfigError(str(e)) from None
-    else:  # the recipe's dataset, known by its label space (JFT-300M's 18,291 classes)
-        images = next((d["num_images"] for d in DATASETS.values() if d["num_classes"] == cfg.model.num_classes), None)
-    full = cost.estimate(cfg, images, accelerator=cfg.scaling.accelerator or "H100") if images else None
-    print("rehearsal: " + ("; ".join(changes) or "the configured settings, unchanged"), flush=True)
-    summary = _run(small, False, embedded, timeline, None, rehearsal="train")
-    print(f"rehearsal: restoring {summary['checkpoint']} into a fresh worker group, as a restart would", flush=True)
-    _run(small.replace(storage=dict(run_name=summary["run"].rsplit("/", 1)[1])), True, embedded, None, None,
-         rehearsal="restore")
-    row = rehearse.report(cfg, small, changes, planned, summary, full, endpoint)
-    rehearse.write(row, summary["run"], endpoint)
-    return {**summary, "rehearsal": row}
 
 
 def cost_row(cfg: Config, plan: Plan, metrics: dict, estimate) -> dict:

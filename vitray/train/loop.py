@@ -55,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     task = make_task(cfg, list(plan.classes), plan.palette_uri, endpoint)
     train_data = TrainStream(plan.train_uri, endpoint, rank, world, d.image_size, cfg.seed, cfg.optim.micro_batch,
                              d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples, task.decoder())
-    stream = start_early(micro_batches(train_data.epoch, cfg.optim.micro_batch, position, rank))
+    stream = start_early(micro_batches(train_data.epoch, cfg.optim.micro_batch, position, rank), timeline)
     waiting = WaitWatch(d.wait_warn_s, f"training data (rank {rank})")
 
     # Model (fresh, or pretrained weights adapted for fine-tuning) and engine, restored from the latest checkpoint
@@ -75,6 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.transfer.ema_decay:
         ema = AveragedModel(engine.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.transfer.ema_decay), use_buffers=True)
     timeline["engine_ready"] = time.time()
+    timeline["engine_cpu_s"] = time.process_time()  # this worker's CPU seconds so far: imports, model, engine
     phases.mark("engine")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, on_gpu), torch.float32)
     restoring = time.time()
@@ -82,6 +83,8 @@ def train_loop_per_worker(config: dict) -> None:
     step = restored_step or 0
     if restored_step is not None:
         resumed_digest = checkpoint.optimizer_digest(engine)
+        if rank == 0:
+            logger.info(f"resumed at step {step}, data epoch {position.epoch} + {position.consumed} samples")
     if plan.rehearse == "restore":  # --rehearse, second half: fresh workers restore what the first half saved
         phases.mark("restored")
         memory = phases.over_ranks()
@@ -90,8 +93,6 @@ def train_loop_per_worker(config: dict) -> None:
                 "rebuild_s": restoring - timeline["worker_start"], "restore_s": time.time() - restoring,
                 "step": step, "optimizer_digest": resumed_digest, "memory": memory})
         return
-        if rank == 0:
-            logger.info(f"resumed at step {step}, data epoch {position.epoch} + {position.consumed} samples")
 
     accumulation = engine.gradient_accumulation_steps()
     spec = get_spec(cfg.model.name)

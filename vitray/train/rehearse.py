@@ -120,6 +120,35 @@ def adapt(cfg: Config, steps: int, host: Attached) -> tuple[Config, list[str], c
     return trial, changes, est
 
 
+def run(cfg: Config, steps: int, embedded, timeline: dict | None, run_fit) -> dict:
+    """The driver's sequence: adapt, train and save (`run_fit`, launch's, with rehearsal="train"), restore in fresh
+    workers (rehearsal="restore"), report beside the plan and keep the row."""
+    from vitray.config.recipes import DATASETS
+    from vitray.data.shards import DataError, read_manifest
+    from vitray.storage import Endpoint
+
+    if steps < 1:
+        raise ConfigError(f"--rehearse: give a positive number of steps, got {steps}")
+    small, changes, planned = adapt(cfg, steps, Attached.here())
+    endpoint = Endpoint(url=cfg.storage.endpoint_url or None, region=cfg.storage.region) if cfg.storage.uri else None
+    if cfg.data.train_uri:
+        try:
+            images = read_manifest(cfg.data.train_uri, endpoint, "data.train_uri").num_samples
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    else:  # the recipe's dataset, known by its label space (JFT-300M's 18,291 classes)
+        images = next((d["num_images"] for d in DATASETS.values() if d["num_classes"] == cfg.model.num_classes), None)
+    full = cost.estimate(cfg, images, accelerator=cfg.scaling.accelerator or "H100") if images else None
+    print("rehearsal: " + ("; ".join(changes) or "the configured settings, unchanged"), flush=True)
+    summary = run_fit(small, False, embedded, timeline, None, rehearsal="train")
+    print(f"rehearsal: restoring {summary['checkpoint']} into a fresh worker group, as a restart would", flush=True)
+    run_fit(small.replace(storage=dict(run_name=summary["run"].rsplit("/", 1)[1])), True, embedded, None, None,
+            rehearsal="restore")
+    row = report(cfg, small, changes, planned, summary, full, endpoint)
+    write(row, summary["run"], endpoint)
+    return {**summary, "rehearsal": row}
+
+
 def _rss() -> tuple[float, float]:
     """This process's resident bytes now and at its peak (Linux)."""
     import resource
