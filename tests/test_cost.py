@@ -138,3 +138,13 @@ def test_long_runs_get_a_restart_budget_and_a_young_daly_checkpoint_interval():
     assert plans[1].suggested_checkpoint_every == plans[0].suggested_checkpoint_every
     cpu = cost.estimate(preset("smoke"), 1500)  # no accelerator peak: no wall-clock, no suggestion
     assert cpu.suggested_checkpoint_every is None and "Young–Daly" not in cpu.summary()
+
+
+def test_optimizer_offload_takes_the_optimizer_off_the_device_but_not_off_a_cpu_worker():
+    cfg = preset("h14_jft").replace(deepspeed=dict(zero_stage=3), scaling=dict(accelerator="A100"))
+    on_device = cost.estimate(cfg, 303e6)
+    offloaded = cost.estimate(cfg.replace(deepspeed=dict(offload_optimizer=True)), 303e6)
+    assert on_device.memory["optimizer"] > 0 and offloaded.memory["optimizer"] == 0
+    assert offloaded.memory_total == pytest.approx(on_device.memory_total - on_device.memory["optimizer"])
+    cpu = cfg.replace(scaling=dict(use_gpu=False, num_workers=2), deepspeed=dict(offload_optimizer=True))
+    assert cost.estimate(cpu, 1, host=True).memory["optimizer"] > 0  # the host is the device there

@@ -45,6 +45,16 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero):
     assert measured["parameters"] == pytest.approx(formula["parameters"], rel=0.10)
     assert measured["optimizer"] == pytest.approx(formula["optimizer"], rel=0.10)
 
+    if zero == 3:  # saved by 2 workers, resumed on 1: DeepSpeed's universal checkpoint reshards ZeRO-3 too
+        saved = json.loads(storage.read_bytes(storage.join(plan.run_uri, "step_00000040", "vitray.json"), plan.endpoint))
+        more, more_plan = launch.prepare(_config(s3, digits, "zero3", deepspeed=dict(zero_stage=3),
+                                                 scaling=dict(num_workers=1), optim=dict(total_steps=42)), resume=True)
+        assert more_plan.reshard and launch.fit(more, more_plan).error is None
+        (resumed,) = [r for r in _metrics(more_plan) if r.get("event") == "resumed"]
+        assert resumed["resharded"] and resumed["step"] == 40
+        assert resumed["model_digest"] == pytest.approx(saved["model_digest"], rel=1e-12)
+        assert resumed["optimizer_digest"] == pytest.approx(saved["optimizer_digest"], rel=1e-9)
+
 
 def test_checkpoint_then_resume_continues_exactly(ray_cluster, s3, digits):
     import deepspeed.runtime.lr_schedules as schedules

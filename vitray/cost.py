@@ -233,6 +233,8 @@ def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str 
     memory = model_state_bytes(params, world, cfg.deepspeed.zero_stage, mixed)
     memory["activations"] = activation_bytes(cfg, bf16=mixed)
     memory["deepspeed buffers"] = deepspeed_buffer_bytes(params, world, cfg.deepspeed.zero_stage, mixed)
+    if cfg.deepspeed.offload_optimizer and not host:  # ZeRO-Offload: the fp32 partition and Adam live in host memory
+        memory["optimizer"] = 0.0
     if host:
         memory["process"] = CPU_PROCESS_BYTES
     flops = accounting.train_flops_per_image(accounting.forward_flops(

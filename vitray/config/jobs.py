@@ -33,6 +33,7 @@ def add_job_arguments(parser, table: dict, models: str, default: str = "smoke", 
     parser.add_argument("--run-name", help="name of the run folder under <storage>/runs (= storage.run_name)")
     parser.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # Three steps: the first pays one-off costs, the others give the step time.
     parser.add_argument("--rehearse", nargs="?", type=int, const=3, metavar="STEPS",
                         help="run the configured model for STEPS (default 3) steps on what is attached, save and"
                              " restore a checkpoint, and report time and memory beside the plan")

@@ -41,6 +41,7 @@ def save(engine, step: int, position: Position, metrics: dict, run_info: dict, r
     """Collective: every rank must call it at the same step. `ema` (torch's AveragedModel) is saved by rank 0."""
     rank = ray.train.get_context().get_world_rank()
     digest = optimizer_digest(engine)
+    weights = module_digest(engine.module)  # collective under ZeRO-3
     folder = tempfile.mkdtemp(prefix=f"vitray-ckpt-{step}-")
     try:
         engine.save_checkpoint(folder, tag=TAG, client_state={"step": step})
@@ -48,12 +49,10 @@ def save(engine, step: int, position: Position, metrics: dict, run_info: dict, r
             json.dump({"epoch": position.epoch, "consumed": position.consumed,
                        "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}, f)
         if rank == 0:
-            extra = {}
+            extra = {"model_digest": weights}
             if ema is not None:
                 torch.save(ema.state_dict(), os.path.join(folder, "ema.pt"))
                 extra["ema_digest"] = module_digest(ema.module)
-            if engine.zero_optimization_stage() < 3:  # ZeRO-3 ranks hold only slices of the weights
-                extra["model_digest"] = module_digest(engine.module)
             with open(os.path.join(folder, META), "w") as f:
                 json.dump({"step": step, "optimizer_digest": digest, **extra, **run_info}, f, indent=1)
         ray.train.report(
@@ -199,4 +198,13 @@ def make_universal(checkpoint_uri: str, endpoint) -> None:
 
 
 def module_digest(module: torch.nn.Module) -> float:
-    return float(sum(p.detach().double().abs().sum().item() for p in module.parameters()))
+    """Sum of |w| over the module's weights: equal before a save and after its restore, on any number of workers.
+    Under ZeRO-3 each rank holds a zero-padded slice (`ds_tensor`), so the slices' sums add up over the ranks —
+    collective then, and no rank gathers a whole layer."""
+    params = list(module.parameters())
+    if params and hasattr(params[0], "ds_tensor"):
+        total = sum((p.ds_tensor.detach().double().abs().sum() for p in params), torch.zeros((), dtype=torch.float64))
+        total = total.reshape(1).to(params[0].ds_tensor.device)
+        dist.all_reduce(total)
+        return total.item()
+    return float(sum(p.detach().double().abs().sum().item() for p in params))

@@ -148,7 +148,7 @@ def total_steps(cfg: Config, num_samples: int) -> int:
 
 def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> tuple[int, int]:
     """Before Ray: the run has a complete checkpoint, and when it was saved by another number of workers it can be
-    resharded (ZeRO ≤ 2, through DeepSpeed's universal checkpoint, made here). Names the interrupted saves the
+    resharded (ZeRO-1/2/3 with Adam, through DeepSpeed's universal checkpoint, made here). Names the interrupted saves the
     resume will skip. Returns (the world size that saved the checkpoint, its step)."""
     from vitray.checkpoints import COMMIT, read_meta, scan, step_dir
     from vitray.train.checkpoint import make_universal
@@ -164,11 +164,17 @@ def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> tuple[int,
     saved = read_meta(latest, endpoint)
     world, stage = saved["world_size"], saved["config"]["deepspeed"]["zero_stage"]
     if world != cfg.scaling.num_workers:
-        if stage == 3 or cfg.deepspeed.zero_stage != stage:
+        if cfg.deepspeed.zero_stage != stage:
             raise ConfigError(
                 f"scaling.num_workers: {latest} was saved by {world} workers under ZeRO-{stage}; vitray reshards"
-                f" ZeRO-1/2 checkpoints to another worker count (keeping deepspeed.zero_stage={stage}), not this"
-                f" one: resume with --set scaling.num_workers={world}"
+                f" ZeRO-1/2/3 checkpoints to another worker count keeping deepspeed.zero_stage={stage}: resume with"
+                f" --set scaling.num_workers={world} or --set deepspeed.zero_stage={stage}"
+            )
+        if saved["config"]["optim"]["optimizer"] != "adam":
+            raise ConfigError(
+                f"scaling.num_workers: {latest} was saved by {world} workers with {saved['config']['optim']['optimizer']};"
+                " DeepSpeed's universal checkpoint, which reshards ZeRO states, carries Adam's moments only: resume"
+                f" with --set scaling.num_workers={world}"
             )
         print(f"resharding {step_dir(complete[-1])} from {world} to {cfg.scaling.num_workers} workers (DeepSpeed"
               " universal checkpoint)", flush=True)

@@ -105,8 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
     if restored_step is not None:
         log.lines.append(json.dumps({"step": step, "event": "resumed", "optimizer_digest": resumed_digest,
                                      "epoch": position.epoch, "consumed": position.consumed, "resharded": resharded,
-                                     **({"model_digest": checkpoint.module_digest(engine.module)}
-                                        if cfg.deepspeed.zero_stage < 3 else {}),
+                                     "model_digest": checkpoint.module_digest(engine.module),
                                      **({"ema_digest": checkpoint.module_digest(ema.module)} if ema else {})}))
     run_info = {"world_size": world, "config": cfg.to_dict(), "total_steps": total_steps}
     last_step = min(total_steps, cfg.stop_at_step or total_steps)

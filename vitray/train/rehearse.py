@@ -3,11 +3,11 @@ whatever is attached, one checkpoint saved and restored into a fresh engine, mea
 
     python jobs/pretrain_vit_h14.py --rehearse          # the default ViT-H/14 recipe, 3 steps, on this machine
 
-Driver side: `adapt` turns the configured run into one that fits what is attached, saying what it changed and what
-the configured setting would need; `report` prints what was measured and `write` keeps it (`<run>/rehearsal.json`,
-a row of `<runs>/rehearsals.jsonl`). Worker side: `Phases` records memory as the run goes and `restore`
-`write_measured` keeps what each half measured: training and the save, then a fresh worker group (as a restart)
-restoring the checkpoint.
+Driver side (`run`): `adapt` turns the configured run into one that fits what is attached, saying what it changed
+and what the configured setting would need; the run trains and saves, then a fresh worker group restores the
+checkpoint, as a restart would; `report` prints what was measured beside the plan and `write` keeps it
+(`<run>/rehearsal.json`, a row of `<runs>/rehearsals.jsonl`). Worker side (in the training loop): `Phases` records
+memory after each phase and `write_measured` keeps what each half measured.
 """
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ import os
 import time
 
 from vitray import cost, storage
-from vitray.config.jobs import rehearsal_data
+from vitray.config.jobs import TrainingFailed, rehearsal_data
 from vitray.config.schema import Config, ConfigError
 
-STEPS = 3  # the first step pays one-off costs; the others give the step time
 RAY_RESERVE = 2 * cost.GIB  # host memory the driver, raylet, GCS and dashboard keep (measured: ~1.6 GiB here)
 OOM_FRACTION = 0.95  # Ray's memory monitor kills a worker when the host passes this share of its memory
 
@@ -212,7 +211,7 @@ def report(cfg: Config, rehearsal_cfg: Config, changes: list[str], plan: cost.Es
     saved = read_meta(summary["checkpoint"], endpoint)
     identical = back["step"] == saved["step"] and abs(back["optimizer_digest"] - saved["optimizer_digest"]) <= 1e-9 * max(1.0, abs(saved["optimizer_digest"]))
     if not identical:
-        raise RuntimeError(f"rehearsal: {summary['checkpoint']} restored as step {back['step']} with optimizer digest"
+        raise TrainingFailed(f"rehearsal: {summary['checkpoint']} restored as step {back['step']} with optimizer digest"
                            f" {back['optimizer_digest']!r}; it was saved at step {saved['step']} with {saved['optimizer_digest']!r}")
     measured = max(r["memory"]["peak"]["saved"], back["memory"]["peak"]["restored"])
     ckpt = checkpoint_bytes(summary["checkpoint"], endpoint) if summary.get("checkpoint") else 0
