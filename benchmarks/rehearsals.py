@@ -7,7 +7,7 @@ the planner's peak memory per worker is from the measured one.
 For each model and stage: the plan on this host (2 CPU workers, micro-batch 1, fp32, the JFT head of the H/14
 recipe); a stage whose plan exceeds a worker's share of memory is refused by that figure (as `--rehearse` would
 move past it); the others run `jobs/pretrain_vit_h14.py --rehearse` and report the measured peak beside the plan.
-Writes benchmarks/results/rehearsals.jsonl (every row) and rehearsals.md (the table the README shows).
+Writes benchmarks/results/rehearsal_table.jsonl (every row) and rehearsal_table.md (the table the README shows).
 """
 from __future__ import annotations
 
@@ -39,17 +39,17 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--replan", action="store_true",
-                        help="rewrite rehearsals.md from the last run's rows with today's planner; run nothing")
+                        help="rewrite rehearsal_table.md from the last run's rows with today's planner; run nothing")
     args = parser.parse_args()
     host = Attached.here()
     budget = host.budget(2, "")
     if args.replan:
-        with open(os.path.join(RESULTS, "rehearsals.jsonl")) as f:
+        with open(os.path.join(RESULTS, "rehearsal_table.jsonl")) as f:
             last = [json.loads(line) for line in f if line.strip()][-len(args.models) * len(args.stages):]
         for row in last:
             est = plan(row["model"], row["zero_stage"], host)
             row.update(planned_gib=est.memory_total / cost.GIB, planned={k: v / cost.GIB for k, v in est.memory.items()})
-        with open(os.path.join(RESULTS, "rehearsals.md"), "w") as f:
+        with open(os.path.join(RESULTS, "rehearsal_table.md"), "w") as f:
             f.write(table(last, budget))
         print(table(last, budget))
         return
@@ -69,7 +69,8 @@ def main() -> None:
                     continue
                 job = [sys.executable, os.path.join(ROOT, "jobs", "pretrain_vit_h14.py"), "--model", model,
                        "--rehearse", str(args.steps), "--set", f"deepspeed.zero_stage={stage}",
-                       "--set", f"storage.runs_dir={runs}", "--run-name", f"{model}-zero{stage}"]
+                       "--set", f"storage.runs_dir={runs}", "--set", "storage.cost_log=none",  # rows: below
+                       "--run-name", f"{model}-zero{stage}"]
                 done = subprocess.run(job, capture_output=True, text=True, cwd=runs)
                 if done.returncode != 0:
                     row.update(result="failed", error=done.stderr.strip().splitlines()[-1:])
@@ -81,10 +82,10 @@ def main() -> None:
                          f" {row['planned_gib']:.2f} ({row['rehearsal']['plan_error']:+.0%})" if row["result"] == "ran" else ""),
                       flush=True)
                 rows.append(row)
-    with open(os.path.join(RESULTS, "rehearsals.jsonl"), "a") as f:
+    with open(os.path.join(RESULTS, "rehearsal_table.jsonl"), "a") as f:
         for row in rows:
             f.write(json.dumps({**row, "machine": machine()}) + "\n")
-    with open(os.path.join(RESULTS, "rehearsals.md"), "w") as f:
+    with open(os.path.join(RESULTS, "rehearsal_table.md"), "w") as f:
         f.write(table(rows, budget))
     print(table(rows, budget))
 

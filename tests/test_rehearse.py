@@ -59,7 +59,7 @@ def test_rehearsal_of_a_small_model_reports_and_restores(tmp_path):
     engine with the same optimizer state, and reported beside its plan in rehearsal.json and on the terminal."""
     job = os.path.join(ROOT, "jobs", "pretrain_vit_h14.py")
     proc = subprocess.run([sys.executable, job, "--model", "vit_ti16", "--rehearse", "2", "--set", "data.image_size=64",
-                           "--set", f"storage.runs_dir={tmp_path}/runs"],
+                           "--set", f"storage.runs_dir={tmp_path}/runs", "--set", "storage.cost_log=none"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rehearsal of vit_ti16 @ 64 px: 2 steps on 2 CPU workers" in proc.stdout

@@ -6,7 +6,7 @@ whatever is attached, one checkpoint saved and restored into a fresh engine, mea
 Driver side (`run`): `adapt` turns the configured run into one that fits what is attached, saying what it changed
 and what the configured setting would need; the run trains and saves, then a fresh worker group restores the
 checkpoint, as a restart would; `report` prints what was measured beside the plan and `write` keeps it
-(`<run>/rehearsal.json`, a row of `<runs>/rehearsals.jsonl`). Worker side (in the training loop): `Phases` records
+(`<run>/rehearsal.json`, a row of `<runs>/rehearsals.jsonl` and one of benchmarks/results/rehearsals.jsonl). Worker side (in the training loop): `Phases` records
 memory after each phase and `write_measured` keeps what each half measured.
 """
 from __future__ import annotations
@@ -144,7 +144,7 @@ def run(cfg: Config, steps: int, embedded, timeline: dict | None, run_fit) -> di
     run_fit(small.replace(storage=dict(run_name=summary["run"].rsplit("/", 1)[1])), True, embedded, None, None,
             rehearsal="restore")
     row = report(cfg, small, changes, planned, summary, full, endpoint)
-    write(row, summary["run"], endpoint)
+    write(row, summary["run"], endpoint, checkout=cfg.storage.cost_log != "none")
     return {**summary, "rehearsal": row}
 
 
@@ -262,10 +262,17 @@ def report(cfg: Config, rehearsal_cfg: Config, changes: list[str], plan: cost.Es
     return row
 
 
-def write(row: dict, run_uri: str, endpoint) -> None:
-    """`<run>/rehearsal.json`, and a row of `<runs>/rehearsals.jsonl` beside the runs (benchmarks/rehearsals.py
-    gathers them into benchmarks/results/)."""
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
+                       "results", "rehearsals.jsonl")
+
+
+def write(row: dict, run_uri: str, endpoint, checkout: bool = True) -> None:
+    """`<run>/rehearsal.json`, a row of `<runs>/rehearsals.jsonl` beside the runs, and — run from a checkout, unless
+    `storage.cost_log=none` — a row of benchmarks/results/rehearsals.jsonl."""
     from vitray.train.launch import append_jsonl
 
     storage.write_bytes(storage.join(run_uri, "rehearsal.json"), json.dumps(row, indent=1).encode(), endpoint)
     append_jsonl(storage.join(run_uri.rsplit("/", 1)[0], "rehearsals.jsonl"), row, endpoint)
+    if checkout and os.path.isdir(os.path.dirname(RESULTS)):
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(row) + "\n")
