@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from vitray.data.stream import Position, TrainStream, _take, build_dataset, micro_batches, rank_shards, stream_splits_config
+from vitray.data.stream import Position, TrainStream, _take, build_dataset, micro_batches, partition_shards, stream_splits_config
 
 
 def _keys(stream, n):
@@ -11,10 +11,10 @@ def _keys(stream, n):
     return [b["key"].tolist() for b, _ in out], [b["image"] for b, _ in out], [p for _, p in out]
 
 
-def test_two_ranks_disjoint_union_once_per_epoch(ray_cluster, s3, digits):
+def test_two_partitions_disjoint_union_once_per_epoch(ray_cluster, s3, digits):
     def consume(rank, epochs):
-        data = TrainStream(digits["train"], s3.endpoint, rank, 2, image_size=16, seed=0, micro_batch=30, shuffle_buffer=64)
-        keys, _, positions = _keys(micro_batches(data.epoch, 30, rank=rank), epochs * 25)
+        data = TrainStream(digits["train"], s3.endpoint, 2, image_size=16, seed=0, batch=30, shuffle_buffer=64)
+        keys, _, positions = _keys(micro_batches(lambda e: data.epoch(rank, e), 30), epochs * 25)
         assert all(len(k) == 30 for k in keys)
         return sum(keys, []), positions
 
@@ -32,9 +32,9 @@ def test_resumed_stream_replays_exactly(ray_cluster, s3, digits):
     """A stream restarted from any saved position (mid-epoch, or across an epoch boundary) yields exactly the
     samples — and the same augmented pixels — an uninterrupted stream yields from there on."""
     def stream(start=Position()):
-        data = TrainStream(digits["train"], s3.endpoint, 1, 2, image_size=16, seed=3, micro_batch=32,
+        data = TrainStream(digits["train"], s3.endpoint, 2, image_size=16, seed=3, batch=32,
                            shuffle_buffer=100, area_min=0.5, flip=True)
-        return micro_batches(data.epoch, 32, start, rank=1)
+        return micro_batches(lambda e: data.epoch(1, e), 32, start)
 
     keys, images, positions = _keys(stream(), 30)  # 750 samples per epoch: batch 23 straddles the boundary
     for cut in (9, 22):
@@ -44,12 +44,12 @@ def test_resumed_stream_replays_exactly(ray_cluster, s3, digits):
     assert positions[22] == Position(0, 736) and positions[23] == Position(1, 18)
 
 
-def test_rank_shards_deal_every_shard_once():
+def test_partition_shards_deal_every_shard_once():
     names = [f"s{i}" for i in range(7)]
     for epoch in range(3):
-        dealt = [rank_shards(names, 0, epoch, r, 3) for r in range(3)]
+        dealt = [partition_shards(names, 0, epoch, r, 3) for r in range(3)]
         assert sorted(sum(dealt, [])) == names and [len(d) for d in dealt] == [3, 2, 2]
-    assert rank_shards(names, 0, 0, 0, 3) != rank_shards(names, 0, 1, 0, 3)
+    assert partition_shards(names, 0, 0, 0, 3) != partition_shards(names, 0, 1, 0, 3)
 
 
 def _dataset_with_faults(path, faults):
@@ -100,15 +100,15 @@ def _dataset_with_faults(path, faults):
 ])
 def test_bad_data_is_named_by_default(ray_cluster, tmp_path, fault, message):
     _dataset_with_faults(tmp_path / "ds", [fault])
-    data = TrainStream(str(tmp_path / "ds"), None, 0, 1, image_size=16, seed=0, micro_batch=10)
+    data = TrainStream(str(tmp_path / "ds"), None, 1, image_size=16, seed=0, batch=10)
     with pytest.raises(Exception, match=message):
-        _keys(micro_batches(data.epoch, 10), 4)
+        _keys(micro_batches(lambda e: data.epoch(0, e), 10), 4)
 
 
 def test_bad_data_skipped_and_counted_when_asked(ray_cluster, tmp_path):
     samples = _dataset_with_faults(tmp_path / "ds", ["image", "label", "checksum", "missing"])
-    data = TrainStream(str(tmp_path / "ds"), None, 0, 1, image_size=16, seed=0, micro_batch=9, bad_samples="skip")
-    keys, _, positions = _keys(micro_batches(data.epoch, 9), 2)  # 40 − 1 − 1 − 10 − 10 = 18 good samples
+    data = TrainStream(str(tmp_path / "ds"), None, 1, image_size=16, seed=0, batch=9, bad_samples="skip")
+    keys, _, positions = _keys(micro_batches(lambda e: data.epoch(0, e), 9), 2)  # 40 − 1 − 1 − 10 − 10 = 18 good samples
     seen = sum(keys, [])
     assert data.skipped == 22 and positions[-1] == Position(0, 18)
     assert sorted(seen) == sorted(s.key for s in samples[:20] if s.key not in (samples[7].key, samples[12].key))

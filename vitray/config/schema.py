@@ -34,6 +34,7 @@ class DataConfig:
     shuffle_buffer: int = 10_000  # per-worker local shuffle buffer, in samples
     bad_samples: str = "error"  # error = stop naming shard and key | skip = drop, count and log each one
     wait_warn_s: float = 120.0  # a worker waiting this long for a micro-batch says what Ray cannot schedule; 0 = off
+    partitions: int = 0  # logical data partitions, fixed for the run (data/partitions.py); 0 = scaling.num_workers
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ class DeepSpeedConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 64  # Ray Train workers = data-parallel ranks
+    num_workers: int = 64  # Ray Train workers = data-parallel ranks (the most, in an elastic run)
+    min_workers: int = 0  # > 0: elastic — continue on as few as this when nodes are lost, grow back when they return
+    resize_check_s: float = 60.0  # elastic: how often Ray Train checks whether more workers could run
     use_gpu: bool = True
     cpus_per_worker: float = 8.0
     accelerator: str = ""  # e.g. A100, H100: Ray accelerator_type and the peak FLOP/s used for MFU
@@ -245,6 +248,29 @@ def validate(cfg: Config) -> None:
             f"optim.global_batch: {o.global_batch} is not divisible by scaling.num_workers × optim.micro_batch"
             f" = {s.num_workers} × {o.micro_batch}"
         )
+    if d.partitions < 0:
+        errors.append(f"data.partitions: must be ≥ 0 (0 = scaling.num_workers), got {d.partitions}")
+    elif d.partitions and o.global_batch % d.partitions:
+        errors.append(f"data.partitions: {d.partitions} does not divide optim.global_batch={o.global_batch} (each"
+                      " step takes the same number of samples from every partition)")
+    elif d.partitions and d.partitions < s.num_workers:
+        errors.append(f"data.partitions: {d.partitions} is fewer than scaling.num_workers={s.num_workers} (each"
+                      " worker reads at least one partition)")
+    if s.min_workers and not 1 <= s.min_workers <= s.num_workers:
+        errors.append(f"scaling.min_workers: must be 1..scaling.num_workers={s.num_workers} (0 = a fixed worker"
+                      f" count), got {s.min_workers}")
+    elif s.min_workers and o.optimizer != "adam":
+        errors.append("scaling.min_workers: an elastic run reshards its optimizer state at each resize through"
+                      " DeepSpeed's universal checkpoint, which carries Adam's moments only; use optim.optimizer=adam"
+                      " or a fixed worker count")
+    elif s.min_workers and cfg.max_failures == 0:
+        errors.append("scaling.min_workers: Ray Train counts each lost node of an elastic run as a failure; give it a"
+                      " budget: max_failures=N (or -1, unlimited)")
+    elif s.min_workers and z.zero_stage == 0:
+        errors.append("scaling.min_workers: an elastic run reshards through DeepSpeed's universal checkpoint, made"
+                      " from ZeRO partitions; set deepspeed.zero_stage to 1, 2 or 3")
+    if s.resize_check_s <= 0:
+        errors.append(f"scaling.resize_check_s: must be positive, got {s.resize_check_s}")
     if o.optimizer not in ("adam", "sgd"):
         errors.append(f"optim.optimizer: must be adam or sgd, got {o.optimizer!r}")
     if o.schedule not in ("linear", "cosine", "step"):

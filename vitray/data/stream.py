@@ -1,14 +1,15 @@
 """The Ray Data pipeline: shards in storage → decoded, augmented uint8 images → each Train worker.
 
-Training (`TrainStream`, worker side): every epoch, a seeded permutation of the shards is dealt round-robin to the
-ranks, and each rank streams its shards through its own Ray Data pipeline (read + decode + augment in CPU tasks,
-in order), then through a local shuffle buffer seeded by (seed, epoch, rank). Augmentation draws from a generator
-seeded per sample by (seed, epoch, sample key). So what a rank sees is a pure function of (seed, epoch, rank,
-world size): a restarted or resumed run replays exactly what an uninterrupted one would have seen, which Ray
-Data's dynamic `streaming_split` cannot promise (its epochs are reseeded by execution count, which restarts at
+Training (`TrainStream`, worker side): every epoch, a seeded permutation of the shards is dealt round-robin to a
+fixed number of logical partitions (`vitray/data/partitions.py`: why the data must not depend on the worker count),
+and each worker streams its partitions' shards through Ray Data pipelines (read + decode + augment in CPU tasks, in
+order), then through a local shuffle buffer seeded by (seed, epoch, partition). Augmentation draws from a generator
+seeded per sample by (seed, epoch, sample key). So what a partition delivers is a pure function of (seed, epoch,
+partition): a restarted, resumed or resized run replays exactly what an uninterrupted one would have seen, which
+Ray Data's dynamic `streaming_split` cannot promise (its epochs are reseeded by execution count, which restarts at
 zero in a new process).
 
-`micro_batches` turns a rank's epochs into an endless stream of exact micro-batches that runs across epoch
+`micro_batches` turns a partition's epochs into an endless stream of exact-size batches that runs across epoch
 boundaries (no sample dropped at the end of an epoch) and reports where it is (`Position`: epoch and samples
 consumed in it), so a checkpoint can record it and a resume can skip exactly that much.
 
@@ -136,39 +137,40 @@ def stream_splits_config():
     return StreamSplits()
 
 
-def rank_shards(names: list[str], seed: int, epoch: int, rank: int, world: int) -> list[str]:
-    """The shards `rank` reads in `epoch`: a permutation seeded by (seed, epoch), dealt round-robin. Every shard
-    goes to exactly one rank per epoch; a rank's share changes from epoch to epoch."""
+def partition_shards(names: list[str], seed: int, epoch: int, partition: int, partitions: int) -> list[str]:
+    """The shards of `partition` in `epoch`: a permutation seeded by (seed, epoch), dealt round-robin. Every shard
+    goes to exactly one partition per epoch; a partition's share changes from epoch to epoch."""
     order = np.random.default_rng([seed, epoch]).permutation(len(names))
-    return [names[i] for i in order[rank::world]]
+    return [names[i] for i in order[partition::partitions]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Position:
-    """Where a worker's stream stands: the epoch, and how many of that epoch's samples it has consumed."""
+    """Where a partition's stream stands: the epoch, and how many of that epoch's samples it has consumed."""
 
     epoch: int = 0
     consumed: int = 0
 
 
 class TrainStream:
-    """One rank's training data, epoch by epoch (see the module docstring for why per rank)."""
+    """The training data, partition by partition and epoch by epoch (see the module docstring)."""
 
-    def __init__(self, uri: str, endpoint: Endpoint | None, rank: int, world: int, image_size: int, seed: int,
-                 micro_batch: int, shuffle_buffer: int = 0, area_min: float = 0.05, flip: bool = True,
+    def __init__(self, uri: str, endpoint: Endpoint | None, partitions: int, image_size: int, seed: int,
+                 batch: int, shuffle_buffer: int = 0, area_min: float = 0.05, flip: bool = True,
                  bad_samples: str = "error", detection: dict | None = None):
         manifest = read_manifest(uri, endpoint)
         self.detection = detection
         self.fs, root = storage.resolve(uri, endpoint)
         self.shards = shard_table(manifest)
         self.paths = [f"{root}/{name}" for name in self.shards]
-        self.rank, self.world, self.seed = rank, world, seed
-        self.image_size, self.micro_batch, self.shuffle_buffer = image_size, micro_batch, shuffle_buffer
+        self.partitions, self.seed = partitions, seed
+        self.image_size, self.batch, self.shuffle_buffer = image_size, batch, shuffle_buffer
         self.area_min, self.flip, self.bad_samples = area_min, flip, bad_samples
         self.skipped = 0  # bad samples dropped under bad_samples="skip"
 
-    def epoch(self, epoch: int) -> Iterable[dict[str, np.ndarray]]:
-        paths = self._present(rank_shards(self.paths, self.seed, epoch, self.rank, self.world))
+    def epoch(self, partition: int, epoch: int) -> Iterable[dict[str, np.ndarray]]:
+        """Partition `partition`'s samples in `epoch`, in batches of about `batch`."""
+        paths = self._present(partition_shards(self.paths, self.seed, epoch, partition, self.partitions))
         if not paths:
             return []
         mine = {name: self.shards[name] for name in (p.rsplit("/", 1)[-1] for p in paths)}  # small task arguments
@@ -176,10 +178,10 @@ class TrainStream:
                          self.flip, aug_seed=(self.seed, epoch), ordered=True, bad_samples=self.bad_samples,
                          detection=self.detection)
         batches = ds.iter_batches(
-            batch_size=self.micro_batch,
+            batch_size=self.batch,
             batch_format="numpy",
             local_shuffle_buffer_size=self.shuffle_buffer or None,
-            local_shuffle_seed=(self.seed * 1_000_003 + epoch * 7919 + self.rank) if self.shuffle_buffer else None,
+            local_shuffle_seed=(self.seed * 1_000_003 + epoch * 7919 + partition) if self.shuffle_buffer else None,
             prefetch_batches=2,
         )
         return (self._drop_bad(b) for b in batches)
@@ -212,9 +214,9 @@ class TrainStream:
 
 def micro_batches(
     epochs: Callable[[int], Iterable[dict[str, np.ndarray]]], micro_batch: int, start: Position = Position(),
-    rank: int = 0,
+    partition: int = 0,
 ) -> Iterator[tuple[dict[str, np.ndarray], Position]]:
-    """Endless exact-size micro-batches from `epochs(e)` (the batches of epoch e, in a reproducible order), with
+    """Endless exact-size batches of one partition from `epochs(e)` (the batches of epoch e, in a reproducible order), with
     the position after each one. Resuming from `start` skips the samples that epoch already delivered."""
     epoch, skip = start.epoch, start.consumed
     queue: list[dict[str, np.ndarray]] = []  # pieces not yet emitted, oldest first
@@ -243,8 +245,8 @@ def micro_batches(
                     last_epoch = int(e)
                 yield out, Position(last_epoch, emitted_in[last_epoch])
         empty_epochs = 0 if got_any else empty_epochs + 1
-        if empty_epochs >= 3 and not skip:  # a rank may draw no shard in one epoch, never in several
-            raise RuntimeError(f"rank {rank}: the training data delivered no samples in epochs {epoch - 2}–{epoch}")
+        if empty_epochs >= 3 and not skip:  # every shard was missing or bad, three epochs running
+            raise RuntimeError(f"data partition {partition}: the training data delivered no samples in epochs {epoch - 2}–{epoch}")
         skip = 0
         epoch += 1
         emitted_in.setdefault(epoch, 0)

@@ -1,4 +1,4 @@
-"""Checkpoints: every rank's DeepSpeed state (ZeRO shards included) + where each rank's data stream stood.
+"""Checkpoints: every rank's DeepSpeed state (ZeRO shards included) + where each data partition stood.
 
 Each rank saves into its own local folder and hands it to `ray.train.report`; Ray Train uploads all of them into
 one checkpoint folder in storage (local or s3://) and records it only once every rank has reported, keeping the
@@ -9,7 +9,7 @@ shards are stored.) Resuming restores model, optimizer, LR schedule, step, data 
 
 Layout of `<run>/step_00001000/`:
     vitray.json                      step, world size, the run's config (no credentials: there are none in it)
-    position-rank00000.json ...      each rank's data position and torch RNG state
+    position-rank00000.json ...      each rank's data partitions' positions and its torch RNG state
     state/                           DeepSpeed: mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt
     COMMIT                           written last: the checkpoint is complete
 """
@@ -36,7 +36,7 @@ UNIVERSAL = "universal"  # DeepSpeed's universal checkpoint of the same state, m
 logger = logging.getLogger("vitray")
 
 
-def save(engine, step: int, position: Position, metrics: dict, run_info: dict, run_uri: str, endpoint,
+def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_info: dict, run_uri: str, endpoint,
          ema=None) -> None:
     """Collective: every rank must call it at the same step. `ema` (torch's AveragedModel) is saved by rank 0."""
     rank = ray.train.get_context().get_world_rank()
@@ -46,7 +46,7 @@ def save(engine, step: int, position: Position, metrics: dict, run_info: dict, r
     try:
         engine.save_checkpoint(folder, tag=TAG, client_state={"step": step})
         with open(os.path.join(folder, f"position-rank{rank:05d}.json"), "w") as f:
-            json.dump({"epoch": position.epoch, "consumed": position.consumed,
+            json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for p, pos in positions.items()},
                        "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}, f)
         if rank == 0:
             extra = {"model_digest": weights}
@@ -112,32 +112,33 @@ def latest_complete(run_uri: str, endpoint) -> "ray.train.Checkpoint | None":
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def read_position(checkpoint: "ray.train.Checkpoint | None", resharded: bool = False) -> tuple[Position, torch.Tensor | None]:
-    """This rank's data position in `checkpoint` and its torch RNG state (fresh / None when there is none). Reads
-    one small file, so the data stream can start before the engine state is downloaded. `resharded` (saved by
-    another number of workers): positions are per worker and do not carry over, so every rank starts the epoch
-    after the furthest one saved — the rest of the interrupted epoch is not seen, and the log says so."""
+def read_positions(checkpoint: "ray.train.Checkpoint | None", partitions: int,
+                   same_world: bool = True) -> tuple[dict[int, Position], torch.Tensor | None]:
+    """Every data partition's position in `checkpoint` (all ranks' files: on another number of workers a rank
+    continues partitions another rank saved), and this rank's torch RNG state when the worker count is unchanged
+    (dropout draws continue; on a resize they start afresh). Small files: the data stream starts before the engine
+    state is downloaded."""
     if checkpoint is None:
-        return Position(), None
+        return {}, None
     rank = ray.train.get_context().get_world_rank()
     fs = checkpoint.filesystem
-    if resharded:
-        infos = fs.get_file_info(pafs.FileSelector(checkpoint.path))
-        epochs = []
-        for info in infos:
-            if info.base_name.startswith("position-rank"):
-                epochs.append(json.loads(storage.with_retries(lambda: read_file(fs, info.path)))["epoch"])
-        if rank == 0:
-            logger.warning(f"resharded resume: data positions are per worker; starting epoch {max(epochs) + 1}"
-                           f" (the rest of epoch {max(epochs)} is skipped)")
-        return Position(max(epochs) + 1, 0), None
-    path = f"{checkpoint.path}/position-rank{rank:05d}.json"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise CheckpointError(f"checkpoint {checkpoint.path}: holds no data position for rank {rank}; it was saved"
-                              " by a different number of workers")
-    saved = json.loads(storage.with_retries(lambda: read_file(fs, path)))
-    rng = torch.frombuffer(bytearray(base64.b64decode(saved["torch_rng"])), dtype=torch.uint8)
-    return Position(saved["epoch"], saved["consumed"]), rng
+    positions: dict[int, Position] = {}
+    rng = None
+    for info in fs.get_file_info(pafs.FileSelector(checkpoint.path)):
+        if not info.base_name.startswith("position-rank"):
+            continue
+        saved = json.loads(storage.with_retries(lambda: read_file(fs, info.path)))
+        saver = int(info.base_name.removeprefix("position-rank").removesuffix(".json"))
+        if "partitions" in saved:
+            positions.update({int(p): Position(*pos) for p, pos in saved["partitions"].items()})
+        else:  # saved before partitions existed: one partition per rank
+            positions[saver] = Position(saved["epoch"], saved["consumed"])
+        if saver == rank and same_world:
+            rng = torch.frombuffer(bytearray(base64.b64decode(saved["torch_rng"])), dtype=torch.uint8)
+    if sorted(positions) != list(range(partitions)):
+        raise CheckpointError(f"checkpoint {checkpoint.path}: holds data positions of partitions"
+                              f" {sorted(positions)}, but the run has data.partitions={partitions}")
+    return positions, rng
 
 
 def restore(engine, checkpoint: "ray.train.Checkpoint | None", ema=None, resharded: bool = False) -> int | None:
@@ -164,6 +165,11 @@ def restore(engine, checkpoint: "ray.train.Checkpoint | None", ema=None, reshard
                 raise CheckpointError(f"checkpoint {checkpoint.path}: transfer.ema_decay is set but it holds no ema.pt")
             ema.load_state_dict(torch.load(os.path.join(folder, "ema.pt"), map_location=engine.device))
     return int(client_state["step"])
+
+
+def read_commit(checkpoint: "ray.train.Checkpoint") -> dict:
+    """The checkpoint's commit marker: step, the number of workers that saved it, and when."""
+    return json.loads(storage.with_retries(lambda: read_file(checkpoint.filesystem, f"{checkpoint.path}/{COMMIT}")))
 
 
 def read_file(fs, path: str) -> bytes:

@@ -9,6 +9,7 @@ import torch
 
 from vitray.config.schema import Config
 from vitray.cost import BUCKET, LIVE_PARAMETERS, SUB_GROUP
+from vitray.data.partitions import micro_steps
 
 
 def precision(cfg: Config, on_gpu: bool) -> str:
@@ -17,7 +18,7 @@ def precision(cfg: Config, on_gpu: bool) -> str:
 
 def deepspeed_config(cfg: Config, world_size: int, total_steps: int, on_gpu: bool) -> dict:
     o, z = cfg.optim, cfg.deepspeed
-    accumulation = o.global_batch // (world_size * o.micro_batch)
+    accumulation = micro_steps(o.global_batch, o.micro_batch, cfg.data.partitions or world_size, world_size)
     warmup = min(o.warmup_steps, max(total_steps - 1, 0))
     if o.schedule == "step":
         scheduler = None  # a torch MultiStepLR, passed to the engine (`build_engine`): DeepSpeed has no step drop
@@ -42,7 +43,9 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, on_gpu: boo
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     mode = precision(cfg, on_gpu)
     return {
-        "train_batch_size": o.global_batch,
+        # DeepSpeed's own figure, for its bookkeeping: under an uneven split (`vitray/data/partitions.py`) the step
+        # still trains on optim.global_batch samples.
+        "train_batch_size": o.micro_batch * accumulation * world_size,
         "train_micro_batch_size_per_gpu": o.micro_batch,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": o.grad_clip,

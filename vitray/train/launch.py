@@ -79,11 +79,6 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
     for field, task in (("data.train_uri", manifest.task), ("data.val_uri", val_task)):
         if task != wanted:
             raise ConfigError(f"{field}: holds {task} shards but {cfg.model.name} is a {wanted} model")
-    if len(manifest.shards) < cfg.scaling.num_workers:
-        raise ConfigError(
-            f"data.train_uri: {len(manifest.shards)} shards cannot feed {cfg.scaling.num_workers} workers (each epoch"
-            " deals whole shards to workers); rewrite the data with smaller shards (jobs/write_shards.py --shard-samples)"
-        )
     if cfg.model.num_classes < len(manifest.classes):
         raise ConfigError(
             f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(manifest.classes)} classes of"
@@ -107,7 +102,16 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
         raise ConfigError(f"storage.uri: {e}") from None
     if resume and not has_checkpoint:
         raise ConfigError(f"storage.run_name: --resume found no checkpoint of run {name!r} under {run_uri}")
-    saved_world, saved_step = check_resumable(cfg, run_uri, endpoint) if resume else (cfg.scaling.num_workers, 0)
+    saved = check_resumable(cfg, run_uri, endpoint) if resume else None
+    saved_world, saved_step = (saved["world_size"], saved["step"]) if saved else (cfg.scaling.num_workers, 0)
+    parts = partition_count(cfg.replace(storage=dict(run_name=name)), saved)
+    if len(manifest.shards) < parts:
+        raise ConfigError(
+            f"data.partitions: {len(manifest.shards)} shards cannot feed {parts} data partitions (each epoch deals"
+            " whole shards to partitions; by default one per worker); rewrite the data with smaller shards"
+            " (jobs/write_shards.py --shard-samples)"
+        )
+    cfg = cfg.replace(data=dict(partitions=parts))
     if not resume and storage.exists(run_uri, endpoint):
         reuse_name(name, run_uri, endpoint)
 
@@ -118,6 +122,22 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
     cfg = cfg.replace(storage=dict(run_name=name))
     return cfg, Plan(name, run_uri, endpoint, cfg.data.train_uri, cfg.data.val_uri, manifest.num_samples, total, resume,
                      saved_world != cfg.scaling.num_workers, tuple(manifest.classes))
+
+
+def partition_count(cfg: Config, saved: dict | None) -> int:
+    """The run's number of data partitions: data.partitions, else one per (most) worker; a resumed run keeps the
+    number it was saved with (its data positions are per partition)."""
+    if saved is None:
+        return cfg.data.partitions or cfg.scaling.num_workers
+    before = saved["config"]["data"].get("partitions") or saved["world_size"]  # older runs: one per worker
+    if cfg.data.partitions and cfg.data.partitions != before:
+        raise ConfigError(f"data.partitions: run {cfg.storage.run_name!r} was saved with {before} data partitions;"
+                          " a resumed run keeps that number (drop the override)")
+    if cfg.scaling.num_workers > before or cfg.optim.global_batch % before:
+        raise ConfigError(f"scaling.num_workers: run {cfg.storage.run_name!r} has {before} data partitions, which"
+                          f" cannot feed {cfg.scaling.num_workers} workers at optim.global_batch={cfg.optim.global_batch}"
+                          f" (at most {before} workers)")
+    return before
 
 
 def reuse_name(name: str, run_uri: str, endpoint: Endpoint) -> None:
@@ -140,16 +160,15 @@ def reuse_name(name: str, run_uri: str, endpoint: Endpoint) -> None:
 
 
 def total_steps(cfg: Config, num_samples: int) -> int:
-    """Optimizer steps of a run: optim.total_steps, or its epochs over the samples the workers share equally (each
-    rank gets floor(N / workers) per epoch, which keeps ranks in lockstep)."""
-    usable = num_samples // cfg.scaling.num_workers * cfg.scaling.num_workers
+    """Optimizer steps of a run: optim.total_steps, or its epochs over the samples."""
+    usable = num_samples
     return cfg.optim.total_steps or max(1, math.floor(cfg.optim.epochs * usable / cfg.optim.global_batch))
 
 
-def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> tuple[int, int]:
+def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> dict:
     """Before Ray: the run has a complete checkpoint, and when it was saved by another number of workers it can be
     resharded (ZeRO-1/2/3 with Adam, through DeepSpeed's universal checkpoint, made here). Names the interrupted saves the
-    resume will skip. Returns (the world size that saved the checkpoint, its step)."""
+    resume will skip. Returns the checkpoint's record (step, world size, config)."""
     from vitray.checkpoints import COMMIT, read_meta, scan, step_dir
     from vitray.train.checkpoint import make_universal
 
@@ -179,7 +198,7 @@ def check_resumable(cfg: Config, run_uri: str, endpoint: Endpoint) -> tuple[int,
         print(f"resharding {step_dir(complete[-1])} from {world} to {cfg.scaling.num_workers} workers (DeepSpeed"
               " universal checkpoint)", flush=True)
         make_universal(latest, endpoint)
-    return world, saved["step"]
+    return saved
 
 
 DATA_CPUS = 1.0  # Ray Data's read and decode tasks ask for one CPU each: at least one must stay free for them
@@ -191,6 +210,7 @@ def check_cluster(cfg: Config) -> None:
     import ray
 
     s, have = cfg.scaling, ray.cluster_resources()
+    s = dataclasses.replace(s, num_workers=s.min_workers or s.num_workers)  # an elastic run starts with its minimum
     gpus, cpus = have.get("GPU", 0), have.get("CPU", 0)
     if s.autoscale:  # the cluster grows on demand: what is up now says nothing
         return
@@ -274,9 +294,13 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "plan": plan, "timeline": {**(timeline or {}), "fit_called": time.time()}},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        # Elastic (scaling.min_workers): Ray Train runs as many workers as the cluster has room for, between the two,
+        # restarting the group from the latest checkpoint when a node is lost and, at its next resize check, when
+        # room returns. Every restart counts against max_failures.
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
-            accelerator_type=s.accelerator or None, placement_strategy=s.placement_strategy,
+            num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers, use_gpu=s.use_gpu,
+            resources_per_worker=resources, accelerator_type=s.accelerator or None,
+            placement_strategy=s.placement_strategy, elastic_resize_monitor_interval_s=s.resize_check_s,
         ),
         run_config=RunConfig(
             name=plan.run_name,
@@ -352,7 +376,7 @@ def _run(cfg: Config, resume: bool, embedded, timeline: dict | None, callbacks: 
                "accelerator": estimate.accelerator,
                "plan": {"params": estimate.params, "train_flops_per_image": estimate.train_flops_per_image,
                         "accelerator_days": estimate.accelerator_days}}
-    for key in ("skipped_samples", "data_position", "worker_nodes"):
+    for key in ("skipped_samples", "data_position", "worker_nodes", "restarts", "resizes", "time_lost_s"):
         if key in m:
             summary[key] = m[key]
     summary["checkpoint"] = storage.join(plan.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
@@ -380,6 +404,8 @@ def cost_row(cfg: Config, plan: Plan, metrics: dict, estimate) -> dict:
         "model": cfg.model.name, "image_size": cfg.data.image_size, "global_batch": cfg.optim.global_batch,
         "micro_batch": cfg.optim.micro_batch, "zero_stage": cfg.deepspeed.zero_stage,
         "workers": cfg.scaling.num_workers, "nodes": _nodes(), "accelerator": estimate.accelerator,
+        **({"min_workers": cfg.scaling.min_workers} if cfg.scaling.min_workers else {}),
+        **{k: metrics[k] for k in ("restarts", "resizes", "time_lost_s") if k in metrics},
         "steps": metrics.get("step"), "images_per_s_per_accelerator": per_accel, "mfu": metrics["mfu"],
         "mfu_peak_source": metrics.get("mfu_peak_source"), "train_flops_per_image": metrics["train_flops_per_image"],
         "accelerator_days": metrics["accelerator_hours"] / 24.0,

@@ -2,6 +2,10 @@
 
     build model → DeepSpeed engine → restore the latest checkpoint, if any → stream micro-batches →
     forward / backward / step (DeepSpeed accumulates to the global batch) → log → checkpoint → evaluate.
+
+An elastic run (`scaling.min_workers`) runs this same loop: Ray Train restarts the worker group at another size
+from the latest committed checkpoint, and the loop notices that the checkpoint was saved by a different number
+of workers (universal checkpoint, data partitions re-dealt: `vitray/data/partitions.py`).
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from vitray import accounting, cost
+from vitray import accounting, cost, storage
 from vitray.config.schema import Config
-from vitray.data.stream import TrainStream, micro_batches, start_early
+from vitray.data import partitions
+from vitray.data.stream import TrainStream, start_early
 from vitray.models.registry import get_spec
 from vitray.tasks import make_task
 from vitray.train import checkpoint, rehearse
@@ -45,17 +50,23 @@ def train_loop_per_worker(config: dict) -> None:
     phases = rehearse.Phases(device)  # memory after each phase, for --rehearse
     phases.mark("started")
 
-    # Data first: Ray Data starts its read and decode tasks while DeepSpeed builds the engine. A restarted or
-    # resumed run continues from each rank's position in the newest complete checkpoint.
+    # Data first: Ray Data starts its read and decode tasks while DeepSpeed builds the engine. A restarted, resumed
+    # or resized run continues every data partition from its position in the newest complete checkpoint.
     resume_from = checkpoint.latest_complete(plan.run_uri, endpoint)
-    # A reshard applies to the checkpoint it was made for; a later restart of this run resumes normally.
-    resharded = plan.reshard and resume_from is not None and _saved_world(resume_from) != world
-    position, rng_state = checkpoint.read_position(resume_from, resharded)
-    d = cfg.data
+    saved = checkpoint.read_commit(resume_from) if resume_from is not None else {}
+    resharded = resume_from is not None and saved["world_size"] != world  # through DeepSpeed's universal checkpoint
+    if resharded and rank == 0:  # made by the driver for a --resume; here for an elastic restart
+        checkpoint.make_universal(storage.join(plan.run_uri, checkpoint.step_dir(saved["step"])), endpoint)
+    if resharded:
+        dist.barrier()
+    d, o = cfg.data, cfg.optim
+    positions, rng_state = checkpoint.read_positions(resume_from, d.partitions, same_world=not resharded)
     task = make_task(cfg, list(plan.classes), plan.palette_uri, endpoint)
-    train_data = TrainStream(plan.train_uri, endpoint, rank, world, d.image_size, cfg.seed, cfg.optim.micro_batch,
+    train_data = TrainStream(plan.train_uri, endpoint, d.partitions, d.image_size, cfg.seed, o.micro_batch,
                              d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples, task.decoder())
-    stream = start_early(micro_batches(train_data.epoch, cfg.optim.micro_batch, position, rank), timeline)
+    accumulation = partitions.micro_steps(o.global_batch, o.micro_batch, d.partitions, world)
+    stream = start_early(partitions.step_stream(train_data.epoch, partitions.owned(rank, world, d.partitions),
+                                                positions, o.global_batch // d.partitions, accumulation), timeline)
     waiting = WaitWatch(d.wait_warn_s, f"training data (rank {rank})")
 
     # Model (fresh, or pretrained weights adapted for fine-tuning) and engine, restored from the latest checkpoint
@@ -84,7 +95,9 @@ def train_loop_per_worker(config: dict) -> None:
     if restored_step is not None:
         resumed_digest = checkpoint.optimizer_digest(engine)
         if rank == 0:
-            logger.info(f"resumed at step {step}, data epoch {position.epoch} + {position.consumed} samples")
+            epochs = sorted({pos.epoch for pos in positions.values()})
+            logger.info(f"resumed at step {step} on {world} workers (saved by {saved['world_size']}), data epoch"
+                        f" {'–'.join(map(str, epochs))} of {d.partitions} partitions")
     if plan.rehearse == "restore":  # --rehearse, second half: fresh workers restore what the first half saved
         phases.mark("restored")
         memory = phases.over_ranks()
@@ -94,7 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "step": step, "optimizer_digest": resumed_digest, "memory": memory})
         return
 
-    accumulation = engine.gradient_accumulation_steps()
+    assert engine.gradient_accumulation_steps() == accumulation
     spec = get_spec(cfg.model.name)
     flops = accounting.train_flops_per_image(accounting.forward_flops(
         spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
@@ -104,9 +117,17 @@ def train_loop_per_worker(config: dict) -> None:
     )
     if restored_step is not None:
         log.lines.append(json.dumps({"step": step, "event": "resumed", "optimizer_digest": resumed_digest,
-                                     "epoch": position.epoch, "consumed": position.consumed, "resharded": resharded,
+                                     "positions": _positions(positions), "resharded": resharded,
                                      "model_digest": checkpoint.module_digest(engine.module),
                                      **({"ema_digest": checkpoint.module_digest(ema.module)} if ema else {})}))
+        if saved["time"] > timeline["fit_called"]:  # saved by this fit(): Ray Train restarted the workers
+            lost = time.time() - saved["time"]  # the steps since that checkpoint, and the restart itself
+            log.lines.append(json.dumps({
+                "step": step, "event": "restart", "from_workers": saved["world_size"], "to_workers": world,
+                "steps_redone": log.rewound - step, "lost_s": lost}))
+            if rank == 0:
+                logger.warning(f"restarted at step {step} on {world} workers (were {saved['world_size']}):"
+                               f" {log.rewound - step} steps to redo, {lost:.0f} s lost since that checkpoint")
     run_info = {"world_size": world, "config": cfg.to_dict(), "total_steps": total_steps}
     last_step = min(total_steps, cfg.stop_at_step or total_steps)
 
@@ -118,17 +139,19 @@ def train_loop_per_worker(config: dict) -> None:
     engine.train()
     # The running loss stays on the device: a .item() per micro-step would stall a GPU every step.
     loss_sum, loss_count, last_loss = torch.zeros((), dtype=torch.float64, device=device), 0, float("nan")
+    global_batch = o.global_batch
     last_good = restored_step  # the latest checkpoint, which a non-finite loss must not overwrite
     while step < last_step:
         for _ in range(accumulation):
             with waiting:
-                batch, position = next(stream)
+                micro = next(stream)
             timeline.setdefault("first_batch", time.time())
-            loss, _ = task.loss(engine, task.to_tensors(batch, device, dtype))
-            engine.backward(loss)
+            loss, _ = task.loss(engine, task.to_tensors(micro.batch, device, dtype))
+            engine.backward(loss * partitions.loss_weight(micro.samples, global_batch, world, accumulation))
             engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
-            loss_sum += loss.detach().double()
-            loss_count += 1
+            loss_sum += loss.detach().double() * micro.samples
+            loss_count += micro.samples
+        positions = micro.positions
         step += 1
         if ema is not None:
             ema.update_parameters(engine.module)
@@ -142,15 +165,15 @@ def train_loop_per_worker(config: dict) -> None:
         if step % cfg.log_every == 0 or step == last_step or saving:
             _check_finite(loss_sum, step, last_good, device)
         if step % cfg.log_every == 0 or step == last_step:
-            last_loss = _global_mean(loss_sum / loss_count, device)
-            log.record(step, last_loss, engine.get_lr()[0], epoch=position.epoch, consumed=position.consumed,
+            last_loss = _sample_mean(loss_sum, loss_count, device)
+            log.record(step, last_loss, engine.get_lr()[0], epoch=min(pos.epoch for pos in positions.values()),
                        **({"skipped_samples": _sum_over_ranks(train_data.skipped, device)} if d.bad_samples == "skip" else {}))
             loss_sum.zero_()
             loss_count = 0
         if saving and step < last_step:
             log.flush()  # first: a committed checkpoint always has its metrics history in storage
             saving_at = time.time()
-            checkpoint.save(engine, step, position, {"loss": last_loss}, run_info, plan.run_uri, endpoint, ema)
+            checkpoint.save(engine, step, positions, {"loss": last_loss}, run_info, plan.run_uri, endpoint, ema)
             log.lines.append(json.dumps({"step": step, "event": "checkpoint", "save_s": time.time() - saving_at}))
             last_good = step
 
@@ -160,8 +183,8 @@ def train_loop_per_worker(config: dict) -> None:
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
     results = {"step": step, "loss": last_loss, **log.totals(step), "memory_per_device": _peak_memory(device),
                "model_state_bytes": _max_over_ranks(cost.measured_state_bytes(engine), device),
-               "data_position": {"epoch": position.epoch, "consumed": position.consumed},
-               "worker_nodes": _distinct_nodes()}
+               "data_position": _positions(_gather_positions(positions)),
+               "worker_nodes": _distinct_nodes(), **_restarts(log.lines)}
     if d.bad_samples == "skip":
         results["skipped_samples"] = _sum_over_ranks(train_data.skipped, device)
     if plan.val_uri and step == total_steps and not plan.rehearse:  # a rehearsal has no held-out set
@@ -175,7 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
     log.final(step, results)
     log.flush()
     saving = time.time()
-    checkpoint.save(engine, step, position, results, run_info, plan.run_uri, endpoint, ema)
+    checkpoint.save(engine, step, positions, results, run_info, plan.run_uri, endpoint, ema)
     if plan.rehearse:  # --rehearse, first half: what training and the save took
         phases.mark("saved")
         first, saved = timeline["first_step"] - timeline["engine_ready"], time.time() - saving
@@ -242,10 +265,23 @@ def _max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(values, t.tolist()))
 
 
-def _saved_world(ckpt) -> int:
-    from vitray import storage
+def _positions(positions: dict) -> dict[str, list[int]]:
+    """Partition → [epoch, consumed], as logged and compared."""
+    return {str(p): [pos.epoch, pos.consumed] for p, pos in sorted(positions.items())}
 
-    return json.loads(storage.with_retries(lambda: checkpoint.read_file(ckpt.filesystem, f"{ckpt.path}/{checkpoint.META}")))["world_size"]
+
+def _gather_positions(mine: dict) -> dict:
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {p: pos for part in everyone for p, pos in part.items()}
+
+
+def _restarts(lines: list[str]) -> dict:
+    """What restarts cost this run: how many (resizes among them) and the wall time lost to each (from the
+    checkpoint it resumed from to the moment the new workers had restored it)."""
+    events = [e for e in map(json.loads, lines) if e.get("event") == "restart"]
+    return {"restarts": len(events), "resizes": sum(e["from_workers"] != e["to_workers"] for e in events),
+            "time_lost_s": sum(e["lost_s"] for e in events)}
 
 
 def _distinct_nodes() -> int:
@@ -261,7 +297,8 @@ def _sum_over_ranks(value: float, device: torch.device) -> float:
     return t.item()
 
 
-def _global_mean(value: torch.Tensor, device: torch.device) -> float:
-    t = value.detach().double().reshape(1).to(device)
+def _sample_mean(loss_sum: torch.Tensor, samples: int, device: torch.device) -> float:
+    """The mean loss over every sample of every worker since the last log (workers may hold unequal shares)."""
+    t = torch.stack([loss_sum.detach().double(), torch.tensor(float(samples), dtype=torch.float64)]).to(device)
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return (t[0] / t[1]).item()

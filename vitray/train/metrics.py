@@ -31,6 +31,7 @@ class MetricsLog:
         self.cpu_window = time.process_time()
         self.step_window = start_step
         self.lines: list[str] = []
+        self.rewound = start_step
         self.last_upload = 0.0
         self.events = None
         if write:
@@ -43,6 +44,8 @@ class MetricsLog:
         if write and start_step > 0 and storage.exists(target, endpoint):  # resumed: keep the history up to here
             old = storage.read_bytes(target, endpoint).decode().splitlines()
             self.lines = [line for line in old if line and json.loads(line)["step"] <= start_step]
+            # The furthest step the previous attempt logged: a restart redoes the steps from start_step to it.
+            self.rewound = max([start_step] + [json.loads(line)["step"] for line in old if line])
 
     def record(self, step: int, loss: float, lr: float, **extra) -> dict:
         now = time.perf_counter()
