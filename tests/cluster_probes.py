@@ -33,8 +33,45 @@ def autoscale(address: str) -> dict:
     done = time.monotonic()
     while alive(8) and time.monotonic() - done < 180:
         time.sleep(1.0)
+    removed_after, after_idle = time.monotonic() - done, alive(8)
+
+    # A spot node reclaimed mid-task: its raylet is killed. Ray retries the task, and the autoscaler brings up a
+    # node of the type to run it (what an elastic run's resize check then finds).
+    @ray.remote(num_gpus=8, num_cpus=1, max_retries=3)
+    def long_hold(flag: str) -> str:
+        import os
+
+        if not os.path.exists(flag):  # the first attempt waits to be killed with its node
+            open(flag, "w").close()
+            time.sleep(600)
+        return ray.get_runtime_context().get_node_id()
+
+    import os
+    import tempfile
+
+    flag = os.path.join(tempfile.mkdtemp(), "started")
+    ref = long_hold.remote(flag)
+    while not os.path.exists(flag):
+        time.sleep(0.5)
+    (victim,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) == 8]
+    killed = _kill_raylet(victim)
+    replacement = ray.get(ref, timeout=300)
     return {"peak_h100_nodes": peak_h100, "peak_l4_nodes": peak_l4, "task_nodes": len(set(ran_on)),
-            "h100_nodes_after_idle": alive(8), "removed_after_s": time.monotonic() - done}
+            "h100_nodes_after_idle": after_idle, "removed_after_s": removed_after,
+            "reclaimed": {"killed": killed, "victim": victim, "ran_on": replacement,
+                          "victim_alive": any(n["Alive"] for n in ray.nodes() if n["NodeID"] == victim)}}
+
+
+def _kill_raylet(node_id: str) -> int:
+    """SIGKILL the raylet of one node, as a reclaimed spot instance vanishes; how many processes were killed."""
+    import psutil
+
+    killed = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"--node_id={node_id}" in (proc.info["cmdline"] or []) and "raylet" in " ".join(proc.info["cmdline"][:1]):
+            proc.kill()
+            killed += 1
+    return killed
 
 
 def spread(overrides_json: str) -> dict:

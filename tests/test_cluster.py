@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -104,8 +105,15 @@ def test_kuberay_manifests_match_the_crd(name):
     assert cluster["authOptions"]["mode"] == "token" and cluster["enableInTreeAutoscaling"] is True
     assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"  # no LoadBalancer / NodePort to the world
     assert not re.search(r"(?i)aws_secret|AKIA[0-9A-Z]{16}|auth_token:", _text(name))
-    if manifest["kind"] == "RayJob":
-        assert manifest["spec"]["entrypoint"].startswith("python jobs/pretrain_vit_h14.py")
+    assert any(g["template"]["spec"].get("nodeSelector", {}).get("karpenter.sh/capacity-type") == "spot"
+               for g in cluster["workerGroupSpecs"])  # a preemptible pool
+    if manifest["kind"] == "RayJob":  # the job's own command line makes a valid config: elastic, with a failure budget
+        entry = shlex.split(manifest["spec"]["entrypoint"])
+        assert entry[:2] == ["python", "jobs/pretrain_vit_h14.py"]
+        shown = subprocess.run([sys.executable, *entry[1:], "--print-config"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=120)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert "min_workers: 64" in shown.stdout.replace('"', "").replace("=", ": "), shown.stdout[-2000:]
 
 
 @pytest.mark.e2e
@@ -138,6 +146,10 @@ def test_local_autoscaling_cluster_launches_up_to_max_and_removes_idle_nodes(tmp
     assert result["task_nodes"] == h100_max
     assert result["h100_nodes_after_idle"] == 0  # idle nodes removed after idle_timeout_minutes
     assert result["removed_after_s"] >= local["idle_timeout_minutes"] * 60 * 0.9
+    # A spot node lost mid-task comes back: the task is retried on a node the autoscaler launched in its place.
+    reclaimed = result["reclaimed"]
+    assert reclaimed["killed"] == 1 and not reclaimed["victim_alive"]
+    assert reclaimed["ran_on"] != reclaimed["victim"]
 
 
 @pytest.mark.e2e

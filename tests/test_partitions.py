@@ -20,7 +20,7 @@ def epochs(p: int, e: int):
     keys = np.array([f"p{p}/s{i}" for i in range(5 + p)])
     keys = keys[np.random.default_rng([p, e]).permutation(len(keys))]
     for i in range(0, len(keys), 3):
-        yield {"key": keys[i:i + 3], "epoch": np.full(len(keys[i:i + 3]), e)}
+        yield {"key": keys[i:i + 3]}
 
 
 def run(world: int, steps: int, start: dict | None = None):
@@ -36,7 +36,7 @@ def run(world: int, steps: int, start: dict | None = None):
             micros = [next(stream) for _ in range(accumulation)]
             assert [m.last for m in micros] == [False] * (accumulation - 1) + [True]
             assert all(len(m.batch["key"]) <= M for m in micros)  # never above the micro-batch that fits
-            step += [(str(k), int(e)) for m in micros for k, e in zip(m.batch["key"][:m.samples], m.batch["epoch"][:m.samples])]
+            step += [(str(k), int(e)) for m in micros for k, e in zip(m.batch["key"][:m.samples], m.batch["_epoch"][:m.samples])]
             sizes.append([m.samples for m in micros])
             positions.update(micros[-1].positions)
         keys.append(sorted(step))

@@ -77,7 +77,7 @@ def test_checkpoint_then_resume_continues_exactly(ray_cluster, s3, digits):
     resumed = [r for r in rows if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] == 5
     assert resumed[0]["optimizer_digest"] == saved["optimizer_digest"] and saved["optimizer_digest"] > 0
-    assert resumed[0]["consumed"] == 5 * 32 // 2  # each rank's data position: 5 steps × 16 samples
+    assert resumed[0]["positions"] == {"0": [0, 5 * 16], "1": [0, 5 * 16]}  # each data partition: 5 steps × 16 samples
     steps = [r["step"] for r in rows if "loss" in r and "final" not in r]
     assert steps == list(range(1, 11))  # history kept, no step repeated or skipped
 

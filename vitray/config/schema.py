@@ -35,6 +35,7 @@ class DataConfig:
     bad_samples: str = "error"  # error = stop naming shard and key | skip = drop, count and log each one
     wait_warn_s: float = 120.0  # a worker waiting this long for a micro-batch says what Ray cannot schedule; 0 = off
     partitions: int = 0  # logical data partitions, fixed for the run (data/partitions.py); 0 = scaling.num_workers
+    audit_samples: bool = False  # log every step's sample keys (and their epoch) in metrics.jsonl: exactly-once checks
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class ScalingConfig:
     num_workers: int = 64  # Ray Train workers = data-parallel ranks (the most, in an elastic run)
     min_workers: int = 0  # > 0: elastic — continue on as few as this when nodes are lost, grow back when they return
     resize_check_s: float = 60.0  # elastic: how often Ray Train checks whether more workers could run
+    # How long Ray Train waits for a worker group's placement before it gives up and decides the size again. After a
+    # lost node its view of free resources may still count that node for a while: that first attempt waits this long.
+    group_start_timeout_s: float = 60.0
     use_gpu: bool = True
     cpus_per_worker: float = 8.0
     accelerator: str = ""  # e.g. A100, H100: Ray accelerator_type and the peak FLOP/s used for MFU
@@ -266,9 +270,14 @@ def validate(cfg: Config) -> None:
     elif s.min_workers and cfg.max_failures == 0:
         errors.append("scaling.min_workers: Ray Train counts each lost node of an elastic run as a failure; give it a"
                       " budget: max_failures=N (or -1, unlimited)")
+    elif s.min_workers and not cfg.storage.checkpoint_every:
+        errors.append("scaling.min_workers: an elastic run restarts from its latest checkpoint at every resize; set"
+                      " storage.checkpoint_every (steps) so that a resize redoes at most that many")
     elif s.min_workers and z.zero_stage == 0:
         errors.append("scaling.min_workers: an elastic run reshards through DeepSpeed's universal checkpoint, made"
                       " from ZeRO partitions; set deepspeed.zero_stage to 1, 2 or 3")
+    if s.group_start_timeout_s <= 0:
+        errors.append(f"scaling.group_start_timeout_s: must be positive, got {s.group_start_timeout_s}")
     if s.resize_check_s <= 0:
         errors.append(f"scaling.resize_check_s: must be positive, got {s.resize_check_s}")
     if o.optimizer not in ("adam", "sgd"):

@@ -240,7 +240,7 @@ def micro_batches(
             while queued >= micro_batch:
                 out, queue = _take(queue, micro_batch)
                 queued -= micro_batch
-                for e, n in zip(*np.unique(out.pop("_epoch"), return_counts=True)):
+                for e, n in zip(*np.unique(out["_epoch"], return_counts=True)):  # "_epoch" stays: the sample audit
                     emitted_in[int(e)] = emitted_in.get(int(e), 0) + int(n)
                     last_epoch = int(e)
                 yield out, Position(last_epoch, emitted_in[last_epoch])

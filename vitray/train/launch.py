@@ -289,6 +289,8 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    # Read by Ray Train's controller, which takes it from the driver's environment.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(s.group_start_timeout_s)
     fs, runs_path = storage.resolve(plan.run_uri.rsplit("/", 1)[0], plan.endpoint)  # Ray adds the run name
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -108,6 +108,12 @@ def train_loop_per_worker(config: dict) -> None:
         return
 
     assert engine.gradient_accumulation_steps() == accumulation
+    if restored_step is not None and step >= min(total_steps, cfg.stop_at_step or total_steps):
+        # Ray Train restarted the workers after the final checkpoint (a node lost, or an elastic resize, at the very
+        # end): that checkpoint and its report already hold the run's results.
+        if rank == 0:
+            logger.info(f"step {step}: the run was already complete when Ray Train restarted its workers")
+        return
     spec = get_spec(cfg.model.name)
     flops = accounting.train_flops_per_image(accounting.forward_flops(
         spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
@@ -125,6 +131,7 @@ def train_loop_per_worker(config: dict) -> None:
             log.lines.append(json.dumps({
                 "step": step, "event": "restart", "from_workers": saved["world_size"], "to_workers": world,
                 "steps_redone": log.rewound - step, "lost_s": lost}))
+            log.flush()  # now: the next restart may resume from this same checkpoint, before any save of this group
             if rank == 0:
                 logger.warning(f"restarted at step {step} on {world} workers (were {saved['world_size']}):"
                                f" {log.rewound - step} steps to redo, {lost:.0f} s lost since that checkpoint")
@@ -140,6 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
     # The running loss stays on the device: a .item() per micro-step would stall a GPU every step.
     loss_sum, loss_count, last_loss = torch.zeros((), dtype=torch.float64, device=device), 0, float("nan")
     global_batch = o.global_batch
+    audit: list = []  # data.audit_samples: (key, epoch) of every sample this worker trained on since the last step
     last_good = restored_step  # the latest checkpoint, which a non-finite loss must not overwrite
     while step < last_step:
         for _ in range(accumulation):
@@ -151,8 +159,15 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
             loss_sum += loss.detach().double() * micro.samples
             loss_count += micro.samples
+            if d.audit_samples:
+                audit += zip(micro.batch["key"][:micro.samples].tolist(), micro.batch["_epoch"][:micro.samples].tolist())
         positions = micro.positions
         step += 1
+        if d.audit_samples:  # a rewound step's line is dropped with the rest of its attempt's log (`MetricsLog`)
+            everyone: list = [None] * world
+            dist.all_gather_object(everyone, audit)
+            log.lines.append(json.dumps({"step": step, "event": "samples", "samples": sorted(sum(everyone, []))}))
+            audit = []
         if ema is not None:
             ema.update_parameters(engine.module)
         if "first_step" not in timeline:
