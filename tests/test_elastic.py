@@ -42,12 +42,14 @@ def test_a_node_lost_and_returned_changes_neither_samples_nor_losses():
     assert result["summary"]["data_position"] == result["fixed_data_position"]
 
     # Losses: bit for bit up to the first resize (the restored state is exact), then within the drift of a changed
-    # summation order (ZeRO sums squared gradient norms per rank), which this small model amplifies ~1.5× a step.
+    # summation order (ZeRO sums squared gradient norms per rank): it starts in the last bits and training amplifies
+    # it (measured: ≤ 1e-6 in the first 10 steps after, 3e-4 at most over the run). A step on other samples would
+    # differ at once by about what consecutive steps differ here, several per cent.
     diff = checks["relative_loss_difference"]
     resized_at = restarts[0]["step"]
     assert diff[:resized_at] == [0.0] * resized_at
     assert max(abs(d) for d in diff[resized_at:resized_at + 5]) < 1e-5
-    assert checks["max_relative_loss_difference"] < 0.05
+    assert checks["max_relative_loss_difference"] < 2e-3
 
 
 @pytest.mark.quick

@@ -54,6 +54,7 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero):
         assert resumed["resharded"] and resumed["step"] == 40
         assert resumed["model_digest"] == pytest.approx(saved["model_digest"], rel=1e-12)
         assert resumed["optimizer_digest"] == pytest.approx(saved["optimizer_digest"], rel=1e-9)
+        assert resumed["positions"] == result.metrics["data_position"]  # both data partitions go on where they stood
 
 
 def test_checkpoint_then_resume_continues_exactly(ray_cluster, s3, digits):

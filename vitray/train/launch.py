@@ -370,7 +370,13 @@ def _run(cfg: Config, resume: bool, embedded, timeline: dict | None, callbacks: 
         diverged = "non-finite training loss" in error
         runs.write_state(plan.run_uri, plan.endpoint, "diverged" if diverged else "failed", error=error[-4000:])
         raise e if isinstance(e, TrainingFailed) else TrainingFailed(f"run {plan.run_uri} failed: {e}") from e
-    m = result.metrics or {}
+    m = dict(result.metrics or {})
+    # Restarts from the run's log, which every worker group adds to: the last group's report may predate some.
+    if storage.exists(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint):
+        from vitray.train.metrics import restart_totals
+
+        text = storage.read_bytes(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint).decode()
+        m.update(restart_totals(text.splitlines()))
     runs.write_state(plan.run_uri, plan.endpoint, "finished" if m.get("step") == plan.total_steps or rehearsal == "restore" else "stopped")
     summary = {"run": plan.run_uri, "data": {"train_uri": plan.train_uri, "val_uri": plan.val_uri},
                "step": m.get("step"), "loss": m.get("loss"),

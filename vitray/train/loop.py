@@ -29,7 +29,7 @@ from vitray.models.registry import get_spec
 from vitray.tasks import make_task
 from vitray.train import checkpoint, rehearse
 from vitray.train.engine import build_engine, building, precision
-from vitray.train.metrics import MetricsLog
+from vitray.train.metrics import MetricsLog, restart_totals
 from vitray.train.waits import WaitWatch
 
 # Not print(): Ray Train tees worker prints to both stdout and its logger, so each line would show twice.
@@ -108,12 +108,6 @@ def train_loop_per_worker(config: dict) -> None:
         return
 
     assert engine.gradient_accumulation_steps() == accumulation
-    if restored_step is not None and step >= min(total_steps, cfg.stop_at_step or total_steps):
-        # Ray Train restarted the workers after the final checkpoint (a node lost, or an elastic resize, at the very
-        # end): that checkpoint and its report already hold the run's results.
-        if rank == 0:
-            logger.info(f"step {step}: the run was already complete when Ray Train restarted its workers")
-        return
     spec = get_spec(cfg.model.name)
     flops = accounting.train_flops_per_image(accounting.forward_flops(
         spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
@@ -135,6 +129,12 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 logger.warning(f"restarted at step {step} on {world} workers (were {saved['world_size']}):"
                                f" {log.rewound - step} steps to redo, {lost:.0f} s lost since that checkpoint")
+    if restored_step is not None and step >= min(total_steps, cfg.stop_at_step or total_steps):
+        # Ray Train restarted the workers after the final checkpoint (a node lost, or an elastic resize, at the very
+        # end): that checkpoint and its report already hold the run's results.
+        if rank == 0:
+            logger.info(f"step {step}: the run was already complete when Ray Train restarted its workers")
+        return
     run_info = {"world_size": world, "config": cfg.to_dict(), "total_steps": total_steps}
     last_step = min(total_steps, cfg.stop_at_step or total_steps)
 
@@ -199,7 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
     results = {"step": step, "loss": last_loss, **log.totals(step), "memory_per_device": _peak_memory(device),
                "model_state_bytes": _max_over_ranks(cost.measured_state_bytes(engine), device),
                "data_position": _positions(_gather_positions(positions)),
-               "worker_nodes": _distinct_nodes(), **_restarts(log.lines)}
+               "worker_nodes": _distinct_nodes(), **restart_totals(log.lines)}
     if d.bad_samples == "skip":
         results["skipped_samples"] = _sum_over_ranks(train_data.skipped, device)
     if plan.val_uri and step == total_steps and not plan.rehearse:  # a rehearsal has no held-out set
@@ -289,14 +289,6 @@ def _gather_positions(mine: dict) -> dict:
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return {p: pos for part in everyone for p, pos in part.items()}
-
-
-def _restarts(lines: list[str]) -> dict:
-    """What restarts cost this run: how many (resizes among them) and the wall time lost to each (from the
-    checkpoint it resumed from to the moment the new workers had restored it)."""
-    events = [e for e in map(json.loads, lines) if e.get("event") == "restart"]
-    return {"restarts": len(events), "resizes": sum(e["from_workers"] != e["to_workers"] for e in events),
-            "time_lost_s": sum(e["lost_s"] for e in events)}
 
 
 def _distinct_nodes() -> int:

@@ -114,3 +114,11 @@ class MetricsLog:
             for name in os.listdir(folder):
                 with open(os.path.join(folder, name), "rb") as f:
                     storage.write_bytes(storage.join(self.uri, name), f.read(), self.endpoint)
+
+
+def restart_totals(lines: list[str]) -> dict:
+    """What restarts cost this run: how many (resizes among them) and the wall time lost to each (from the
+    checkpoint it resumed from to the moment the new workers had restored it)."""
+    events = [e for e in (json.loads(line) for line in lines if line) if e.get("event") == "restart"]
+    return {"restarts": len(events), "resizes": sum(e["from_workers"] != e["to_workers"] for e in events),
+            "time_lost_s": sum(e["lost_s"] for e in events)}
