@@ -2,9 +2,14 @@
 against a plain torch DataLoader doing the same decode and augmentation over the same JPEGs on local disk, with
 the same number of CPU workers. Runs are interleaved and the ratio is reported (goal ≥ 1.0×).
 
-The images are real photographs: crops of the two sample photos that ship inside scikit-learn, saved as JPEG.
+The images are real photographs: the two sample photos that ship inside scikit-learn, saved as JPEG in two sets —
+"imagenet": crops of 240–427 × 320–640 px (ImageNet's typical size), "large": the photos resized to 1,600–2,560 px
+wide (a camera's size). The DataLoader does what a user writes by default: Pillow decodes the whole image, then the
+inception crop is resized bicubic (vitray's `decode_rgb` + `inception_crop`). vitray's path chooses the crop first
+and decodes a JPEG only at the scale the crop needs (`vitray/data/jpeg.py`). Also measured: the physical limit of
+one core, decoding alone (libjpeg-turbo at full size through simplejpeg, and at the scale the crops need).
 
-    python benchmarks/ingest.py [--images 768] [--size 224] [--workers 2] [--rounds 3]
+    python benchmarks/ingest.py [--images 1024] [--size 224] [--workers 2] [--rounds 3] [--photos imagenet large]
 """
 from __future__ import annotations
 
@@ -19,18 +24,50 @@ from common import write_result
 from PIL import Image
 
 
-def make_jpegs(folder: str, count: int) -> None:
+def make_jpegs(folder: str, count: int, photos_kind: str = "imagenet") -> None:
     from sklearn.datasets import load_sample_images
 
     photos = load_sample_images().images  # china.jpg, flower.jpg: 427×640 RGB
     rng = np.random.default_rng(0)
+    large = {}
     for i in range(count):
         src = photos[i % 2]
-        h, w = rng.integers(240, 427), rng.integers(320, 640)
-        y, x = rng.integers(0, 427 - h + 1), rng.integers(0, 640 - w + 1)
+        if photos_kind == "large":  # a few sizes, each made once (resizing 2,560 px photos per image is slow)
+            w = int(rng.choice([1600, 2048, 2560]))
+            if (i % 2, w) not in large:
+                large[(i % 2, w)] = Image.fromarray(src).resize((w, w * 2 // 3), Image.BICUBIC)
+            img = large[(i % 2, w)]
+        else:
+            h, w = rng.integers(240, 427), rng.integers(320, 640)
+            y, x = rng.integers(0, 427 - h + 1), rng.integers(0, 640 - w + 1)
+            img = Image.fromarray(src[y:y + h, x:x + w])
         cls = f"photo{i % 2}"
         os.makedirs(os.path.join(folder, cls), exist_ok=True)
-        Image.fromarray(src[y:y + h, x:x + w]).save(os.path.join(folder, cls, f"{i:05d}.jpg"), quality=90)
+        img.save(os.path.join(folder, cls, f"{i:05d}.jpg"), quality=90)
+
+
+def decode_limits(files: list[tuple[str, int]], size: int) -> dict:
+    """One core, decoding alone (no crop, no resize): images/s at full size and at the scale vitray's crops take."""
+    import simplejpeg
+
+    from vitray.data import jpeg
+    from vitray.data.transforms import crop_box
+
+    blobs = [open(path, "rb").read() for path, _ in files[:200]]
+    rng = np.random.default_rng(0)
+    t = time.process_time()
+    for b in blobs:
+        simplejpeg.decode_jpeg(b)
+    full = len(blobs) / (time.process_time() - t)
+    t = time.process_time()
+    for b in blobs:
+        w, h = jpeg.scalable_size(b)
+        _, _, cw, ch = crop_box(w, h, rng) or (0, 0, w, h)
+        k = 1
+        while k < 8 and min(cw, ch) >= 2 * k * size:
+            k *= 2
+        simplejpeg.decode_jpeg(b, min_width=-(-w // k), min_height=-(-h // k))
+    return {"decode_full_per_core": full, "decode_at_crop_scale_per_core": len(blobs) / (time.process_time() - t)}
 
 
 class FolderDataset:
@@ -65,46 +102,40 @@ def run_dataloader(files, size: int, workers: int, batch: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def run_ray(uri: str, endpoint, size: int, batch: int) -> float:
+def run_ray(uri: str, endpoint, size: int, batch: int, first: list | None = None) -> float:
     from vitray.data.stream import build_dataset
 
     ds = build_dataset(uri, endpoint, train=True, image_size=size)
     t, n = time.perf_counter(), 0
     for b in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=4):
+        if n == 0 and first is not None:
+            first.append(time.perf_counter() - t)  # time to the first batch
         n += len(b["label"])
     return n / (time.perf_counter() - t)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=3072)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=2, help="CPU workers for both paths")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-shards", action="store_true", help="read the shards from local disk instead of S3 (isolates S3 cost)")
-    args = p.parse_args()
-
+def measure(kind: str, args, s3) -> dict:
+    """One photo set: both paths interleaved, `args.rounds` times."""
     import ray
 
     from vitray.data.datasets import folder_classes, samples_from_folder
     from vitray.data.shards import write_shards
-    from vitray.storage import EmbeddedS3
 
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedS3() as s3:
-        make_jpegs(tmp, args.images)
+    with tempfile.TemporaryDirectory() as tmp:
+        make_jpegs(tmp, args.images, kind)
         classes = folder_classes(tmp)
         files = [(os.path.join(tmp, c, f), i) for i, c in enumerate(classes) for f in sorted(os.listdir(os.path.join(tmp, c)))]
-        uri = os.path.join(tmp, "shards") if args.local_shards else f"s3://{s3.bucket}/bench/ingest"
+        uri = os.path.join(tmp, "shards") if args.local_shards else f"s3://{s3.bucket}/bench/ingest-{kind}"
         # ~12 shards so both paths can spread work over the workers.
         write_shards(samples_from_folder(tmp, classes), uri, classes, s3.endpoint, max_shard_samples=max(1, args.images // 12))
+        limits = decode_limits(files, args.size)
         ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
         run_ray(uri, s3.endpoint, args.size, args.batch)  # warm-up: worker processes, imports
         run_dataloader(files[: args.batch * args.workers], args.size, args.workers, args.batch)
-        ray_rates, loader_rates = [], []
+        ray_rates, loader_rates, first = [], [], []
         for _ in range(args.rounds):  # interleaved: both see the same machine noise
-            ray_rates.append(run_ray(uri, s3.endpoint, args.size, args.batch))
+            ray_rates.append(run_ray(uri, s3.endpoint, args.size, args.batch, first))
             loader_rates.append(run_dataloader(files, args.size, args.workers, args.batch))
         # The object store must not have spilled to disk (Ray reports a "Spilled … MiB" line when it has).
         from ray._private.internal_api import memory_summary
@@ -112,12 +143,39 @@ def main() -> None:
         spilled = [line for line in memory_summary(ray.get_runtime_context().gcs_address, stats_only=True).splitlines() if line.startswith("Spilled")]
         ray.shutdown()
     ratios = [r / d for r, d in zip(ray_rates, loader_rates)]
+    return {"images": args.images, "ray_data_images_per_s": ray_rates, "dataloader_images_per_s": loader_rates,
+            "ray_data_per_core": statistics.median(ray_rates) / args.workers,
+            "dataloader_per_core": statistics.median(loader_rates) / args.workers,
+            "first_batch_s": first, **limits, "object_store_spilled": spilled[0] if spilled else "nothing",
+            "ratio_per_round": ratios, "ratio_median": statistics.median(ratios),
+            "goal": ">= 1.5" if kind == "imagenet" else ">= 4"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=2, help="CPU workers for both paths")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--photos", nargs="+", default=["imagenet", "large"], choices=["imagenet", "large"])
+    p.add_argument("--local-shards", action="store_true", help="read the shards from local disk instead of S3 (isolates S3 cost)")
+    args = p.parse_args()
+
+    from vitray.storage import EmbeddedS3
+
+    with EmbeddedS3() as s3:
+        sets = {kind: measure(kind, args, s3) for kind in args.photos}
+    first = sets[args.photos[0]]
     write_result("ingest", {
-        "what": "images/s, Ray Data from S3 tar shards vs torch DataLoader over local JPEG files; same decode+augment",
-        "shards_on": "local disk" if args.local_shards else "S3 (embedded moto server)", "images": args.images, "image_size": args.size, "cpu_workers": args.workers,
-        "ray_data_images_per_s": ray_rates, "dataloader_images_per_s": loader_rates,
-        "object_store_spilled": spilled[0] if spilled else "nothing",
-        "ratio_per_round": ratios, "ratio_median": statistics.median(ratios), "goal": ">= 1.0",
+        "what": "images/s, Ray Data from S3 tar shards (vitray: crop first, JPEGs decoded at the scale the crop needs)"
+                " vs a torch DataLoader over local JPEG files (Pillow full decode, bicubic inception crop), same CPU"
+                " workers; per photo set; decode alone on one core is the physical limit",
+        "shards_on": "local disk" if args.local_shards else "S3 (embedded moto server)", "image_size": args.size,
+        "cpu_workers": args.workers, **sets,
+        # the first set's figures at the top level too, as benchmarks/report.py reads them
+        "ray_data_images_per_s": first["ray_data_images_per_s"], "dataloader_images_per_s": first["dataloader_images_per_s"],
+        "ratio_median": first["ratio_median"], "goal": first["goal"], "images": args.images,
     })
 
 

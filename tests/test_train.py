@@ -34,6 +34,9 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero):
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
     assert last < first - 0.1, (first, last)
     assert all(r["images_per_s"] > 0 and r["accelerator_hours"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+    # The share of step time spent waiting for data, on every line and for the run (mean and slowest worker).
+    assert all(0 <= r["data_wait"] <= r["data_wait_max"] <= 1 for r in rows)
+    assert 0 <= result.metrics["data_wait"] <= result.metrics["data_wait_max"] <= 1
     assert result.checkpoint.path.endswith("step_00000040")
 
     # ZeRO's memory formulas against the tensors each rank really holds (fp32 on CPU, 2 ranks).

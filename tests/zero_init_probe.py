@@ -42,6 +42,10 @@ def _rank(rank: int, port: int, names: list[str], queue) -> None:
         out[name] = {"differ": differ, "params": sum(p.numel() for p in plain.parameters()), "held": held}
     if rank == 0:
         queue.put(out)
+    # Leave together and close gloo first: a rank that exits with gloo's threads still running aborts ("terminate
+    # called without an active exception"), once in a while, which fails the whole probe.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

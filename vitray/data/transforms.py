@@ -1,6 +1,7 @@
 """Decode and augment images on CPU (inside Ray Data tasks), the paper's way.
 
-Training: inception-style random-resized crop (area 5–100 %, aspect 3/4–4/3) + horizontal flip.
+Training: inception-style random-resized crop (area 5–100 %, aspect 3/4–4/3) + horizontal flip. The crop is
+chosen from the image's header first; a JPEG then decodes only as much as the crop needs (`vitray/data/jpeg.py`).
 Evaluation: resize the short side to size·256/224, centre crop.
 Images leave the pipeline as uint8 HWC; the training worker scales them to [-1, 1] (x/127.5 − 1), which keeps
 the object store traffic at a quarter of float32.
@@ -15,6 +16,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageOps
 
+from vitray.data import jpeg
 from vitray.data.shards import DataError
 
 
@@ -44,17 +46,25 @@ def _reason(e: Exception, data: bytes) -> str:
     return f"{type(e).__name__}: {re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', 'the image', str(e))}"
 
 
-def inception_crop(img: Image.Image, size: int, rng: np.random.Generator, area_min: float = 0.05) -> Image.Image:
-    """Random crop of area_min–100 % of the image with aspect ratio in [3/4, 4/3], resized to size×size."""
-    w, h = img.size
+def crop_box(w: int, h: int, rng: np.random.Generator, area_min: float = 0.05) -> tuple[int, int, int, int] | None:
+    """The inception crop of a w×h image, (x, y, width, height): area_min–100 % of the area, aspect ratio in
+    [3/4, 4/3]; None after 10 draws that do not fit (extreme aspect ratios: the caller takes the centre)."""
     for _ in range(10):
         area = w * h * rng.uniform(area_min, 1.0)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < cw <= w and 0 < ch <= h:
-            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
-    return center_crop(img, size, resize_ratio=1.0)  # extreme aspect ratios: fall back to the centre
+            return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
+    return None
+
+
+def inception_crop(img: Image.Image, size: int, rng: np.random.Generator, area_min: float = 0.05) -> Image.Image:
+    """Random crop of area_min–100 % of the image with aspect ratio in [3/4, 4/3], resized to size×size."""
+    box = crop_box(*img.size, rng, area_min)
+    if box is None:
+        return center_crop(img, size, resize_ratio=1.0)
+    x, y, cw, ch = box
+    return img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
 
 
 def center_crop(img: Image.Image, size: int, resize_ratio: float = 256 / 224) -> Image.Image:
@@ -78,11 +88,24 @@ def _sample(data, cls, where: str, train: bool, image_size: int, area_min: float
         label = int(cls)
     except ValueError as e:
         raise DataError(f"{where}: label {cls!r} is not an integer") from e
-    img = decode_rgb(data, where)
-    img = inception_crop(img, image_size, rng, area_min) if train else center_crop(img, image_size)
+    if not train:
+        img = center_crop(decode_rgb(data, where), image_size)
+    elif wh := jpeg.scalable_size(data):  # a JPEG: the crop chosen from its header, decoded at the scale it needs
+        box = crop_box(*wh, rng, area_min)
+        img = _jpeg_crop(data, box, image_size, where) if box else center_crop(decode_rgb(data, where), image_size, 1.0)
+    else:
+        img = inception_crop(decode_rgb(data, where), image_size, rng, area_min)
     if train and flip and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(img), label
+
+
+def _jpeg_crop(data: bytes, box: tuple[int, int, int, int], size: int, where: str) -> Image.Image:
+    try:
+        return jpeg.decode_crop(data, box, size)
+    except Exception:  # libjpeg-turbo refused what the header promised: Pillow decodes it, or names the sample
+        x, y, cw, ch = box
+        return decode_rgb(data, where).resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
 
 
 def decode_shards(

@@ -370,11 +370,11 @@ def _run(cfg: Config, resume: bool, embedded, timeline: dict | None, callbacks: 
         diverged = "non-finite training loss" in error
         runs.write_state(plan.run_uri, plan.endpoint, "diverged" if diverged else "failed", error=error[-4000:])
         raise e if isinstance(e, TrainingFailed) else TrainingFailed(f"run {plan.run_uri} failed: {e}") from e
+    from vitray.train.metrics import DATA_BOUND, data_bound_message, restart_totals
+
     m = dict(result.metrics or {})
     # Restarts from the run's log, which every worker group adds to: the last group's report may predate some.
     if storage.exists(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint):
-        from vitray.train.metrics import restart_totals
-
         text = storage.read_bytes(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint).decode()
         m.update(restart_totals(text.splitlines()))
     runs.write_state(plan.run_uri, plan.endpoint, "finished" if m.get("step") == plan.total_steps or rehearsal == "restore" else "stopped")
@@ -384,17 +384,22 @@ def _run(cfg: Config, resume: bool, embedded, timeline: dict | None, callbacks: 
                "accelerator": estimate.accelerator,
                "plan": {"params": estimate.params, "train_flops_per_image": estimate.train_flops_per_image,
                         "accelerator_days": estimate.accelerator_days}}
-    for key in ("skipped_samples", "data_position", "worker_nodes", "restarts", "resizes", "time_lost_s"):
+    for key in ("skipped_samples", "data_position", "worker_nodes", "restarts", "resizes", "time_lost_s",
+                "data_wait", "data_wait_max"):
         if key in m:
             summary[key] = m[key]
     summary["checkpoint"] = storage.join(plan.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
     if "images_per_s_per_accelerator" in m:
         row = cost_row(cfg, plan, m, estimate)
         summary["cost"] = {k: row[k] for k in ("images_per_s_per_accelerator", "mfu", "accelerator_days",
-                                                "memory_per_device_gib", "planned_memory_per_device_gib")}
+                                                "memory_per_device_gib", "planned_memory_per_device_gib", "data_wait")
+                           if k in row}
         print(f"actual: {row['images_per_s_per_accelerator']:.1f} img/s per {row['accelerator']}, MFU {row['mfu']:.1%}, "
               f"{row['accelerator_days']:.5f} accelerator-days, peak memory/device {row['memory_per_device_gib']:.2f} GiB "
-              f"(planned {row['planned_memory_per_device_gib']:.2f})", flush=True)
+              f"(planned {row['planned_memory_per_device_gib']:.2f})"
+              + (f", data wait {row['data_wait']:.0%}" if "data_wait" in row else ""), flush=True)
+        if row.get("data_wait", 0) >= DATA_BOUND:
+            print(data_bound_message(row["data_wait"], row["data_wait_max"]), flush=True)
         log_uri = cfg.storage.cost_log or storage.join(plan.run_uri.rsplit("/", 1)[0], "accelerator_days.jsonl")
         if log_uri != "none":
             append_jsonl(log_uri, row, plan.endpoint)
@@ -413,7 +418,7 @@ def cost_row(cfg: Config, plan: Plan, metrics: dict, estimate) -> dict:
         "micro_batch": cfg.optim.micro_batch, "zero_stage": cfg.deepspeed.zero_stage,
         "workers": cfg.scaling.num_workers, "nodes": _nodes(), "accelerator": estimate.accelerator,
         **({"min_workers": cfg.scaling.min_workers} if cfg.scaling.min_workers else {}),
-        **{k: metrics[k] for k in ("restarts", "resizes", "time_lost_s") if k in metrics},
+        **{k: metrics[k] for k in ("restarts", "resizes", "time_lost_s", "data_wait", "data_wait_max") if k in metrics},
         "steps": metrics.get("step"), "images_per_s_per_accelerator": per_accel, "mfu": metrics["mfu"],
         "mfu_peak_source": metrics.get("mfu_peak_source"), "train_flops_per_image": metrics["train_flops_per_image"],
         "accelerator_days": metrics["accelerator_hours"] / 24.0,

@@ -29,7 +29,7 @@ from vitray.models.registry import get_spec
 from vitray.tasks import make_task
 from vitray.train import checkpoint, rehearse
 from vitray.train.engine import build_engine, building, precision
-from vitray.train.metrics import MetricsLog, restart_totals
+from vitray.train.metrics import DATA_BOUND, MetricsLog, data_bound_message, restart_totals
 from vitray.train.waits import WaitWatch
 
 # Not print(): Ray Train tees worker prints to both stdout and its logger, so each line would show twice.
@@ -147,6 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
     # The running loss stays on the device: a .item() per micro-step would stall a GPU every step.
     loss_sum, loss_count, last_loss = torch.zeros((), dtype=torch.float64, device=device), 0, float("nan")
     global_batch = o.global_batch
+    wait_mark = waited_before = 0.0  # waiting.waited_s at the last metrics line, at the first step
     audit: list = []  # data.audit_samples: (key, epoch) of every sample this worker trained on since the last step
     last_good = restored_step  # the latest checkpoint, which a non-finite loss must not overwrite
     while step < last_step:
@@ -172,6 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
             ema.update_parameters(engine.module)
         if "first_step" not in timeline:
             timeline["first_step"] = time.time()
+            waited_before = waiting.waited_s  # the run's data wait counts from here: the first pull also waited for
+            # the pipeline to start, which timeline["data_ready"] records
             phases.mark("first step")
             log.lines.append(json.dumps({"step": step, "event": "startup", **timeline}))
         # Checked at every log and before every save (one host sync each, not one per step): a diverged run stops
@@ -181,7 +184,9 @@ def train_loop_per_worker(config: dict) -> None:
             _check_finite(loss_sum, step, last_good, device)
         if step % cfg.log_every == 0 or step == last_step:
             last_loss = _sample_mean(loss_sum, loss_count, device)
-            log.record(step, last_loss, engine.get_lr()[0], epoch=min(pos.epoch for pos in positions.values()),
+            waited, wait_mark = _mean_and_max(waiting.waited_s - wait_mark, device), waiting.waited_s
+            log.record(step, last_loss, engine.get_lr()[0], data_wait_s=waited,
+                       epoch=min(pos.epoch for pos in positions.values()),
                        **({"skipped_samples": _sum_over_ranks(train_data.skipped, device)} if d.bad_samples == "skip" else {}))
             loss_sum.zero_()
             loss_count = 0
@@ -194,12 +199,19 @@ def train_loop_per_worker(config: dict) -> None:
 
     timeline["last_step"] = time.time()
     phases.mark("trained")
+    trained_s = timeline["last_step"] - timeline.get("first_step", timeline["last_step"])
+    data_wait = {}
+    if trained_s > 0:  # each worker's share of the steps after the first spent waiting for data: mean, slowest
+        mean, most = _mean_and_max(waiting.waited_s - waited_before, device)
+        data_wait = {"data_wait": mean / trained_s, "data_wait_max": most / trained_s}
+        if data_wait["data_wait"] >= DATA_BOUND and rank == 0:
+            logger.warning(data_bound_message(data_wait["data_wait"], data_wait["data_wait_max"]))
 
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
     results = {"step": step, "loss": last_loss, **log.totals(step), "memory_per_device": _peak_memory(device),
                "model_state_bytes": _max_over_ranks(cost.measured_state_bytes(engine), device),
                "data_position": _positions(_gather_positions(positions)),
-               "worker_nodes": _distinct_nodes(), **restart_totals(log.lines)}
+               "worker_nodes": _distinct_nodes(), **restart_totals(log.lines), **data_wait}
     if d.bad_samples == "skip":
         results["skipped_samples"] = _sum_over_ranks(train_data.skipped, device)
     if plan.val_uri and step == total_steps and not plan.rehearse:  # a rehearsal has no held-out set
@@ -302,6 +314,15 @@ def _sum_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item()
+
+
+def _mean_and_max(value: float, device: torch.device) -> tuple[float, float]:
+    """(mean, max) of a number over the workers."""
+    t = torch.tensor([float(value), float(value)], dtype=torch.float64, device=device)
+    total, most = t[:1].clone(), t[1:].clone()
+    dist.all_reduce(total)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return total.item() / dist.get_world_size(), most.item()
 
 
 def _sample_mean(loss_sum: torch.Tensor, samples: int, device: torch.device) -> float:

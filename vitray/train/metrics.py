@@ -17,6 +17,14 @@ from vitray.storage import Endpoint
 # Not print(): Ray Train tees worker prints to both stdout and its logger, so each line would show twice.
 logger = logging.getLogger("vitray")
 
+DATA_BOUND = 0.10  # a run whose workers wait for data this share of the step time or more says it is data-bound
+
+
+def data_bound_message(share: float, slowest: float) -> str:
+    return (f"data-bound: the workers waited for their next batch {share:.0%} of the step time (the slowest"
+            f" {slowest:.0%}); decoding needs more CPUs than the cluster gives it: add CPU nodes or cores per"
+            " worker, or lower data.image_size / store pre-resized shards")
+
 
 class MetricsLog:
     def __init__(
@@ -47,7 +55,9 @@ class MetricsLog:
             # The furthest step the previous attempt logged: a restart redoes the steps from start_step to it.
             self.rewound = max([start_step] + [json.loads(line)["step"] for line in old if line])
 
-    def record(self, step: int, loss: float, lr: float, **extra) -> dict:
+    def record(self, step: int, loss: float, lr: float, data_wait_s: tuple[float, float] | None = None,
+               **extra) -> dict:
+        """`data_wait_s`: seconds the workers waited for data since the last record, (mean, max) over workers."""
         now = time.perf_counter()
         steps, seconds = step - self.step_window, max(now - self.t_window, 1e-9)
         cpu = time.process_time()
@@ -65,6 +75,7 @@ class MetricsLog:
             # This worker's CPU seconds per step (all its threads): on oversubscribed CPUs, what separates the
             # compute from the waiting in a step's wall time (benchmarks/worker_scaling.py).
             "cpu_s_per_step": (cpu - self.cpu_window) / max(steps, 1),
+            **({"data_wait": data_wait_s[0] / seconds, "data_wait_max": data_wait_s[1] / seconds} if data_wait_s else {}),
             "time": time.time(), **extra,
         }
         self.t_window, self.step_window, self.cpu_window = now, step, cpu
@@ -76,6 +87,8 @@ class MetricsLog:
                 f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} {images_per_s:.1f} img/s "
                 f"({per_accel:.1f}/accel) MFU {row['mfu']:.1%} [{self.peak_source}] "
                 f"accel-h {row['accelerator_hours']:.4f} ETA {row['eta_s'] or 0:.0f}s"
+                + (f" data wait {row['data_wait']:.0%}" if data_wait_s else "")
+                + (" (data-bound)" if row.get("data_wait", 0) >= DATA_BOUND else "")
             )
             if now - self.last_upload > 60:
                 self.flush()

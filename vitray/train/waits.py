@@ -1,6 +1,7 @@
 """A worker that waits says what it is waiting for, instead of hanging silently.
 
-The training loop wraps each pull of a micro-batch in a `WaitWatch`. When one pull takes longer than
+The training loop wraps each pull of a micro-batch in a `WaitWatch`, which also adds up the time spent waiting
+(`waited_s`: the run's `data_wait`, its share of the step time). When one pull takes longer than
 `data.wait_warn_s`, a background thread logs — and repeats every `wait_warn_s` while the wait lasts — how long
 it has waited and what Ray has not been able to schedule (its pending tasks and actors with the resources they
 ask for, from Ray's state API) beside what the cluster has free. The usual cause on a small machine: the Train
@@ -54,6 +55,7 @@ class WaitWatch:
         self._since: float | None = None
         self._next = 0.0
         self.warnings = 0
+        self.waited_s = 0.0  # inside `with`, in all
         if after_s > 0:
             threading.Thread(target=self._watch, name="vitray-wait-watch", daemon=True).start()
 
@@ -62,6 +64,7 @@ class WaitWatch:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.waited_s += time.monotonic() - self._since
         self._since = None
 
     def _watch(self) -> None:
