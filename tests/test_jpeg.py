@@ -34,9 +34,10 @@ def test_scaled_decode_matches_the_full_decode_of_the_same_crop(large_photo):
     rng = np.random.default_rng(0)
     scales = []
     for _ in range(20):
-        box = crop_box(*jpeg.scalable_size(large_photo), rng)
+        wh = jpeg.scalable_size(large_photo)
+        box = crop_box(*wh, rng)
         x, y, cw, ch = box
-        fast = np.asarray(jpeg.decode_crop(large_photo, box, 224), dtype=float)
+        fast = np.asarray(jpeg.decode_crop(large_photo, wh, box, 224), dtype=float)
         full = np.asarray(decode_rgb(large_photo, "t").resize((224, 224), Image.BICUBIC, box=(x, y, x + cw, y + ch)),
                           dtype=float)
         # Measured: mean 0.35–0.58 grey levels, at most 1.31, on these photos. DCT-domain scaling averages 2×2
@@ -74,7 +75,7 @@ def test_what_the_scaled_decode_cannot_reproduce_goes_through_pillow(kind):
         data = _encode(img.convert("L"))
     if kind == "gray":  # grayscale JPEGs take the scaled path and come out RGB
         assert jpeg.scalable_size(data) == img.size
-        assert np.asarray(jpeg.decode_crop(data, (0, 0, 400, 400), 32)).shape == (32, 32, 3)
+        assert np.asarray(jpeg.decode_crop(data, img.size, (0, 0, 400, 400), 32)).shape == (32, 32, 3)
     else:
         assert jpeg.scalable_size(data) is None
     pixels, label = _sample(data, "1", "t", True, 32, 0.05, True, np.random.default_rng(0))

@@ -33,13 +33,12 @@ def scalable_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def decode_crop(data: bytes, box: tuple[int, int, int, int], size: int) -> Image.Image:
-    """The crop `box` = (x, y, width, height) of a JPEG (full-resolution pixels), as size×size RGB: decoded at the
-    smallest 1/k (k = 1, 2, 4, 8) at which the crop keeps at least size pixels each way, then resized (bicubic)."""
+def decode_crop(data: bytes, wh: tuple[int, int], box: tuple[int, int, int, int], size: int) -> Image.Image:
+    """The crop `box` = (x, y, width, height) of a w×h JPEG (full-resolution pixels), as size×size RGB: decoded at
+    the smallest 1/k (k = 1, 2, 4, 8) at which the crop keeps at least size pixels each way, then resized (bicubic)."""
     import simplejpeg
 
-    x, y, cw, ch = box
-    w, h = Image.open(io.BytesIO(data)).size
+    (w, h), (x, y, cw, ch) = wh, box
     k = 1
     while k < 8 and min(cw, ch) >= 2 * k * size:
         k *= 2

@@ -92,7 +92,7 @@ def _sample(data, cls, where: str, train: bool, image_size: int, area_min: float
         img = center_crop(decode_rgb(data, where), image_size)
     elif wh := jpeg.scalable_size(data):  # a JPEG: the crop chosen from its header, decoded at the scale it needs
         box = crop_box(*wh, rng, area_min)
-        img = _jpeg_crop(data, box, image_size, where) if box else center_crop(decode_rgb(data, where), image_size, 1.0)
+        img = _jpeg_crop(data, wh, box, image_size, where) if box else center_crop(decode_rgb(data, where), image_size, 1.0)
     else:
         img = inception_crop(decode_rgb(data, where), image_size, rng, area_min)
     if train and flip and rng.random() < 0.5:
@@ -100,9 +100,9 @@ def _sample(data, cls, where: str, train: bool, image_size: int, area_min: float
     return np.asarray(img), label
 
 
-def _jpeg_crop(data: bytes, box: tuple[int, int, int, int], size: int, where: str) -> Image.Image:
+def _jpeg_crop(data: bytes, wh: tuple[int, int], box: tuple[int, int, int, int], size: int, where: str) -> Image.Image:
     try:
-        return jpeg.decode_crop(data, box, size)
+        return jpeg.decode_crop(data, wh, box, size)
     except Exception:  # libjpeg-turbo refused what the header promised: Pillow decodes it, or names the sample
         x, y, cw, ch = box
         return decode_rgb(data, where).resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
