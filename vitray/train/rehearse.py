@@ -269,7 +269,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 def write(row: dict, run_uri: str, endpoint, checkout: bool = True) -> None:
     """`<run>/rehearsal.json`, a row of `<runs>/rehearsals.jsonl` beside the runs, and — run from a checkout, unless
     `storage.cost_log=none` — a row of benchmarks/results/rehearsals.jsonl."""
-    from vitray.train.launch import append_jsonl
+    from vitray.train.cost_log import append_jsonl
 
     storage.write_bytes(storage.join(run_uri, "rehearsal.json"), json.dumps(row, indent=1).encode(), endpoint)
     append_jsonl(storage.join(run_uri.rsplit("/", 1)[0], "rehearsals.jsonl"), row, endpoint)
