@@ -58,11 +58,11 @@ class MicroStep:
 
 def step_stream(
     epochs: Callable[[int, int], Iterable[dict[str, np.ndarray]]], mine: list[int], start: dict[int, Position],
-    per_partition: int, accumulation: int, rank: int = 0,
+    per_partition: int, accumulation: int,
 ) -> Iterator[MicroStep]:
     """Endless micro-steps of one worker: for each optimizer step, `per_partition` samples from each partition in
     `mine` (`epochs(p, e)`: partition p's batches in epoch e), cut into `accumulation` micro-batches."""
-    streams = {p: micro_batches(lambda e, p=p: epochs(p, e), per_partition, start.get(p, Position()), rank)
+    streams = {p: micro_batches(lambda e, p=p: epochs(p, e), per_partition, start.get(p, Position()), p)
                for p in mine}
     positions = {p: start.get(p, Position()) for p in mine}
     while True:
