@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--shard-size-mb", type=int, default=256, help="target shard size (default 256 MB)")
     p.add_argument("--shard-samples", type=int, default=10_000, help="at most this many samples per shard")
+    p.add_argument("--max-side", type=int, default=0, metavar="N", help="folder: store images whose longer side"
+                   " exceeds N pixels resized to N (aspect kept), so training decodes less; 0 = as they are")
     p.add_argument("--skip-bad", action="store_true", help="folder: leave out files that cannot be read or decoded;"
                    " each is listed (path, reason) here and in the manifest's \"skipped\"")
     args = p.parse_args(argv)
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         skipped: list[dict] | None = [] if args.skip_bad else None
         if args.skip_bad and kind != "folder":
             p.error("--skip-bad applies to --source folder:<path>")
+        if args.max_side and (kind != "folder" or args.max_side < 1):
+            p.error("--max-side applies to --source folder:<path> and takes a positive number of pixels")
 
         if kind == "coco" and ":" in path:
             from vitray.data.detection import samples_from_coco
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             from vitray.data.datasets import folder_classes, samples_from_folder
 
             classes = folder_classes(path)
-            samples = samples_from_folder(path, classes, skipped)
+            samples = samples_from_folder(path, classes, skipped, max_side=args.max_side)
         else:
             p.error(f"--source {args.source!r}: expected folder:<path>, coco:<json>:<dir>, digits or digit_canvases")
         m = write_shards(samples, args.dest, classes, endpoint, max_shard_bytes=args.shard_size_mb << 20,

@@ -147,3 +147,34 @@ def test_inception_crop_covers_requested_area():
     rng = np.random.default_rng(0)
     for _ in range(20):
         assert inception_crop(img, 24, rng, area_min=0.05).size == (24, 24)
+
+
+def test_writer_stores_large_images_resized_when_asked(tmp_path):
+    """`jobs/write_shards.py --max-side 512`: a 2,560 px photo is stored at 512 px on its longer side, aspect kept,
+    still a JPEG; an image already small enough keeps its exact bytes."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+    import write_shards as job
+    from sklearn.datasets import load_sample_images
+
+    photo = Image.fromarray(load_sample_images().images[0]).resize((2560, 1708), Image.BICUBIC)
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "src" / cls)
+    photo.save(tmp_path / "src" / "a" / "big.jpg", quality=90)
+    small = io.BytesIO()
+    photo.resize((300, 200)).save(small, "PNG")
+    (tmp_path / "src" / "b" / "small.png").write_bytes(small.getvalue())
+
+    assert job.main(["--source", f"folder:{tmp_path / 'src'}", "--dest", str(tmp_path / "ds"), "--max-side", "512"]) == 0
+    manifest = read_manifest(str(tmp_path / "ds"), None)
+    stored = {}
+    for shard in manifest.shards:
+        with open(tmp_path / "ds" / shard.name, "rb") as f:
+            for key, image, ext, _ in iter_tar(f.read(), shard.name):
+                stored[key] = (image, ext)
+    (big, ext), = [v for k, v in stored.items() if k.startswith("a_")]
+    img = Image.open(io.BytesIO(big))
+    assert ext == "jpg" and img.format == "JPEG" and img.size == (512, 342)  # 2560×1708 scaled by 0.2
+    (kept, ext), = [v for k, v in stored.items() if k.startswith("b_")]
+    assert ext == "png" and kept == small.getvalue()

@@ -45,10 +45,13 @@ def folder_files(root: str, classes: list[str]) -> list[tuple[str, str, int]]:
     return files
 
 
-def samples_from_folder(root: str, classes: list[str], skipped: list[dict] | None = None) -> Iterator[Sample]:
+def samples_from_folder(root: str, classes: list[str], skipped: list[dict] | None = None,
+                        max_side: int = 0) -> Iterator[Sample]:
     """`root/<class>/<file>` → samples. JPEG and PNG keep their bytes; other formats are re-encoded as PNG.
     Every file is decoded once here, so an unreadable one is reported by its path at write time — or, given a
-    `skipped` list, recorded there ({"path", "reason"}) and left out."""
+    `skipped` list, recorded there ({"path", "reason"}) and left out. `max_side`: an image whose longer side is
+    larger is stored resized to it (aspect kept, upright; JPEG at quality 95, others as PNG), as FFCV and most
+    large-scale pipelines store their data: every later epoch decodes fewer pixels."""
     for path, key, label in folder_files(root, classes):
         try:
             try:
@@ -63,6 +66,13 @@ def samples_from_folder(root: str, classes: list[str], skipped: list[dict] | Non
             skipped.append({"path": path, "reason": str(e).removeprefix(f"{path}: ")})
             continue
         fmt = Image.open(io.BytesIO(data)).format
+        if max_side and max(img.size) > max_side:
+            scale = max_side / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC,
+                             reducing_gap=3.0)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG" if fmt == "JPEG" else "PNG", **({"quality": 95} if fmt == "JPEG" else {}))
+            data, fmt = buf.getvalue(), fmt if fmt == "JPEG" else "PNG"
         if fmt == "JPEG":
             ext = "jpg"
         elif fmt == "PNG":
