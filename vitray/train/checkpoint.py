@@ -9,7 +9,8 @@ shards are stored.) Resuming restores model, optimizer, LR schedule, step, data 
 
 Layout of `<run>/step_00001000/`:
     vitray.json                      step, world size, the run's config (no credentials: there are none in it)
-    position-rank00000.json ...      each rank's data partitions' positions and its torch RNG state
+    positions.json                   every data partition's position (epoch, samples consumed)
+    position-rank00000.json ...      each rank's own partitions' positions and its torch RNG state
     state/                           DeepSpeed: mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt
     COMMIT                           written last: the checkpoint is complete
 """
@@ -32,6 +33,7 @@ from vitray import storage
 from vitray.checkpoints import COMMIT, META, TAG, CheckpointError, load_model, scan, step_dir  # noqa: F401
 from vitray.data.stream import Position
 
+POSITIONS = "positions.json"  # every data partition's position, written by rank 0
 UNIVERSAL = "universal"  # DeepSpeed's universal checkpoint of the same state, made for resuming on another world size
 logger = logging.getLogger("vitray")
 
@@ -42,6 +44,8 @@ def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_i
     rank = ray.train.get_context().get_world_rank()
     digest = optimizer_digest(engine)
     weights = module_digest(engine.module)  # collective under ZeRO-3
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, positions)  # rank 0 writes them all in one file: one read on resume
     folder = tempfile.mkdtemp(prefix=f"vitray-ckpt-{step}-")
     try:
         engine.save_checkpoint(folder, tag=TAG, client_state={"step": step})
@@ -49,6 +53,9 @@ def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_i
             json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for p, pos in positions.items()},
                        "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}, f)
         if rank == 0:
+            with open(os.path.join(folder, POSITIONS), "w") as f:
+                json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for part in everyone
+                                          for p, pos in sorted(part.items())}}, f)
             extra = {"model_digest": weights}
             if ema is not None:
                 torch.save(ema.state_dict(), os.path.join(folder, "ema.pt"))
@@ -114,22 +121,32 @@ def latest_complete(run_uri: str, endpoint) -> "ray.train.Checkpoint | None":
 
 def read_positions(checkpoint: "ray.train.Checkpoint | None", partitions: int,
                    same_world: bool = True) -> tuple[dict[int, Position], torch.Tensor | None]:
-    """Every data partition's position in `checkpoint` (all ranks' files: on another number of workers a rank
-    continues partitions another rank saved), and this rank's torch RNG state when the worker count is unchanged
-    (dropout draws continue; on a resize they start afresh). Small files: the data stream starts before the engine
-    state is downloaded."""
+    """Every data partition's position in `checkpoint` (on another number of workers a rank continues partitions
+    another rank saved), and this rank's torch RNG state when the worker count is unchanged (dropout draws
+    continue; on a resize they start afresh). Two small reads per rank, whatever the number of workers: the data
+    stream starts before the engine state is downloaded."""
     if checkpoint is None:
         return {}, None
     rank = ray.train.get_context().get_world_rank()
     fs = checkpoint.filesystem
     positions: dict[int, Position] = {}
     rng = None
-    for info in fs.get_file_info(pafs.FileSelector(checkpoint.path)):
+    mine = f"{checkpoint.path}/position-rank{rank:05d}.json"
+    merged = fs.get_file_info(f"{checkpoint.path}/{POSITIONS}").type != pafs.FileType.NotFound
+    if merged:
+        saved = json.loads(storage.with_retries(lambda: read_file(fs, f"{checkpoint.path}/{POSITIONS}")))
+        positions = {int(p): Position(*pos) for p, pos in saved["partitions"].items()}
+        infos = [fs.get_file_info(mine)] if same_world else []
+    else:  # saved before positions.json: every rank's file
+        infos = fs.get_file_info(pafs.FileSelector(checkpoint.path))
+    for info in infos:
         if not info.base_name.startswith("position-rank"):
             continue
         saved = json.loads(storage.with_retries(lambda: read_file(fs, info.path)))
         saver = int(info.base_name.removeprefix("position-rank").removesuffix(".json"))
-        if "partitions" in saved:
+        if merged:
+            pass  # positions.json had them all
+        elif "partitions" in saved:
             positions.update({int(p): Position(*pos) for p, pos in saved["partitions"].items()})
         else:  # saved before partitions existed: one partition per rank
             positions[saver] = Position(saved["epoch"], saved["consumed"])
