@@ -6,8 +6,9 @@ The images are real photographs: the two sample photos that ship inside scikit-l
 "imagenet": crops of 240–427 × 320–640 px (ImageNet's typical size), "large": the photos resized to 1,600–2,560 px
 wide (a camera's size), and "large-512": the large photos stored pre-resized to 512 px by the writer
 (`--max-side 512`) for vitray's path, while the DataLoader reads the originals. The DataLoader does what a user writes by default: Pillow decodes the whole image, then the
-inception crop is resized bicubic (vitray's `decode_rgb` + `inception_crop`). vitray's path chooses the crop first
-and decodes a JPEG only at the scale the crop needs (`vitray/data/jpeg.py`). Also measured: the physical limit of
+inception crop is resized bicubic (torchvision's `RandomResizedCrop`). vitray's path chooses the crop first
+and decodes a JPEG only at the scale the crop needs (`vitray/data/jpeg.py`), then resizes it bilinearly as the paper
+did (`vitray/data/resize.py`). Also measured: the physical limit of
 one core, decoding alone (libjpeg-turbo at full size through simplejpeg, and at the scale the crops need).
 
     python benchmarks/ingest.py [--images 1024] [--size 224] [--workers 2] [--rounds 3] [--photos imagenet large]
@@ -72,7 +73,8 @@ def decode_limits(files: list[tuple[str, int]], size: int) -> dict:
 
 
 class FolderDataset:
-    """The DataLoader baseline: one JPEG per item, same decode + augmentation functions as the Ray path."""
+    """The DataLoader baseline, as a user writes it by default (torchvision's `RandomResizedCrop` does the same):
+    Pillow decodes the whole file, the inception crop (the same draws as vitray's) is resized bicubic, flipped."""
 
     def __init__(self, files: list[tuple[str, int]], size: int):
         self.files, self.size = files, size
@@ -81,13 +83,14 @@ class FolderDataset:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from vitray.data.transforms import decode_rgb, inception_crop
+        from vitray.data.transforms import crop_box, decode_rgb
 
         path, label = self.files[i]
         with open(path, "rb") as f:
             img = decode_rgb(f.read(), path)
         rng = np.random.default_rng()
-        img = inception_crop(img, self.size, rng)
+        x, y, cw, ch = crop_box(*img.size, rng) or (0, 0, *img.size)
+        img = img.resize((self.size, self.size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return np.asarray(img), label

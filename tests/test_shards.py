@@ -146,7 +146,7 @@ def test_inception_crop_covers_requested_area():
     img = Image.new("RGB", (100, 80))
     rng = np.random.default_rng(0)
     for _ in range(20):
-        assert inception_crop(img, 24, rng, area_min=0.05).size == (24, 24)
+        assert inception_crop(img, 24, rng, area_min=0.05).shape == (24, 24, 3)
 
 
 def test_writer_stores_large_images_resized_when_asked(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from PIL import Image
 
 
@@ -33,10 +34,13 @@ def scalable_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def decode_crop(data: bytes, wh: tuple[int, int], box: tuple[int, int, int, int], size: int) -> Image.Image:
-    """The crop `box` = (x, y, width, height) of a w×h JPEG (full-resolution pixels), as size×size RGB: decoded at
-    the smallest 1/k (k = 1, 2, 4, 8) at which the crop keeps at least size pixels each way, then resized (bicubic)."""
+def decode_crop(data: bytes, wh: tuple[int, int], box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The crop `box` = (x, y, width, height) of a w×h JPEG (full-resolution pixels), as size×size×3 uint8 RGB:
+    decoded at the smallest 1/k (k = 1, 2, 4, 8) at which the crop keeps at least size pixels each way, then
+    resized (bilinear)."""
     import simplejpeg
+
+    from vitray.data.resize import resize_crop
 
     (w, h), (x, y, cw, ch) = wh, box
     k = 1
@@ -44,6 +48,5 @@ def decode_crop(data: bytes, wh: tuple[int, int], box: tuple[int, int, int, int]
         k *= 2
     # libjpeg scales to ceil(w / k) × ceil(h / k); ask for at least that, and it picks exactly 1/k.
     pixels = simplejpeg.decode_jpeg(data, colorspace="rgb", min_width=-(-w // k), min_height=-(-h // k))
-    img = Image.fromarray(pixels)
-    sx, sy = img.width / w, img.height / h  # the exact scale it took
-    return img.resize((size, size), Image.BICUBIC, box=(x * sx, y * sy, (x + cw) * sx, (y + ch) * sy))
+    sx, sy = pixels.shape[1] / w, pixels.shape[0] / h  # the exact scale it took
+    return resize_crop(pixels, (x * sx, y * sy, (x + cw) * sx, (y + ch) * sy), size)

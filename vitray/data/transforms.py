@@ -1,7 +1,8 @@
 """Decode and augment images on CPU (inside Ray Data tasks), the paper's way.
 
-Training: inception-style random-resized crop (area 5–100 %, aspect 3/4–4/3) + horizontal flip. The crop is
-chosen from the image's header first; a JPEG then decodes only as much as the crop needs (`vitray/data/jpeg.py`).
+Training: inception-style random-resized crop (area 5–100 %, aspect 3/4–4/3), resized bilinearly as the paper's
+pipeline did (`vitray/data/resize.py`), + horizontal flip. The crop is chosen from the image's header first; a JPEG
+then decodes only as much as the crop needs (`vitray/data/jpeg.py`).
 Evaluation: resize the short side to size·256/224, centre crop.
 Images leave the pipeline as uint8 HWC; the training worker scales them to [-1, 1] (x/127.5 − 1), which keeps
 the object store traffic at a quarter of float32.
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vitray.data import jpeg
+from vitray.data.resize import resize_crop
 from vitray.data.shards import DataError
 
 
@@ -58,13 +60,13 @@ def crop_box(w: int, h: int, rng: np.random.Generator, area_min: float = 0.05) -
     return None
 
 
-def inception_crop(img: Image.Image, size: int, rng: np.random.Generator, area_min: float = 0.05) -> Image.Image:
-    """Random crop of area_min–100 % of the image with aspect ratio in [3/4, 4/3], resized to size×size."""
+def inception_crop(img: Image.Image, size: int, rng: np.random.Generator, area_min: float = 0.05) -> np.ndarray:
+    """Random crop of area_min–100 % of the image with aspect ratio in [3/4, 4/3], resized to size×size×3 uint8."""
     box = crop_box(*img.size, rng, area_min)
     if box is None:
-        return center_crop(img, size, resize_ratio=1.0)
+        return np.asarray(center_crop(img, size, resize_ratio=1.0))
     x, y, cw, ch = box
-    return img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+    return resize_crop(np.asarray(img), (x, y, x + cw, y + ch), size)
 
 
 def center_crop(img: Image.Image, size: int, resize_ratio: float = 256 / 224) -> Image.Image:
@@ -89,23 +91,24 @@ def _sample(data, cls, where: str, train: bool, image_size: int, area_min: float
     except ValueError as e:
         raise DataError(f"{where}: label {cls!r} is not an integer") from e
     if not train:
-        img = center_crop(decode_rgb(data, where), image_size)
+        pixels = np.asarray(center_crop(decode_rgb(data, where), image_size))
     elif wh := jpeg.scalable_size(data):  # a JPEG: the crop chosen from its header, decoded at the scale it needs
         box = crop_box(*wh, rng, area_min)
-        img = _jpeg_crop(data, wh, box, image_size, where) if box else center_crop(decode_rgb(data, where), image_size, 1.0)
+        pixels = (_jpeg_crop(data, wh, box, image_size, where) if box
+                  else np.asarray(center_crop(decode_rgb(data, where), image_size, 1.0)))
     else:
-        img = inception_crop(decode_rgb(data, where), image_size, rng, area_min)
+        pixels = inception_crop(decode_rgb(data, where), image_size, rng, area_min)
     if train and flip and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(img), label
+        pixels = pixels[:, ::-1]
+    return np.ascontiguousarray(pixels), label
 
 
-def _jpeg_crop(data: bytes, wh: tuple[int, int], box: tuple[int, int, int, int], size: int, where: str) -> Image.Image:
+def _jpeg_crop(data: bytes, wh: tuple[int, int], box: tuple[int, int, int, int], size: int, where: str) -> np.ndarray:
     try:
         return jpeg.decode_crop(data, wh, box, size)
     except Exception:  # libjpeg-turbo refused what the header promised: Pillow decodes it, or names the sample
         x, y, cw, ch = box
-        return decode_rgb(data, where).resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+        return resize_crop(np.asarray(decode_rgb(data, where)), (x, y, x + cw, y + ch), size)
 
 
 def decode_shards(
