@@ -7,6 +7,13 @@ Refuses (exit 2) a configuration that cannot fit on its accelerator. Starts no R
     python jobs/plan.py --preset b16_jft --set model.name=bit_r152x2     # any registered model (--model = this)
 
 The dataset size comes from the preset's dataset (jft 303M, i21k 14.2M, imagenet 1.28M images) unless --images.
+
+The data line: the images/s the accelerators consume at that MFU, the CPUs needed to decode them and whether the
+cluster has them. The decode rate is measured for a few seconds on the first samples of a few shards of
+data.train_uri when it is set (the same decode + crop + flip as training, one core, before anything starts):
+
+    python jobs/plan.py --preset b16_i21k --accelerator H100 --set scaling.num_workers=64 \
+        --set data.train_uri=s3://bucket/i21k/train [--node-cpus 192] [--data-cpus 256]
 """
 from __future__ import annotations
 
@@ -27,11 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=float, help="images per epoch (default: the preset's dataset)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to plan with (default 0.4)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--decode-rate", type=float, help="images/s one CPU decodes (default: measured on data.train_uri"
+                   " when set, else ImageNet-sized JPEGs' rate)")
+    p.add_argument("--node-cpus", type=float, help="CPUs per accelerator node (default: the cloud instance that"
+                   " carries 8 of --accelerator, e.g. 192 for H100)")
+    p.add_argument("--data-cpus", type=float, default=0.0, help="CPUs on CPU-only data nodes (default 0)")
     args = p.parse_args(argv)
 
     from vitray import cost
     from vitray.config import ConfigError, apply_overrides, preset, validate
     from vitray.config.recipes import DATASETS
+    from vitray.data.shards import DataError
 
     extra = [f"model.name={args.model}"] if args.model else []
     extra += [f"scaling.accelerator={args.accelerator}"] if args.accelerator else []
@@ -45,12 +58,33 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu: {args.mfu} is not in (0, 1]")
         estimate = cost.estimate(cfg, images, args.mfu, host=not cfg.scaling.use_gpu)
-        print(json.dumps(estimate.to_dict()) if args.json else estimate.summary())
+        rate, source = decode_rate(cfg, args.decode_rate)
+        data = cost.data_plan(cfg, estimate, rate, source, args.node_cpus, args.data_cpus)
+        if args.json:
+            print(json.dumps({**estimate.to_dict(), "data": data.to_dict() if data else None}))
+        else:
+            print(estimate.summary())
+            print(data.summary() if data else "data: no accelerator peak known, so no consumption rate to plan for")
         cost.check_fits(estimate)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def decode_rate(cfg, given: float | None) -> tuple[float, str]:
+    """Images/s per CPU of the training decode: given, measured on the configured shards, or the reference."""
+    from vitray import cost
+    from vitray.data import decode_rate as rate
+    from vitray.storage import Endpoint
+
+    if given:
+        return given, "given"
+    if not cfg.data.train_uri:
+        return cost.REFERENCE_DECODE_PER_CPU, "assumed: ImageNet-sized JPEGs; set data.train_uri to measure yours"
+    endpoint = Endpoint(url=cfg.storage.endpoint_url or None, region=cfg.storage.region)
+    measured = rate.measure(cfg.data.train_uri, endpoint, cfg.data.image_size, area_min=cfg.data.crop_area_min)
+    return measured.per_cpu, f"measured on {measured.source}"
 
 
 if __name__ == "__main__":

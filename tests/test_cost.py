@@ -1,5 +1,7 @@
 """Compute accounting: analytic FLOPs against PyTorch's own counter, the paper's Tables 2 and 6, ZeRO memory, the
 planner. No Ray: models are built on the meta device, so even H/14 and R152x4 cost no memory."""
+import math
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -148,3 +150,67 @@ def test_optimizer_offload_takes_the_optimizer_off_the_device_but_not_off_a_cpu_
     assert offloaded.memory_total == pytest.approx(on_device.memory_total - on_device.memory["optimizer"])
     cpu = cfg.replace(scaling=dict(use_gpu=False, num_workers=2), deepspeed=dict(offload_optimizer=True))
     assert cost.estimate(cpu, 1, host=True).memory["optimizer"] > 0  # the host is the device there
+
+
+def test_data_plan_counts_the_cpus_the_accelerators_need_and_names_the_remedy():
+    """The data line: consumption = workers × peak × MFU ÷ FLOPs per image; CPUs = consumption ÷ Ray Data's rate per
+    CPU; the cluster's CPUs are what the training workers leave on their nodes plus data nodes."""
+    from vitray.data.decode_rate import RAY_DATA_EFFICIENCY
+
+    cfg = preset("b16_i21k").replace(scaling=dict(num_workers=64, accelerator="H100", cpus_per_worker=8))
+    est = cost.estimate(cfg, 14.2e6)
+    plan = cost.data_plan(cfg, est, decode_per_cpu=800, decode_source="given")
+    per_gpu = accounting.PEAK_FLOPS["H100"] * 0.4 / est.train_flops_per_image
+    assert plan.images_per_s == pytest.approx(64 * per_gpu)
+    assert 3_000 < per_gpu < 5_000  # ViT-B/16 on an H100 at 40 % MFU: ~4,000 img/s
+    assert plan.cpus_needed == pytest.approx(64 * per_gpu / (800 * RAY_DATA_EFFICIENCY))
+    assert plan.cpus_free == 8 * (192 - 8 * 8)  # 8 p5 nodes of 192 vCPUs, 8 workers × 8 CPUs each reserved
+    assert plan.enough and plan.summary().endswith("— enough")
+
+    slow = cost.data_plan(cfg, est, decode_per_cpu=100, decode_source="measured")
+    assert not slow.enough
+    short = slow.cpus_needed - slow.cpus_free
+    text = slow.summary()
+    assert f"short by {short:,.0f} CPUs" in text and "--max-side" in text and "data.decode_on=gpu" in text
+    assert f"Add {math.ceil(short / cost.DATA_NODE_CPUS)} CPU-only data nodes" in text
+    helped = cost.data_plan(cfg, est, decode_per_cpu=100, decode_source="measured", data_cpus=short + 1)
+    assert helped.enough
+    assert cost.data_plan(preset("smoke"), cost.estimate(preset("smoke"), 1500), 800, "given") is None  # CPU: no peak
+
+
+def test_planner_measures_the_decode_rate_on_the_configured_shards(tmp_path, capsys):
+    """`jobs/plan.py --set data.train_uri=…` decodes the first samples of a few shards (a few seconds, no Ray) and
+    plans with that rate; a dataset that is not there is one error naming the field."""
+    import io
+    import tarfile
+
+    from vitray.data import decode_rate
+    from vitray.data.datasets import write_digits
+
+    write_digits(str(tmp_path / "digits"))
+    measured = decode_rate.measure(str(tmp_path / "digits" / "train"), None, 32, seconds=0.5)
+    assert measured.per_cpu > 0 and measured.samples >= 100 and "shard-00000.tar" in measured.source
+
+    with open(tmp_path / "digits" / "train" / "shard-00000.tar", "rb") as f:
+        data = f.read()
+    cut = decode_rate.leading_samples(data[: len(data) // 2])  # a range read ends mid-member: complete ones only
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        whole = [m.name for m in tar if m.name.endswith(".png")]
+    assert 0 < len(cut) < len(whole) and [k for k, _ in cut] == [n[:-4] for n in whole[: len(cut)]]
+
+    plan = _job("plan")
+    uri = str(tmp_path / "digits" / "train")
+    assert plan.main(["--preset", "b16_i21k", "--accelerator", "H100", "--set", f"data.train_uri={uri}"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("data: the accelerators consume") and f"measured on {measured.samples} samples of {uri}" in line
+    assert plan.main(["--preset", "b16_i21k", "--set", f"data.train_uri={tmp_path / 'nowhere'}"]) == 2
+    assert f"data.train_uri: {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def _job(name: str):
+    import importlib
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+    return importlib.import_module(name)

@@ -37,6 +37,16 @@ ACCELERATOR_MEMORY_GIB = {
     "TPUv3-core": 16, "V100": 32, "A10G": 24, "L4": 24, "A100": 80, "H100": 80, "H200": 141, "B200": 192,
 }
 
+# Host CPUs per accelerator on the instance that carries eight of them (AWS: p5.48xlarge and p6-b200.48xlarge 192
+# vCPUs, p4d.24xlarge 96, p3.16xlarge 64, g6e.48xlarge 192; a TPU v3-8 host 96). Modelled: --node-cpus overrides.
+HOST_CPUS_PER_ACCELERATOR = {
+    "TPUv3-core": 12, "V100": 8, "A10G": 24, "L4": 24, "A100": 12, "H100": 24, "H200": 24, "B200": 24,
+}
+DATA_NODE_CPUS = 64  # cluster/aws-gpu.yaml's CPU-only data node (c7i.16xlarge)
+# Decode + crop + flip per CPU when the planner has no data to measure on: the in-process rate on ImageNet-sized
+# photos (benchmarks/results/ingest.json's set, 2-core EPYC), as `vitray/data/decode_rate.py` measures it.
+REFERENCE_DECODE_PER_CPU = 795.0
+
 # Paper Table 6: pretraining compute on JFT-300M, exaFLOPs, by (model, epochs).
 TABLE6_EXAFLOPS = {
     ("vit_b16", 7): 224, ("vit_l16", 7): 783, ("vit_l16", 14): 1567, ("vit_h14", 14): 4262,
@@ -205,6 +215,63 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "memory_total": self.memory_total, "fits": self.fits}
+
+
+@dataclasses.dataclass
+class DataPlan:
+    """Whether the cluster's CPUs can decode as fast as its accelerators consume (Ray Data's decode tasks use the
+    CPUs the training workers leave free on their nodes, and CPU-only data nodes when the cluster has them)."""
+
+    images_per_s: float  # what the accelerators consume at the planned MFU
+    decode_per_cpu: float  # images/s one CPU delivers through Ray Data
+    decode_source: str  # where that rate comes from (measured on which shards, or assumed)
+    cpus_free: float  # on the accelerator nodes, after the training workers' scaling.cpus_per_worker, + data nodes
+    cpus_free_how: str
+
+    @property
+    def cpus_needed(self) -> float:
+        return self.images_per_s / self.decode_per_cpu
+
+    @property
+    def enough(self) -> bool:
+        return self.cpus_free >= self.cpus_needed
+
+    def summary(self) -> str:
+        line = (f"data: the accelerators consume {self.images_per_s:,.0f} img/s; decoding at {self.decode_per_cpu:,.0f}"
+                f" img/s per CPU ({self.decode_source}) needs {self.cpus_needed:,.0f} CPUs; the cluster has"
+                f" {self.cpus_free:,.0f} free for it ({self.cpus_free_how})")
+        if self.enough:
+            return line + " — enough"
+        short = self.cpus_needed - self.cpus_free
+        return (line + f" — short by {short:,.0f} CPUs: the run would be data-bound at"
+                f" {self.cpus_free / self.cpus_needed:.0%} of the planned speed. Add {math.ceil(short / DATA_NODE_CPUS)}"
+                f" CPU-only data nodes ({DATA_NODE_CPUS} CPUs each: cluster/aws-gpu.yaml's data_cpu, or --data-cpus),"
+                " store the shards pre-resized (jobs/write_shards.py --max-side 512), lower scaling.cpus_per_worker,"
+                " or decode on the accelerators (data.decode_on=gpu)")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "cpus_needed": self.cpus_needed, "enough": self.enough}
+
+
+def data_plan(cfg: Config, est: Estimate, decode_per_cpu: float, decode_source: str, node_cpus: float | None = None,
+              data_cpus: float = 0.0) -> DataPlan | None:
+    """The data-CPU line of a plan; None without an accelerator peak (nothing to say how fast it consumes).
+    `decode_per_cpu`: in-process images/s per CPU (`decode_rate.measure`), turned into Ray Data's rate here."""
+    from vitray.data.decode_rate import RAY_DATA_EFFICIENCY
+
+    _, peak = _lookup(accounting.PEAK_FLOPS, est.accelerator)
+    if not peak:
+        return None
+    if node_cpus is None:
+        _, per_accelerator = _lookup(HOST_CPUS_PER_ACCELERATOR, est.accelerator)
+        node_cpus = (per_accelerator or 12) * GPUS_PER_NODE
+    per_node = min(est.world, GPUS_PER_NODE)
+    free_per_node = max(0.0, node_cpus - per_node * cfg.scaling.cpus_per_worker)
+    how = (f"{est.nodes} nodes × ({node_cpus:g} − {per_node} workers × {cfg.scaling.cpus_per_worker:g}"
+           f" scaling.cpus_per_worker)" + (f" + {data_cpus:g} on data nodes" if data_cpus else ""))
+    return DataPlan(images_per_s=est.world * peak * est.mfu / est.train_flops_per_image,
+                    decode_per_cpu=decode_per_cpu * RAY_DATA_EFFICIENCY, decode_source=decode_source,
+                    cpus_free=est.nodes * free_per_node + data_cpus, cpus_free_how=how)
 
 
 def _lookup(table: dict, accelerator: str):
