@@ -76,26 +76,39 @@ def _kill_raylet(node_id: str) -> int:
 
 def spread(overrides_json: str) -> dict:
     """The reliability run (`--set` overrides) with placement_strategy=SPREAD on a three-node Ray cluster
-    (ray.cluster_utils.Cluster): its summary and its loss at every step."""
+    (ray.cluster_utils.Cluster): its summary, its loss at every step, and where its tasks ran. The head is a
+    CPU-only data node (Ray node label `vitray.io/node-role=data`, 1 CPU: too small for a 1.5-CPU training
+    worker); the two others have 3 CPUs each, 1.5 of them left free by their worker, which Ray Data would use
+    too if the stream did not place its decode tasks on the data node."""
     import ray
     from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors, list_tasks
 
     from vitray import storage
     from vitray.config import smoke
     from vitray.config.schema import apply_overrides
+    from vitray.data.stream import DATA_NODE_LABEL
+    from vitray.storage import free_port
     from vitray.train import launch
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    key, value = DATA_NODE_LABEL
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "labels": {key: value}, "include_dashboard": True, "dashboard_port": free_port()})
     for _ in range(2):
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=3)
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
-        cfg = apply_overrides(smoke(), json.loads(overrides_json) + ["scaling.placement_strategy=SPREAD"])
+        cfg = apply_overrides(smoke(), json.loads(overrides_json) + [
+            "scaling.placement_strategy=SPREAD", "scaling.cpus_per_worker=1.5"])
         summary = launch.run(cfg)
         endpoint = storage.Endpoint(url=cfg.storage.endpoint_url)
         rows = storage.read_bytes(storage.join(summary["run"], "metrics.jsonl"), endpoint).decode().splitlines()
         losses = [r["loss"] for r in map(json.loads, rows) if "loss" in r and "final" not in r]
-        return {**summary, "losses": losses, "nodes": len([n for n in ray.nodes() if n["Alive"]])}
+        decode = {t.node_id for t in list_tasks(filters=[("type", "=", "NORMAL_TASK")], limit=10_000, detail=True)
+                  if "decode_shards" in t.name}
+        workers = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)}
+        return {**summary, "losses": losses, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
+                "data_node": cluster.head_node.node_id, "decode_nodes": sorted(decode), "train_nodes": sorted(workers)}
     finally:
         ray.shutdown()
         cluster.shutdown()

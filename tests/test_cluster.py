@@ -154,8 +154,9 @@ def test_local_autoscaling_cluster_launches_up_to_max_and_removes_idle_nodes(tmp
 
 @pytest.mark.e2e
 def test_train_workers_spread_across_nodes_train_exactly_as_on_one(s3, digits):
-    """The reliability run with its two workers spread over two nodes: the same loss at every step as the stored
-    known-good curve (one node): placement changes where workers run, never what they compute."""
+    """The reliability run with its two workers spread over two nodes, beside a CPU-only data node: the same loss at
+    every step as the stored known-good curve (one node): placement changes where workers run, never what they
+    compute. Every read + decode task ran on the data node, every training worker on the other two."""
     from test_reliability import CURVE, _overrides
 
     env = {**os.environ, "PYTHONPATH": ROOT}
@@ -166,6 +167,8 @@ def test_train_workers_spread_across_nodes_train_exactly_as_on_one(s3, digits):
     assert probe.returncode == 0, out[-3000:]
     result = json.loads(out[out.index("PROBE ") + 6:].splitlines()[0])
     assert result["nodes"] == 3 and result["worker_nodes"] == 2  # SPREAD: one worker on each of two nodes
+    assert result["decode_nodes"] == [result["data_node"]]
+    assert len(result["train_nodes"]) == 2 and result["data_node"] not in result["train_nodes"]
     with open(CURVE) as f:
         assert result["losses"] == pytest.approx(json.load(f)["loss"], rel=2e-3)
 

