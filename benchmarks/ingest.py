@@ -122,6 +122,7 @@ def measure(kind: str, args, s3) -> dict:
     """One photo set: both paths interleaved, `args.rounds` times."""
     import ray
 
+    from vitray.data import decode_rate
     from vitray.data.datasets import folder_classes, samples_from_folder
     from vitray.data.shards import write_shards
 
@@ -136,6 +137,9 @@ def measure(kind: str, args, s3) -> dict:
         write_shards(samples_from_folder(tmp, classes, max_side=512 if kind == "large-512" else 0), uri, classes,
                      s3.endpoint, max_shard_samples=max(1, args.images // 12))
         limits = decode_limits(files, args.size)
+        # What the planner measures on a dataset (vitray/data/decode_rate.py): Ray Data's rate ÷ this one is its
+        # RAY_DATA_EFFICIENCY.
+        in_process = decode_rate.measure(uri, s3.endpoint, args.size).per_cpu
         ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
         run_ray(uri, s3.endpoint, args.size, args.batch)  # warm-up: worker processes, imports
@@ -153,7 +157,8 @@ def measure(kind: str, args, s3) -> dict:
     return {"images": args.images, "ray_data_images_per_s": ray_rates, "dataloader_images_per_s": loader_rates,
             "ray_data_per_core": statistics.median(ray_rates) / args.workers,
             "dataloader_per_core": statistics.median(loader_rates) / args.workers,
-            "first_batch_s": first, **limits, "object_store_spilled": spilled[0] if spilled else "nothing",
+            "first_batch_s": first, **limits, "planner_in_process_per_core": in_process,
+            "ray_data_efficiency": statistics.median(ray_rates) / args.workers / in_process, "object_store_spilled": spilled[0] if spilled else "nothing",
             "ratio_per_round": ratios, "ratio_median": statistics.median(ratios),
             "goal": ">= 1.5" if kind == "imagenet" else ">= 4" if kind == "large" else "the gain of pre-resizing"}
 

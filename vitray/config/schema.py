@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ class DataConfig:
     bad_samples: str = "error"  # error = stop naming shard and key | skip = drop, count and log each one
     wait_warn_s: float = 120.0  # a worker waiting this long for a micro-batch says what Ray cannot schedule; 0 = off
     partitions: int = 0  # logical data partitions, fixed for the run (data/partitions.py); 0 = scaling.num_workers
+    decode_on: str = "cpu"  # cpu = in Ray Data tasks | gpu = JPEGs decoded on the worker's device (nvJPEG; data/device_decode.py)
     audit_samples: bool = False  # log every step's sample keys (and their epoch) in metrics.jsonl: exactly-once checks
 
 
@@ -292,6 +294,14 @@ def validate(cfg: Config) -> None:
         errors.append("optim.epochs: give a positive number of epochs or optim.total_steps")
     if not 0.0 < d.crop_area_min <= 1.0:
         errors.append(f"data.crop_area_min: must be in (0, 1], got {d.crop_area_min}")
+    if d.decode_on not in ("cpu", "gpu"):
+        errors.append(f"data.decode_on: must be cpu or gpu, got {d.decode_on!r}")
+    elif d.decode_on == "gpu" and spec is not None and spec.family not in ("vit", "bit", "hybrid"):
+        errors.append(f"data.decode_on: gpu decodes classification images; {cfg.model.name} ({spec.family}) decodes"
+                      " on the CPU (data.decode_on=cpu)")
+    elif d.decode_on == "gpu" and cfg.scaling.use_gpu and importlib.util.find_spec("torchvision") is None:
+        errors.append("data.decode_on: gpu needs torchvision (its decode_jpeg runs nvJPEG): pip install the"
+                      " torchvision built for your torch")
     if d.bad_samples not in ("error", "skip"):
         errors.append(f"data.bad_samples: must be error or skip, got {d.bad_samples!r}")
     if d.builtin not in ("", "digits", "digit_canvases"):

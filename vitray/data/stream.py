@@ -68,6 +68,7 @@ def read_images(
     ordered: bool = False,
     bad_samples: str = "error",
     detection: dict | None = None,
+    ship: bool = False,
 ) -> "ray.data.Dataset":
     """Tar shards → {"image", "label", "key", "error"} batches, checked against the manifest (`shards`: shard name
     → ShardInfo fields), decoded and augmented in Ray Data tasks. `detection` (max_boxes, num_classes, crop_min):
@@ -90,7 +91,7 @@ def read_images(
     # batch_size blocks that fusion and costs an extra hop through the object store per block).
     kwargs = dict(shards=shards, train=train, image_size=image_size, flip=flip, seed=aug_seed, on_error=bad_samples)
     if detection is None:
-        decode, kwargs = decode_shards, {**kwargs, "area_min": area_min}
+        decode, kwargs = decode_shards, {**kwargs, "area_min": area_min, "ship": ship}
     else:
         from vitray.data.detection import decode_detection_shards
 
@@ -175,8 +176,9 @@ class TrainStream:
 
     def __init__(self, uri: str, endpoint: Endpoint | None, partitions: int, image_size: int, seed: int,
                  batch: int, shuffle_buffer: int = 0, area_min: float = 0.05, flip: bool = True,
-                 bad_samples: str = "error", detection: dict | None = None):
+                 bad_samples: str = "error", detection: dict | None = None, decode_on: str = "cpu"):
         manifest = read_manifest(uri, endpoint)
+        self.ship = decode_on == "gpu"  # JPEGs leave encoded, for the worker's device (data/device_decode.py)
         self.detection = detection
         self.fs, root = storage.resolve(uri, endpoint)
         self.shards = shard_table(manifest)
@@ -194,7 +196,7 @@ class TrainStream:
         mine = {name: self.shards[name] for name in (p.rsplit("/", 1)[-1] for p in paths)}  # small task arguments
         ds = read_images(paths, self.fs, mine, True, self.image_size, self.area_min,
                          self.flip, aug_seed=(self.seed, epoch), ordered=True, bad_samples=self.bad_samples,
-                         detection=self.detection)
+                         detection=self.detection, ship=self.ship)
         batches = ds.iter_batches(
             batch_size=self.batch,
             batch_format="numpy",

@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageOps
 
-from vitray.data import jpeg
+from vitray.data import device_decode, jpeg
 from vitray.data.resize import mirror, resize_crop
 from vitray.data.shards import DataError
 
@@ -83,7 +83,10 @@ def center_crop(img: Image.Image, size: int, resize_ratio: float = 256 / 224) ->
 
 
 def _sample(data, cls, where: str, train: bool, image_size: int, area_min: float, flip: bool,
-            rng: np.random.Generator) -> tuple[np.ndarray, int]:
+            rng: np.random.Generator, ship: bool = False) -> tuple[np.ndarray | dict, int]:
+    """One sample's pixels and label. `ship` (data.decode_on=gpu): a JPEG's crop and flip are drawn here, from the
+    same generator in the same order, and the file travels encoded (`device_decode.ship`); anything else travels
+    as its augmented pixels."""
     if data is None or cls is None:
         raise DataError(f"{where}: missing {'image' if data is None else 'label (.cls)'}")
     try:
@@ -94,13 +97,16 @@ def _sample(data, cls, where: str, train: bool, image_size: int, area_min: float
         pixels = np.asarray(center_crop(decode_rgb(data, where), image_size))
     elif wh := jpeg.scalable_size(data):  # a JPEG: the crop chosen from its header, decoded at the scale it needs
         box = crop_box(*wh, rng, area_min)
+        if box and ship:
+            return device_decode.ship(data, box, bool(flip and rng.random() < 0.5)), label
         pixels = (_jpeg_crop(data, wh, box, image_size, where) if box
                   else np.asarray(center_crop(decode_rgb(data, where), image_size, 1.0)))
     else:
         pixels = inception_crop(decode_rgb(data, where), image_size, rng, area_min)
     if train and flip and rng.random() < 0.5:
         pixels = mirror(pixels)
-    return np.ascontiguousarray(pixels), label
+    pixels = np.ascontiguousarray(pixels)
+    return (device_decode.ship_pixels(pixels) if ship else pixels), label
 
 
 def _jpeg_crop(data: bytes, wh: tuple[int, int], box: tuple[int, int, int, int], size: int, where: str) -> np.ndarray:
@@ -113,14 +119,16 @@ def _jpeg_crop(data: bytes, wh: tuple[int, int], box: tuple[int, int, int, int],
 
 def decode_shards(
     batch: dict[str, np.ndarray], shards: dict[str, tuple], train: bool, image_size: int, area_min: float = 0.05,
-    seed: tuple[int, int] | None = None, flip: bool = True, on_error: str = "error",
+    seed: tuple[int, int] | None = None, flip: bool = True, on_error: str = "error", ship: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` body over whole shards (`read_binary_files` rows: "path", "bytes") → one row per
     sample: {"image": uint8 (B, S, S, 3), "label": int64 (B,), "key": str (B,), "error": str (B,)}. Each shard is first checked against its manifest entry (`shards`: shard name →
     ShardInfo fields), so a truncated or altered shard is named; with `on_error="skip"` every sample of a bad
     shard becomes an error row (the manifest says how many), and so does each bad sample (label −1, blank image),
     for the consumer to drop and count. `seed` = (run seed, epoch) makes augmentation reproducible: each sample
-    draws from a generator seeded by (seed, epoch, its key), whichever task or batch it lands in."""
+    draws from a generator seeded by (seed, epoch, its key), whichever task or batch it lands in. `ship` (training
+    with data.decode_on=gpu): JPEGs leave encoded, with their crop and flip, for the worker's device to decode
+    (`device_decode`): columns "encoded", "kind", "box", "flip" instead of "image"."""
     from vitray.data.shards import read_checked
 
     keys, images, labels, errors = [], [], [], []
@@ -138,7 +146,7 @@ def decode_shards(
                 if label is not None and not label.lstrip("-").isdigit():
                     raise DataError(f"{where}: label {label!r} is not an integer")
                 pixels, y = _sample(image, label, where, train, image_size, area_min, flip,
-                                    rng or np.random.default_rng([*seed, zlib.crc32(key.encode())]))
+                                    rng or np.random.default_rng([*seed, zlib.crc32(key.encode())]), ship and train)
                 error = ""
             except DataError as e:
                 if on_error != "skip":
@@ -148,6 +156,12 @@ def decode_shards(
             images.append(pixels)
             labels.append(y)
             errors.append(error)
+    rows = {"label": np.asarray(labels, np.int64), "key": np.asarray(keys, dtype=str), "error": np.asarray(errors, dtype=str)}
+    if ship and train:
+        shipped = [p if isinstance(p, dict) else device_decode.ship_pixels(p) for p in images]  # bad rows: blank
+        return {"encoded": np.array([p["encoded"] for p in shipped] + [b""], dtype=object)[:-1],  # 1-D of bytes
+                "kind": np.asarray([p["kind"] for p in shipped], np.int8),
+                "box": np.asarray([p["box"] for p in shipped], np.int32).reshape(-1, 4),
+                "flip": np.asarray([p["flip"] for p in shipped], bool), **rows}
     empty = np.zeros((0, image_size, image_size, 3), np.uint8)
-    return {"image": np.stack(images) if images else empty, "label": np.asarray(labels, np.int64),
-            "key": np.asarray(keys, dtype=str), "error": np.asarray(errors, dtype=str)}
+    return {"image": np.stack(images) if images else empty, **rows}

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitray.data import device_decode
 from vitray.models.inputs import to_model_input
 from vitray.models.registry import build_model
 from vitray.tasks import Task
@@ -27,7 +28,8 @@ class ClassificationTask(Task):
 
     def to_tensors(self, batch: dict[str, np.ndarray], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """uint8 HWC images from the pipeline → [-1, 1] NCHW on the device (the paper's (x − 127.5)/127.5)."""
-        return {"image": to_model_input(batch["image"], device, dtype), "label": torch.from_numpy(np.require(batch["label"], requirements="W")).to(device)}
+        images = batch["image"] if "image" in batch else device_decode.decode_batch(batch, self.cfg.data.image_size, device)
+        return {"image": to_model_input(images, device, dtype), "label": torch.from_numpy(np.require(batch["label"], requirements="W")).to(device)}
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(batch["image"])
