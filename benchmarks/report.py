@@ -41,6 +41,16 @@ def main() -> None:
             f"| {min(i['ray_data_images_per_s']):.0f}–{max(i['ray_data_images_per_s']):.0f} img/s (Ray Data, {i.get('shards_on', 'S3')}) "
             f"| {min(i['dataloader_images_per_s']):.0f}–{max(i['dataloader_images_per_s']):.0f} img/s (DataLoader, local files) "
             f"| **{i['ratio_median']:.2f}×** | ≥ 1.0× — {verdict(i['ratio_median'] >= 1.0)} |")
+    w = load("write_shards")
+    if w:
+        m21 = w["in21k_64_cores_modelled"]
+        rows.append(
+            f"| shard writing, {w['photos'].split(' (')[0]}, {w['workers']} CPUs "
+            f"| {min(w['ray_writer_img_s']):.0f}–{max(w['ray_writer_img_s']):.0f} img/s (Ray writer; ImageNet-21k on 64 cores"
+            f" modelled: {m21['minutes']:.0f} min) "
+            f"| {min(w['single_process_img_s']):.0f}–{max(w['single_process_img_s']):.0f} img/s (single process;"
+            f" ImageNet-21k: {m21['single_process_hours']:.1f} h) "
+            f"| **{w['ratio_median']:.2f}×** | — (ideal {w['workers']:.1f}×) |")
     for stage in (1, 0):
         e = load(f"engine_overhead_zero{stage}")
         if e:
