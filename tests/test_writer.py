@@ -71,6 +71,11 @@ def test_plan_is_cut_by_count_and_source_bytes_and_a_different_restart_is_refuse
     changed = [(p, k, lab, s + 1) for p, k, lab, s in files]  # the same names, one byte more each
     with pytest.raises(DataError, match="the source's files changed since"):
         writer.claim(dest, writer.plan_record("/src", ["c"], changed, plans, 0, False, 8000, 4), None)
+    (tmp_path / "no-classes").mkdir()
+    (tmp_path / "no-classes" / "x.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="no-classes: no class folders"):  # before Ray: nothing to start it for
+        writer.write_folder(str(tmp_path / "no-classes"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
     (tmp_path / "stray").mkdir()
     (tmp_path / "stray" / "shard-00000.tar").write_bytes(b"")
     with pytest.raises(DataError, match="holds shards but no _writer/plan.json"):
