@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import os
 
 from common import ROOT
@@ -41,6 +42,20 @@ def main() -> None:
             f"| {min(i['ray_data_images_per_s']):.0f}–{max(i['ray_data_images_per_s']):.0f} img/s (Ray Data, {i.get('shards_on', 'S3')}) "
             f"| {min(i['dataloader_images_per_s']):.0f}–{max(i['dataloader_images_per_s']):.0f} img/s (DataLoader, local files) "
             f"| **{i['ratio_median']:.2f}×** | ≥ 1.0× — {verdict(i['ratio_median'] >= 1.0)} |")
+    w = load("write_shards")
+    if w:
+        in21k_min = w["in21k_64_cores_modelled"]["minutes"]
+        cores = statistics.median(a / b for a, b in zip(w["ray_writer_img_s"], w["ray_writer_img_per_cpu_s"]))
+        rows.append(
+            f"| shard writing, {w['photos'].split(' (')[0]}, {w['workers']} CPUs (shared) "
+            f"| {min(w['ray_writer_img_s']):.0f}–{max(w['ray_writer_img_s']):.0f} img/s (Ray writer; it got {cores:.1f}"
+            f" of {w['workers']} cores; {w['ray_writer_per_core_img_s']:.0f} img per CPU-second, "
+            f"{w['ray_writer_cpu_efficiency']:.2f}× the single process's; ImageNet-21k on 64 cores modelled:"
+            f" {in21k_min:.0f} min) "
+            f"| {min(w['single_process_img_s']):.0f}–{max(w['single_process_img_s']):.0f} img/s (single process;"
+            f" {statistics.median(w['single_process_img_per_cpu_s']):.0f} per CPU-second; ImageNet-21k:"
+            f" {w['in21k_64_cores_modelled']['single_process_hours']:.1f} h) "
+            f"| **{w['ratio_median']:.2f}×** | — (ideal {w['workers']:.1f}× on free cores) |")
     for stage in (1, 0):
         e = load(f"engine_overhead_zero{stage}")
         if e:

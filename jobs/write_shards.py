@@ -1,10 +1,15 @@
 """Turn images into vitray shards (WebDataset tar + manifest) on a local path or s3://bucket/prefix.
 
     python jobs/write_shards.py --source folder:/data/imagenet/train --dest s3://my-bucket/imagenet/train
+    python jobs/write_shards.py --source folder:s3://my-bucket/raw/train --dest s3://my-bucket/imagenet/train
     python jobs/write_shards.py --source digits --dest ./data/digits          # writes train/ and val/
     python jobs/write_shards.py --source coco:annotations/instances_val2017.json:val2017 --dest s3://b/coco/val2017
     python jobs/write_shards.py --source digit_canvases --dest ./data/canvases  # DETR's smoke data: train/, val/
     python jobs/write_shards.py --verify s3://my-bucket/imagenet/train       # checksums and counts
+
+A folder source is written by Ray tasks on every CPU of the cluster (RAY_ADDRESS, else a local Ray), with a
+progress line every --progress-every seconds; killed and started again with the same arguments, it keeps the
+shards already written (vitray/data/writer.py). --single-process writes it in this process instead, without Ray.
 
 S3-compatible endpoints (MinIO, Ceph): --endpoint-url http://host:9000. Credentials come from the standard AWS
 chain (environment, ~/.aws, instance role) and are never printed or stored.
@@ -35,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                    " exceeds N pixels resized to N (aspect kept), so training decodes less; 0 = as they are")
     p.add_argument("--skip-bad", action="store_true", help="folder: leave out files that cannot be read or decoded;"
                    " each is listed (path, reason) here and in the manifest's \"skipped\"")
+    p.add_argument("--single-process", action="store_true", help="folder: write in this process, one file after"
+                   " another, without Ray (the reference path)")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="S", help="folder: seconds between"
+                   " progress lines (default 10)")
     args = p.parse_args(argv)
     endpoint = Endpoint(url=args.endpoint_url, region=args.region)
     try:
@@ -72,23 +81,34 @@ def main(argv: list[str] | None = None) -> int:
 
             annotations, _, image_dir = path.partition(":")
             classes, samples = samples_from_coco(annotations, image_dir)
+        elif kind == "folder" and path and not args.single_process:
+            from vitray.data.writer import write_folder
+
+            m = write_folder(path, args.dest, endpoint, max_shard_bytes=args.shard_size_mb << 20,
+                             max_shard_samples=args.shard_samples, skip_bad=args.skip_bad, max_side=args.max_side,
+                             progress_every_s=args.progress_every)
+            return _summary(args.dest, m)
         elif kind == "folder" and path:
             from vitray.data.datasets import folder_classes, samples_from_folder
 
-            classes = folder_classes(path)
-            samples = samples_from_folder(path, classes, skipped, max_side=args.max_side)
+            classes = folder_classes(path, endpoint)
+            samples = samples_from_folder(path, classes, skipped, max_side=args.max_side, endpoint=endpoint)
         else:
             p.error(f"--source {args.source!r}: expected folder:<path>, coco:<json>:<dir>, digits or digit_canvases")
         m = write_shards(samples, args.dest, classes, endpoint, max_shard_bytes=args.shard_size_mb << 20,
                          max_shard_samples=args.shard_samples, skipped=skipped)
-        for bad in m.skipped:
-            print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
-        print(f"{args.dest}: {len(m.shards)} shards, {m.num_samples} samples, {len(classes)} classes"
-              + (f", {len(m.skipped)} files skipped (listed in its manifest.json)" if m.skipped else ""))
-        return 0
+        return _summary(args.dest, m)
     except (DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _summary(dest: str, m) -> int:
+    for bad in m.skipped:
+        print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
+    print(f"{dest}: {len(m.shards)} shards, {m.num_samples} samples, {len(m.classes)} classes"
+          + (f", {len(m.skipped)} files skipped (listed in its manifest.json)" if m.skipped else ""))
+    return 0
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def test_same_photo_as_jpg_and_png_gives_two_samples_and_real_collisions_name_bo
     _photo(tmp_path / "photos" / "cat" / "x.jpg", "JPEG")
     _photo(tmp_path / "photos" / "cat" / "x.png", "PNG")
     _photo(tmp_path / "photos" / "dog" / "x.jpg", "JPEG", seed=1)
-    assert write(["--source", f"folder:{tmp_path / 'photos'}", "--dest", str(tmp_path / "ds")]) == 0
+    # --single-process: the same listing and per-file checks as the Ray writer (tests/test_writer.py), no Ray.
+    assert write(["--source", f"folder:{tmp_path / 'photos'}", "--dest", str(tmp_path / "ds"), "--single-process"]) == 0
     assert _manifest(tmp_path / "ds")["num_samples"] == 3
     # Two names that still map to one key are refused before anything is written, both files named.
     _photo(tmp_path / "photos" / "dog" / "a.b.jpg", "JPEG")
@@ -69,12 +70,13 @@ def test_skip_bad_writes_the_good_files_and_lists_the_bad_ones(tmp_path, capsys)
     empty = tmp_path / "photos" / "cat" / "empty.png"
     empty.write_bytes(b"")
     # Without the policy: one clear error naming the file and what it is (no in-memory buffer's repr).
-    assert write(["--source", f"folder:{tmp_path / 'photos'}", "--dest", str(tmp_path / "strict")]) == 2
+    assert write(["--source", f"folder:{tmp_path / 'photos'}", "--dest", str(tmp_path / "strict"), "--single-process"]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "BytesIO" not in err and "not an image format Pillow reads" in err
     assert not (tmp_path / "strict" / "manifest.json").exists()
 
-    assert write(["--source", f"folder:{tmp_path / 'photos'}", "--dest", str(tmp_path / "ds"), "--skip-bad"]) == 0
+    assert write(["--source", f"folder:{tmp_path / 'photos'}", "--dest", str(tmp_path / "ds"), "--skip-bad",
+                  "--single-process"]) == 0
     out = capsys.readouterr()
     manifest = _manifest(tmp_path / "ds")
     assert manifest["num_samples"] == 3 and "2 files skipped" in out.out

@@ -166,7 +166,8 @@ def test_writer_stores_large_images_resized_when_asked(tmp_path):
     photo.resize((300, 200)).save(small, "PNG")
     (tmp_path / "src" / "b" / "small.png").write_bytes(small.getvalue())
 
-    assert job.main(["--source", f"folder:{tmp_path / 'src'}", "--dest", str(tmp_path / "ds"), "--max-side", "512"]) == 0
+    assert job.main(["--source", f"folder:{tmp_path / 'src'}", "--dest", str(tmp_path / "ds"), "--max-side", "512",
+                     "--single-process"]) == 0  # the Ray writer's --max-side: tests/test_writer.py
     manifest = read_manifest(str(tmp_path / "ds"), None)
     stored = {}
     for shard in manifest.shards:

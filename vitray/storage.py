@@ -155,6 +155,27 @@ def list_files(uri: str, endpoint: Endpoint | None = None) -> list[str]:
     return sorted(i.base_name for i in infos)
 
 
+def list_entries(uri: str, endpoint: Endpoint | None = None) -> list[tuple[str, bool, int]]:
+    """(name, is a folder, size in bytes) of everything directly under `uri`, sorted by name; empty when it does not
+    exist. On S3 a "folder" is a common key prefix."""
+    fs, path = resolve(uri, endpoint)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise _storage_error(uri, "cannot list", e) from e
+    return sorted((i.base_name, i.type == pafs.FileType.Directory, i.size or 0) for i in infos)
+
+
+def size(uri: str, endpoint: Endpoint | None = None) -> int | None:
+    """The object's size in bytes, or None when it does not exist (one HEAD request on S3)."""
+    fs, path = resolve(uri, endpoint)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise _storage_error(uri, "cannot reach storage", e) from e
+    return info.size if info.type == pafs.FileType.File else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,72 +16,91 @@ from vitray.storage import Endpoint
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def folder_classes(root: str) -> list[str]:
-    if not os.path.isdir(root):
+def folder_classes(root: str, endpoint: Endpoint | None = None) -> list[str]:
+    """The class folders directly under `root` (a local folder or an s3:// prefix), sorted."""
+    if not storage.is_s3(root) and not os.path.isdir(root):
         raise DataError(f"{root}: not a folder")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    entries = storage.list_entries(root, endpoint)
+    if not entries and storage.is_s3(root):
+        raise DataError(f"{root}: nothing under this prefix")
+    classes = [name for name, is_dir, _ in entries if is_dir]
     if not classes:
         raise DataError(f"{root}: no class folders (expected {root}/<class_name>/*.jpg)")
     return classes
 
 
-def folder_files(root: str, classes: list[str]) -> list[tuple[str, str, int]]:
-    """(path, sample key, label) of every image file under `root/<class>/`, checked before anything is read or
-    written. The key is the class and the whole file name (`cat/x.jpg` → `cat_x_jpg`), so the same photo saved as
-    `x.jpg` and `x.png` gives two samples; names that still collide once '.' becomes '_' are named together."""
+def folder_files(root: str, classes: list[str], endpoint: Endpoint | None = None) -> list[tuple[str, str, int, int]]:
+    """(path, sample key, label, size in bytes) of every image file under `root/<class>/`, in (class, name) order,
+    checked before anything is read or written. The key is the class and the whole file name (`cat/x.jpg` →
+    `cat_x_jpg`), so the same photo saved as `x.jpg` and `x.png` gives two samples; names that still collide once
+    '.' becomes '_' are named together."""
     files, owner = [], {}
     for label, cls in enumerate(classes):
-        folder = os.path.join(root, cls)
-        for name in sorted(os.listdir(folder)):
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
+        for name, is_dir, size in storage.list_entries(storage.join(root, cls), endpoint):
+            if is_dir or not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
-            path = os.path.join(folder, name)
+            path = storage.join(root, cls, name)
             key = f"{cls}_{name}".replace(".", "_").replace("/", "_")
             if key in owner:
                 raise DataError(f"{owner[key]} and {path}: both become sample key {key!r} (WebDataset keys hold no"
                                 " '.'); rename one of them")
             owner[key] = path
-            files.append((path, key, label))
+            files.append((path, key, label, size))
     return files
 
 
+def read_source(path: str, endpoint: Endpoint | None = None) -> bytes:
+    """One source file's bytes, local or s3://; a DataError naming the path when it cannot be read."""
+    try:
+        if storage.is_s3(path):
+            return storage.read_bytes(path, endpoint)
+        with open(path, "rb") as f:
+            return f.read()
+    except storage.StorageError as e:
+        raise DataError(f"{path}: cannot read ({str(e).removeprefix(f'{path}: ')})") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+def prepare_image(path: str, data: bytes, max_side: int = 0) -> tuple[bytes, str]:
+    """(bytes to store, "jpg" or "png") for one source file. The file is decoded once here, so an unreadable one is
+    reported by its path at write time (DataError). JPEG and PNG keep their bytes; other formats are re-encoded as
+    PNG. `max_side`: an image whose longer side is larger is stored resized to it (aspect kept, upright; JPEG at
+    quality 95, others as PNG), as FFCV and most large-scale pipelines store their data: every later epoch decodes
+    fewer pixels."""
+    img = decode_rgb(data, path)  # raises DataError naming the path
+    fmt = Image.open(io.BytesIO(data)).format
+    if max_side and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC,
+                         reducing_gap=3.0)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG" if fmt == "JPEG" else "PNG", **({"quality": 95} if fmt == "JPEG" else {}))
+        data, fmt = buf.getvalue(), fmt if fmt == "JPEG" else "PNG"
+    if fmt == "JPEG":
+        return data, "jpg"
+    if fmt == "PNG":
+        return data, "png"
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
 def samples_from_folder(root: str, classes: list[str], skipped: list[dict] | None = None,
-                        max_side: int = 0) -> Iterator[Sample]:
-    """`root/<class>/<file>` → samples. JPEG and PNG keep their bytes; other formats are re-encoded as PNG.
-    Every file is decoded once here, so an unreadable one is reported by its path at write time — or, given a
-    `skipped` list, recorded there ({"path", "reason"}) and left out. `max_side`: an image whose longer side is
-    larger is stored resized to it (aspect kept, upright; JPEG at quality 95, others as PNG), as FFCV and most
-    large-scale pipelines store their data: every later epoch decodes fewer pixels."""
-    for path, key, label in folder_files(root, classes):
+                        max_side: int = 0, endpoint: Endpoint | None = None) -> Iterator[Sample]:
+    """`root/<class>/<file>` → samples, one file after another in this process (the reference path; the Ray writer
+    `vitray.data.writer.write_folder` does the same per shard on every core). An unreadable file raises a DataError
+    naming its path — or, given a `skipped` list, is recorded there ({"path", "reason"}) and left out. See
+    `prepare_image` for what is stored and `max_side`."""
+    for path, key, label, _ in folder_files(root, classes, endpoint):
         try:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
-            img = decode_rgb(data, path)  # raises DataError naming the path
+            image, ext = prepare_image(path, read_source(path, endpoint), max_side)
         except DataError as e:
             if skipped is None:
                 raise
             skipped.append({"path": path, "reason": str(e).removeprefix(f"{path}: ")})
             continue
-        fmt = Image.open(io.BytesIO(data)).format
-        if max_side and max(img.size) > max_side:
-            scale = max_side / max(img.size)
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC,
-                             reducing_gap=3.0)
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG" if fmt == "JPEG" else "PNG", **({"quality": 95} if fmt == "JPEG" else {}))
-            data, fmt = buf.getvalue(), fmt if fmt == "JPEG" else "PNG"
-        if fmt == "JPEG":
-            ext = "jpg"
-        elif fmt == "PNG":
-            ext = "png"
-        else:
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            data, ext = buf.getvalue(), "png"
-        yield Sample(key=key, image=data, ext=ext, label=label)
+        yield Sample(key=key, image=image, ext=ext, label=label)
 
 
 def samples_from_arrays(images: np.ndarray, labels: np.ndarray, prefix: str = "img") -> Iterator[Sample]:
