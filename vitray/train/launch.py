@@ -69,8 +69,10 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
         cfg = cfg.replace(data=dict(train_uri=storage.join(base, "train"), val_uri=storage.join(base, "val")))
 
     try:
-        manifest = read_manifest(cfg.data.train_uri, endpoint, "data.train_uri")
-        val_task = read_manifest(cfg.data.val_uri, endpoint, "data.val_uri").task if cfg.data.val_uri else manifest.task
+        columns = (cfg.data.image_column, cfg.data.label_column)  # Parquet data without a manifest
+        manifest = read_manifest(cfg.data.train_uri, endpoint, "data.train_uri", columns)
+        val_task = (read_manifest(cfg.data.val_uri, endpoint, "data.val_uri", columns).task if cfg.data.val_uri
+                    else manifest.task)
     except DataError as e:
         raise ConfigError(str(e)) from None
     from vitray.tasks import task_class
@@ -285,7 +287,8 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     datasets = {}
     if plan.val_uri:
         datasets["val"] = build_dataset(plan.val_uri, plan.endpoint, False, d.image_size, field="data.val_uri",
-                                        bad_samples=d.bad_samples, detection=make_task(cfg).decoder())
+                                        bad_samples=d.bad_samples, detection=make_task(cfg).decoder(),
+                                        columns=(d.image_column, d.label_column))
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
