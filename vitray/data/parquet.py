@@ -56,7 +56,8 @@ def scan(uri: str, endpoint: Endpoint | None, image_column: str = "image", label
         if not pa.types.is_integer(label_type):
             raise DataError(f"{where}: column {label_column!r} is {label_type}, not integer class indices")
         names = names or _hub_class_names(schema, label_column)
-        column_index = schema.names.index(label_column)
+        # Statistics are per leaf column (a struct has one leaf per field), so find the label's leaf by its path.
+        column_index = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == label_column)
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             if group.num_rows:
