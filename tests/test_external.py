@@ -178,6 +178,31 @@ def test_parquet_row_group_decodes_like_a_shard(tmp_path):
     assert [truth[k] for k in out["key"]] == list(out["label"])
 
 
+def test_parquet_training_data_is_planned_from_its_footers_and_bad_columns_stop_it(tmp_path):
+    """The driver reads the row groups once (workers get them in the plan); a wrong column or label type is one
+    error naming the file and the column, before any Ray resource is asked for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vitray.config import ConfigError, smoke
+    from vitray.train import launch
+
+    hub_parquet(tmp_path / "hub", "train", files=2, row_group=100, samples=300)
+    cfg = smoke().replace(data=dict(builtin="", train_uri=str(tmp_path / "hub"), val_uri=""),
+                          storage=dict(uri=str(tmp_path / "runs")), model=dict(name="vit_smoke", num_classes=10))
+    _, plan = launch.prepare(cfg)
+    assert plan.train_samples == 300 and plan.classes == tuple(NAMES)
+    assert [s.num_samples for s in plan.train_manifest.shards] == [100, 50, 100, 50]
+    with pytest.raises(ConfigError, match=r"data.train_uri: .*train-00000-of-00002.parquet: no column 'pixels'"):
+        launch.prepare(cfg.replace(data=dict(image_column="pixels")))
+    os.makedirs(tmp_path / "names")
+    pq.write_table(pa.table({"image": [b"x"], "label": ["cat"]}), tmp_path / "names" / "a.parquet")
+    with pytest.raises(ConfigError, match=r"names/a.parquet: column 'label' is string, not integer class indices"):
+        launch.prepare(cfg.replace(data=dict(train_uri=str(tmp_path / "names"))))
+    with pytest.raises(ConfigError, match="data.label_column: must name a Parquet column"):
+        launch.prepare(cfg.replace(data=dict(label_column="")))
+
+
 # ---- end to end: real Ray ---------------------------------------------------------------------------------------
 
 
@@ -279,3 +304,44 @@ def test_parquet_streams_every_sample_once_and_resumes_exactly(ray_cluster, tmp_
     again = partition(straight[cut][2])[:12 - cut - 1]
     assert [k for k, _, _ in again] == [k for k, _, _ in straight[cut + 1:]]
     assert all(np.array_equal(a, b) for (_, a, _), (_, b, _) in zip(again, straight[cut + 1:]))
+
+
+def test_trains_on_indexed_shards_once_per_epoch_then_evaluates_parquet(ray_cluster, s3, tmp_path, capsys):
+    """One short run (2 workers, 2 data partitions) on img2dataset-style shards: the sample audit shows every
+    sample once in each of the first two epochs; the checkpoint's top-1 is then counted on a Hub Parquet folder."""
+    import importlib.util
+
+    from vitray.config import smoke
+    from vitray.train import launch
+
+    uri = f"s3://{s3.bucket}/external/train-indexed"
+    truth = img2dataset_shards(uri, s3.endpoint, samples=200, per_shard=50)
+    assert write_job.main(["--index", uri, "--labels", "json:label", "--endpoint-url", s3.endpoint.url]) == 0
+    cfg = smoke().replace(
+        model=dict(name="vit_smoke", num_classes=10),
+        data=dict(builtin="", train_uri=uri, val_uri="", image_size=16, shuffle_buffer=64, crop_area_min=1.0,
+                  audit_samples=True),
+        optim=dict(global_batch=32, micro_batch=8, warmup_steps=3, lr=3e-3, total_steps=14),
+        storage=dict(uri=f"s3://{s3.bucket}/test-runs", endpoint_url=s3.endpoint.url, run_name="indexed"),
+        log_every=1,
+    )
+    cfg, plan = launch.prepare(cfg)
+    assert plan.train_samples == 200 and cfg.data.partitions == 2
+    assert launch.fit(cfg, plan).error is None
+    rows = [json.loads(line) for line in
+            storage.read_bytes(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint).decode().splitlines()]
+    audit = [tuple(x) for r in rows if r.get("event") == "samples" for x in r["samples"]]
+    assert len(audit) == 14 * 32  # each partition: 100 samples an epoch, 16 a step → epochs 0 and 1 complete
+    for epoch in (0, 1):
+        keys = [k for k, e in audit if e == epoch]
+        assert sorted(keys) == sorted(truth)
+
+    hub_parquet(tmp_path / "val", "val", files=2, row_group=100)
+    spec = importlib.util.spec_from_file_location("evaluate_job", os.path.join(ROOT, "jobs", "evaluate.py"))
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    checkpoint = storage.join(plan.run_uri, "step_00000014")
+    assert evaluate.main(["--checkpoint", checkpoint, "--test", str(tmp_path / "val"), "--eval", "top1",
+                          "--endpoint-url", s3.endpoint.url]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["top1"]["samples"] == 297 and 0 <= result["top1"]["accuracy"] <= 1

@@ -188,8 +188,8 @@ class TrainStream:
     def __init__(self, uri: str, endpoint: Endpoint | None, partitions: int, image_size: int, seed: int,
                  batch: int, shuffle_buffer: int = 0, area_min: float = 0.05, flip: bool = True,
                  bad_samples: str = "error", detection: dict | None = None,
-                 columns: tuple[str, str] = ("image", "label")):
-        manifest = read_manifest(uri, endpoint, columns=columns)
+                 columns: tuple[str, str] = ("image", "label"), manifest=None):
+        manifest = manifest or read_manifest(uri, endpoint, columns=columns)  # `manifest`: the driver's, when it has it
         self.detection = detection
         # How labels are read (`vitray/data/labels.py`), and a Parquet dataset's columns (its "shards" are row groups).
         self.labels, self.columns = (manifest.labels, tuple(manifest.classes)), manifest.columns or None
