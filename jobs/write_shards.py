@@ -56,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.verify}: {len(m.shards)} shards, {m.num_samples} samples, {len(m.classes)} classes: OK")
             return 0
         if args.index:
-            from vitray.data.index import index
+            import ray
 
+            from vitray.data.index import index
+            from vitray.train.launch import init_ray
+
+            if not ray.is_initialized():  # the shards are read by Ray Data tasks (this machine, or RAY_ADDRESS's cluster)
+                init_ray()
             m = index(args.index, endpoint, args.labels, args.classes, args.sha256, args.image_column, args.label_column)
             print(f"{args.index}: indexed {len(m.shards)} {'row groups' if m.format == 'parquet' else 'shards'},"
                   f" {m.num_samples} samples, {len(m.classes)} classes (labels: {m.labels})")
