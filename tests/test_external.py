@@ -286,10 +286,13 @@ def test_index_names_every_bad_sample_and_the_read_names_a_changed_shard(ray_clu
 def test_parquet_streams_every_sample_once_and_resumes_exactly(ray_cluster, tmp_path):
     from vitray.data.stream import TrainStream, micro_batches
 
-    truth = hub_parquet(tmp_path / "hub", "train", files=3, row_group=40, samples=300)  # 9 row groups: 40,40,20 × 3
+    # The Hub's layout: both splits in one folder (data/train-0000i-of-00003.parquet, data/val-…); the URI's
+    # file-name prefix picks the split. 9 row groups of 40, 40, 20 rows.
+    truth = hub_parquet(tmp_path / "data", "train", files=3, row_group=40, samples=300)
+    hub_parquet(tmp_path / "data", "val", files=1, row_group=40, samples=50)
 
     def stream():
-        return TrainStream(str(tmp_path / "hub"), None, 2, image_size=16, seed=1, batch=20, shuffle_buffer=50)
+        return TrainStream(f"{tmp_path}/data/train-", None, 2, image_size=16, seed=1, batch=20, shuffle_buffer=50)
 
     seen = _epochs_exactly_once(stream, partitions=2, epochs=2, per_epoch=300, batch=20)
     assert all(truth[k] == label for k, _, label in seen)

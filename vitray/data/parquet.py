@@ -25,14 +25,15 @@ from vitray.storage import Endpoint
 
 
 def scan(uri: str, endpoint: Endpoint | None, image_column: str = "image", label_column: str = "label",
-         field: str = "data.train_uri") -> Manifest:
-    """The manifest of the Parquet files directly under `uri`, from their footers."""
+         field: str = "data.train_uri", prefix: str = "") -> Manifest:
+    """The manifest of the Parquet files directly under `uri` (those whose names start with `prefix`), from their
+    footers."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = [n for n in storage.list_files(uri, endpoint) if n.endswith(".parquet")]
+    files = [n for n in storage.list_files(uri, endpoint) if n.endswith(".parquet") and n.startswith(prefix)]
     if not files:
-        raise DataError(f"{field}: {uri} holds no .parquet files")
+        raise DataError(f"{field}: {storage.join(uri, prefix) if prefix else uri} holds no .parquet files")
     fs, root = storage.resolve(uri, endpoint)
     units: list[ShardInfo] = []
     top, names = -1, None
@@ -69,7 +70,7 @@ def scan(uri: str, endpoint: Endpoint | None, image_column: str = "image", label
         raise DataError(f"{field}: {uri}: label {top} in column {label_column!r} is outside its {len(names)} class names")
     classes = names or [str(i) for i in range(top + 1)]
     return Manifest(classes=classes, shards=units, format="parquet", labels="column",
-                    columns={"image": image_column, "label": label_column})
+                    columns={"image": image_column, "label": label_column}, prefix=prefix)
 
 
 def _is_binary(t) -> bool:

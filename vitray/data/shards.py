@@ -58,6 +58,7 @@ class Manifest:
     # "json:FIELD" (existing WebDataset shards indexed by `jobs/write_shards.py --index`), "column" (Parquet).
     labels: str = "cls"
     columns: dict = dataclasses.field(default_factory=dict)  # Parquet: {"image": column, "label": column}
+    prefix: str = ""  # Parquet named by a file-name prefix (the Hub's data/train-*): the files are beside the URI
 
     @property
     def num_samples(self) -> int:
@@ -73,7 +74,7 @@ class Manifest:
         d = json.loads(text)
         return Manifest(classes=d["classes"], shards=[ShardInfo(**s) for s in d["shards"]], format=d["format"],
                         version=d["version"], task=d.get("task", "classification"), skipped=d.get("skipped", []),
-                        labels=d.get("labels", "cls"), columns=d.get("columns", {}))
+                        labels=d.get("labels", "cls"), columns=d.get("columns", {}), prefix=d.get("prefix", ""))
 
 
 def _tar_bytes(samples: list[Sample]) -> bytes:
@@ -150,6 +151,14 @@ def read_manifest(uri: str, endpoint: Endpoint | None = None, field: str = "data
     Parquet files without a manifest gets one made from their footers (`columns`: the image and label columns)."""
     try:
         if not storage.exists(uri, endpoint):
+            # The Hub keeps its splits side by side (data/train-00000-of-00002.parquet, data/test-…): a URI
+            # ending in a file-name prefix (…/data/train-) names the Parquet files that start with it.
+            folder, _, prefix = uri.rstrip("/").rpartition("/")
+            if prefix and folder and storage.exists(folder, endpoint) and any(
+                    n.startswith(prefix) and n.endswith(".parquet") for n in storage.list_files(folder, endpoint)):
+                from vitray.data.parquet import scan
+
+                return scan(folder, endpoint, *columns, field=field, prefix=prefix)
             raise DataError(f"{field}: {uri} does not exist")
         if not storage.exists(storage.join(uri, MANIFEST), endpoint):
             names = storage.list_files(uri, endpoint)
@@ -172,8 +181,13 @@ def read_manifest(uri: str, endpoint: Endpoint | None = None, field: str = "data
     return manifest
 
 
+def shard_folder(uri: str, manifest: Manifest) -> str:
+    """The folder that holds the shards: `uri`, or for Parquet named by a file-name prefix, the folder it is in."""
+    return uri.rstrip("/")[:-len(manifest.prefix)].rstrip("/") if manifest.prefix else uri
+
+
 def shard_paths(uri: str, manifest: Manifest) -> list[str]:
-    return [storage.join(uri, s.name) for s in manifest.shards]
+    return [storage.join(shard_folder(uri, manifest), s.name) for s in manifest.shards]
 
 
 def verify_shards(uri: str, endpoint: Endpoint | None = None) -> Manifest:

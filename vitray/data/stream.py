@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from vitray import storage
-from vitray.data.shards import MANIFEST, DataError, read_manifest
+from vitray.data.shards import MANIFEST, DataError, read_manifest, shard_folder
 from vitray.data.transforms import decode_shards
 from vitray.storage import Endpoint
 
@@ -141,7 +141,7 @@ def build_dataset(
     reshuffled per execution; training runs use `TrainStream`, which is reproducible. `columns`: a Parquet
     folder's image and label columns, when it has no manifest that names them."""
     manifest = read_manifest(uri, endpoint, field, columns)
-    fs, root = storage.resolve(uri, endpoint)
+    fs, root = storage.resolve(shard_folder(uri, manifest), endpoint)
     shards = shard_table(manifest)
     return read_images([f"{root}/{name}" for name in shards], fs, shards, train, image_size, area_min, flip,
                        file_shuffle_seed=seed if train else None, bad_samples=bad_samples, detection=detection,
@@ -193,7 +193,7 @@ class TrainStream:
         self.detection = detection
         # How labels are read (`vitray/data/labels.py`), and a Parquet dataset's columns (its "shards" are row groups).
         self.labels, self.columns = (manifest.labels, tuple(manifest.classes)), manifest.columns or None
-        self.fs, root = storage.resolve(uri, endpoint)
+        self.fs, root = storage.resolve(shard_folder(uri, manifest), endpoint)
         self.shards = shard_table(manifest)
         self.paths = [f"{root}/{name}" for name in self.shards]
         self.partitions, self.seed = partitions, seed
