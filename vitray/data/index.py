@@ -71,10 +71,14 @@ def _index_tars(uri: str, endpoint: Endpoint | None, tars: list[str], names: set
     classes = read_classes(classes_file, endpoint) if classes_file else None
     if classes is None and needs_names(labels):
         raise DataError(f"--labels {labels}: the labels are class names; give the class list with --classes FILE")
+    import pyarrow.fs as pafs
+
     fs, root = storage.resolve(uri, endpoint)
+    # Sizes from one listing (pages of 1,000 on S3), not a request per shard.
+    sizes = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(root))}
     # A shard is read when its stats cannot stand in for it: no _stats.json, a checksum asked for, or classes to learn.
     read_all = sha256 or classes is None
-    todo = [{"name": n, "read": read_all or f"{n[:-len('.tar')]}{STATS}" not in names} for n in tars]
+    todo = [{"name": n, "size": sizes[n], "read": read_all or f"{n[:-len('.tar')]}{STATS}" not in names} for n in tars]
     ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 1000))
     ds = ds.map_batches(_index_shards, batch_size=None, batch_format="numpy",
                         fn_kwargs=dict(fs=fs, root=root, labels=labels, classes=classes, sha256=sha256))
@@ -95,15 +99,14 @@ def _index_tars(uri: str, endpoint: Endpoint | None, tars: list[str], names: set
 
 
 def _index_shards(batch: dict, fs, root: str, labels: str, classes: list[str] | None, sha256: bool) -> dict:
-    """Ray Data `map_batches` body: for each shard ("name", "read"), its count, size, sha256 (or ""), largest label
+    """Ray Data `map_batches` body: for each shard ("name", "size" listed, "read" it or not), its count, size, sha256 (or ""), largest label
     and the problems found (JSON list of messages), from its _stats.json or from the shard itself."""
     out: dict[str, list] = {k: [] for k in ("name", "samples", "bytes", "sha256", "top", "problems")}
-    for name, read in zip(batch["name"], batch["read"]):
+    for name, size, read in zip(batch["name"], batch["size"], batch["read"]):
         path = f"{root}/{name}"
         problems: list[str] = []
         samples, digest, top = 0, "", -1
         try:
-            size = fs.get_file_info(path).size
             if read:
                 data = storage.with_retries(lambda: _read(fs, path))
                 size, digest = len(data), hashlib.sha256(data).hexdigest() if sha256 else ""
