@@ -8,7 +8,13 @@ Layout of a dataset folder:
 
 Why tar: any WebDataset tool reads these shards, `tar tf` inspects them, images keep their original bytes
 (JPEG stays JPEG, EXIF included), and one sequential GET streams a whole shard — the access pattern object
-stores are best at. Ray Data reads them with `read_webdataset`.
+stores are best at. Ray Data reads each one whole (`read_binary_files`) and vitray parses it after checking it
+against the manifest.
+
+Shards other tools wrote (img2dataset, timm) get a manifest in place from `jobs/write_shards.py --index`
+(`vitray/data/index.py`): their own names (`00000.tar`), labels where they keep them (the manifest's "labels",
+`vitray/data/labels.py`), and no sha256 unless asked for (the size is checked instead). Parquet folders are read
+as row groups (`vitray/data/parquet.py`).
 """
 from __future__ import annotations
 
