@@ -11,6 +11,10 @@ and decodes a JPEG only at the scale the crop needs (`vitray/data/jpeg.py`), the
 did (`vitray/data/resize.py`). Also measured: the physical limit of
 one core, decoding alone (libjpeg-turbo at full size through simplejpeg, and at the scale the crops need).
 
+`--parquet` also reads the same stored images as Hugging Face Hub-style Parquet (column `image` = {bytes, path},
+row groups of ~1/12 of the set, like the shards) from the same S3, interleaved with the others: the row-group path
+of `vitray/data/parquet.py` beside the tar path (results in benchmarks/results/ingest_parquet.json).
+
     python benchmarks/ingest.py [--images 1024] [--size 224] [--workers 2] [--rounds 3] [--photos imagenet large]
 """
 from __future__ import annotations
@@ -136,6 +140,7 @@ def measure(kind: str, args, s3) -> dict:
         # DataLoader still reads the originals, as it would without the writer's option.
         write_shards(samples_from_folder(tmp, classes, max_side=512 if kind == "large-512" else 0), uri, classes,
                      s3.endpoint, max_shard_samples=max(1, args.images // 12))
+        parquet_uri = write_parquet(uri, s3, args.images // 12) if args.parquet else None
         limits = decode_limits(files, args.size)
         # What the planner measures on a dataset (vitray/data/decode_rate.py): Ray Data's rate ÷ this one is its
         # RAY_DATA_EFFICIENCY.
@@ -144,10 +149,14 @@ def measure(kind: str, args, s3) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = False
         run_ray(uri, s3.endpoint, args.size, args.batch)  # warm-up: worker processes, imports
         run_dataloader(files[: args.batch * args.workers], args.size, args.workers, args.batch)
-        ray_rates, loader_rates, first = [], [], []
+        ray_rates, loader_rates, first, parquet_rates = [], [], [], []
+        if parquet_uri:
+            run_ray(parquet_uri, s3.endpoint, args.size, args.batch)  # warm-up
         for _ in range(args.rounds):  # interleaved: both see the same machine noise
             ray_rates.append(run_ray(uri, s3.endpoint, args.size, args.batch, first))
             loader_rates.append(run_dataloader(files, args.size, args.workers, args.batch))
+            if parquet_uri:
+                parquet_rates.append(run_ray(parquet_uri, s3.endpoint, args.size, args.batch))
         # The object store must not have spilled to disk (Ray reports a "Spilled … MiB" line when it has).
         from ray._private.internal_api import memory_summary
 
@@ -160,7 +169,35 @@ def measure(kind: str, args, s3) -> dict:
             "first_batch_s": first, **limits, "planner_in_process_per_core": in_process,
             "ray_data_efficiency": statistics.median(ray_rates) / args.workers / in_process, "object_store_spilled": spilled[0] if spilled else "nothing",
             "ratio_per_round": ratios, "ratio_median": statistics.median(ratios),
-            "goal": ">= 1.5" if kind == "imagenet" else ">= 4" if kind == "large" else "the gain of pre-resizing"}
+            "goal": ">= 1.5" if kind == "imagenet" else ">= 4" if kind == "large" else "the gain of pre-resizing",
+            **({"parquet_images_per_s": parquet_rates,
+                "parquet_vs_tar_median": statistics.median(p / r for p, r in zip(parquet_rates, ray_rates))}
+               if parquet_rates else {})}
+
+
+def write_parquet(shards_uri: str, s3, rows_per_group: int) -> str:
+    """The stored images of the tar shards again, as a Hub-layout Parquet file beside them: column `image` a
+    {bytes, path} struct, `label` int64. Returns its folder."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vitray import storage
+    from vitray.data.shards import iter_tar, read_manifest
+
+    images, labels = [], []
+    for shard in read_manifest(shards_uri, s3.endpoint).shards:
+        data = storage.read_bytes(storage.join(shards_uri, shard.name), s3.endpoint)
+        for key, image, ext, label in iter_tar(data, shard.name):
+            images.append({"bytes": image, "path": f"{key}.{ext}"})
+            labels.append(label)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": images, "label": pa.array(labels, pa.int64())}), buf,
+                   row_group_size=max(1, rows_per_group))
+    folder = shards_uri.rstrip("/") + "-parquet"
+    storage.write_bytes(storage.join(folder, "train-00000-of-00001.parquet"), buf.getvalue(), s3.endpoint)
+    return folder
 
 
 def main() -> None:
@@ -173,6 +210,7 @@ def main() -> None:
     p.add_argument("--photos", nargs="+", default=["imagenet", "large", "large-512"],
                    choices=["imagenet", "large", "large-512"])
     p.add_argument("--local-shards", action="store_true", help="read the shards from local disk instead of S3 (isolates S3 cost)")
+    p.add_argument("--parquet", action="store_true", help="also read the same images as Hub-layout Parquet row groups")
     args = p.parse_args()
 
     from vitray.storage import EmbeddedS3
@@ -180,7 +218,7 @@ def main() -> None:
     with EmbeddedS3() as s3:
         sets = {kind: measure(kind, args, s3) for kind in args.photos}
     first = sets[args.photos[0]]
-    write_result("ingest", {
+    write_result("ingest_parquet" if args.parquet else "ingest", {
         "what": "images/s, Ray Data from S3 tar shards (vitray: crop first, JPEGs decoded at the scale the crop needs)"
                 " vs a torch DataLoader over local JPEG files (Pillow full decode, bicubic inception crop), same CPU"
                 " workers; per photo set; decode alone on one core is the physical limit",

@@ -6,6 +6,8 @@
     python jobs/write_shards.py --source coco:annotations/instances_val2017.json:val2017 --dest s3://b/coco/val2017
     python jobs/write_shards.py --source digit_canvases --dest ./data/canvases  # DETR's smoke data: train/, val/
     python jobs/write_shards.py --verify s3://my-bucket/imagenet/train       # checksums and counts
+    python jobs/write_shards.py --index s3://my-bucket/laion --labels json:label --classes classes.txt
+        # existing WebDataset shards (or Parquet files) indexed in place: a manifest.json, nothing copied
 
 A folder source is written by Ray tasks on every CPU of the cluster (RAY_ADDRESS, else a local Ray), with a
 progress line every --progress-every seconds; killed and started again with the same arguments, it keeps the
@@ -44,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
                    " another, without Ray (the reference path)")
     p.add_argument("--progress-every", type=float, default=10.0, metavar="S", help="folder: seconds between"
                    " progress lines (default 10)")
+    p.add_argument("--index", metavar="URI", help="write a manifest for existing WebDataset shards (*.tar) or"
+                   " Parquet files (*.parquet) under URI, in place (vitray/data/index.py)")
+    p.add_argument("--labels", default="cls", help="--index: where a sample's class is: cls (<key>.cls integer),"
+                   " txt (<key>.txt class name, needs --classes) or json:FIELD (a field of <key>.json)")
+    p.add_argument("--classes", default="", metavar="FILE", help="--index: class names, one per line (local or s3://)")
+    p.add_argument("--sha256", action="store_true", help="--index: also checksum every shard (reads every byte);"
+                   " without it reads check each shard's size")
+    p.add_argument("--image-column", default="image", help="--index of Parquet: the image-bytes column")
+    p.add_argument("--label-column", default="label", help="--index of Parquet: the integer label column")
     args = p.parse_args(argv)
     endpoint = Endpoint(url=args.endpoint_url, region=args.region)
     try:
@@ -53,8 +64,20 @@ def main(argv: list[str] | None = None) -> int:
             m = verify_shards(args.verify, endpoint)
             print(f"{args.verify}: {len(m.shards)} shards, {m.num_samples} samples, {len(m.classes)} classes: OK")
             return 0
+        if args.index:
+            import ray
+
+            from vitray.data.index import index
+            from vitray.train.launch import init_ray
+
+            if not ray.is_initialized():  # the shards are read by Ray Data tasks (this machine, or RAY_ADDRESS's cluster)
+                init_ray()
+            m = index(args.index, endpoint, args.labels, args.classes, args.sha256, args.image_column, args.label_column)
+            print(f"{args.index}: indexed {len(m.shards)} {'row groups' if m.format == 'parquet' else 'shards'},"
+                  f" {m.num_samples} samples, {len(m.classes)} classes (labels: {m.labels})")
+            return 0
         if not args.source or not args.dest:
-            p.error("--source and --dest are required (or --verify URI)")
+            p.error("--source and --dest are required (or --verify URI, or --index URI)")
         if args.source == "digits":
             from vitray.data.datasets import write_digits
 

@@ -26,7 +26,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_uri: str = ""  # folder with manifest.json + tar shards: s3://bucket/prefix or a local path
+    train_uri: str = ""  # folder with manifest.json + tar shards, or of Parquet files: s3://bucket/prefix or a local path
     val_uri: str = ""  # held-out shards for top-1 accuracy; "" = none
     builtin: str = ""  # "digits" | "digit_canvases" (detection): write them as shards into storage first
     image_size: int = 224
@@ -38,6 +38,8 @@ class DataConfig:
     partitions: int = 0  # logical data partitions, fixed for the run (data/partitions.py); 0 = scaling.num_workers
     decode_on: str = "cpu"  # cpu = in Ray Data tasks | gpu = JPEGs decoded on the worker's device (nvJPEG; data/device_decode.py)
     audit_samples: bool = False  # log every step's sample keys (and their epoch) in metrics.jsonl: exactly-once checks
+    image_column: str = "image"  # Parquet data without a manifest: the image-bytes column (Hub: a {bytes, path} struct)
+    label_column: str = "label"  # ... and the integer label column
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,9 @@ def validate(cfg: Config) -> None:
                       " torchvision built for your torch")
     if d.bad_samples not in ("error", "skip"):
         errors.append(f"data.bad_samples: must be error or skip, got {d.bad_samples!r}")
+    for name, column in (("data.image_column", d.image_column), ("data.label_column", d.label_column)):
+        if not column:
+            errors.append(f"{name}: must name a Parquet column (default: {name.split('.')[1].split('_')[0]})")
     if d.builtin not in ("", "digits", "digit_canvases"):
         errors.append(f"data.builtin: unknown built-in dataset {d.builtin!r} (known: digits, digit_canvases)")
     if spec is not None and spec.family == "detr":

@@ -8,7 +8,13 @@ Layout of a dataset folder:
 
 Why tar: any WebDataset tool reads these shards, `tar tf` inspects them, images keep their original bytes
 (JPEG stays JPEG, EXIF included), and one sequential GET streams a whole shard — the access pattern object
-stores are best at. Ray Data reads them with `read_webdataset`.
+stores are best at. Ray Data reads each one whole (`read_binary_files`) and vitray parses it after checking it
+against the manifest.
+
+Shards other tools wrote (img2dataset, timm) get a manifest in place from `jobs/write_shards.py --index`
+(`vitray/data/index.py`): their own names (`00000.tar`), labels where they keep them (the manifest's "labels",
+`vitray/data/labels.py`), and no sha256 unless asked for (the size is checked instead). Parquet folders are read
+as row groups (`vitray/data/parquet.py`).
 """
 from __future__ import annotations
 
@@ -54,6 +60,11 @@ class Manifest:
     version: int = 1
     task: str = "classification"  # or "detection": samples carry a .json annotation instead of a .cls label
     skipped: list[dict] = dataclasses.field(default_factory=list)  # writer's --skip-bad: {"path", "reason"} each
+    # Where each sample's class comes from (`vitray/data/labels.py`): "cls" (vitray's writer), "txt" or
+    # "json:FIELD" (existing WebDataset shards indexed by `jobs/write_shards.py --index`), "column" (Parquet).
+    labels: str = "cls"
+    columns: dict = dataclasses.field(default_factory=dict)  # Parquet: {"image": column, "label": column}
+    prefix: str = ""  # Parquet named by a file-name prefix (the Hub's data/train-*): the files are beside the URI
 
     @property
     def num_samples(self) -> int:
@@ -68,7 +79,8 @@ class Manifest:
     def from_json(text: str) -> "Manifest":
         d = json.loads(text)
         return Manifest(classes=d["classes"], shards=[ShardInfo(**s) for s in d["shards"]], format=d["format"],
-                        version=d["version"], task=d.get("task", "classification"), skipped=d.get("skipped", []))
+                        version=d["version"], task=d.get("task", "classification"), skipped=d.get("skipped", []),
+                        labels=d.get("labels", "cls"), columns=d.get("columns", {}), prefix=d.get("prefix", ""))
 
 
 def _tar_bytes(samples: list[Sample]) -> bytes:
@@ -139,13 +151,30 @@ def write_shards(
     return manifest
 
 
-def read_manifest(uri: str, endpoint: Endpoint | None = None, field: str = "data.train_uri") -> Manifest:
-    """The manifest of the dataset at `uri`, or a DataError naming the config field and the path."""
+def read_manifest(uri: str, endpoint: Endpoint | None = None, field: str = "data.train_uri",
+                  columns: tuple[str, str] = ("image", "label")) -> Manifest:
+    """The manifest of the dataset at `uri`, or a DataError naming the config field and the path. A folder of
+    Parquet files without a manifest gets one made from their footers (`columns`: the image and label columns)."""
     try:
         if not storage.exists(uri, endpoint):
+            # The Hub keeps its splits side by side (data/train-00000-of-00002.parquet, data/test-…): a URI
+            # ending in a file-name prefix (…/data/train-) names the Parquet files that start with it.
+            folder, _, prefix = uri.rstrip("/").rpartition("/")
+            if prefix and folder and storage.exists(folder, endpoint) and any(
+                    n.startswith(prefix) and n.endswith(".parquet") for n in storage.list_files(folder, endpoint)):
+                from vitray.data.parquet import scan
+
+                return scan(folder, endpoint, *columns, field=field, prefix=prefix)
             raise DataError(f"{field}: {uri} does not exist")
         if not storage.exists(storage.join(uri, MANIFEST), endpoint):
-            raise DataError(f"{field}: {uri} holds no shards (no {MANIFEST}; write them with jobs/write_shards.py)")
+            names = storage.list_files(uri, endpoint)
+            if any(n.endswith(".parquet") for n in names) and not any(n.endswith(".tar") for n in names):
+                from vitray.data.parquet import scan
+
+                return scan(uri, endpoint, *columns, field=field)
+            hint = ("index them in place with jobs/write_shards.py --index" if any(n.endswith(".tar") for n in names)
+                    else "write them with jobs/write_shards.py")
+            raise DataError(f"{field}: {uri} holds no shards (no {MANIFEST}; {hint})")
         text = storage.read_bytes(storage.join(uri, MANIFEST), endpoint).decode()
     except storage.StorageError as e:
         raise DataError(f"{field}: {e}") from e
@@ -158,54 +187,75 @@ def read_manifest(uri: str, endpoint: Endpoint | None = None, field: str = "data
     return manifest
 
 
+def shard_folder(uri: str, manifest: Manifest) -> str:
+    """The folder that holds the shards: `uri`, or for Parquet named by a file-name prefix, the folder it is in."""
+    return uri.rstrip("/")[:-len(manifest.prefix)].rstrip("/") if manifest.prefix else uri
+
+
 def shard_paths(uri: str, manifest: Manifest) -> list[str]:
-    return [storage.join(uri, s.name) for s in manifest.shards]
+    return [storage.join(shard_folder(uri, manifest), s.name) for s in manifest.shards]
 
 
 def verify_shards(uri: str, endpoint: Endpoint | None = None) -> Manifest:
-    """Check every shard against the manifest's sha256 and count; raise naming the first bad shard."""
+    """Check every shard against the manifest's sha256 (or size, where it has none) and count; raise naming the
+    first bad shard."""
     manifest = read_manifest(uri, endpoint, field=uri)
+    if manifest.format != "webdataset":
+        raise DataError(f"{uri}: --verify checks tar shards; this is a {manifest.format} dataset")
     for shard in manifest.shards:
         path = storage.join(uri, shard.name)
         try:
             data = storage.read_bytes(path, endpoint)
         except storage.StorageError as e:
             raise DataError(f"shard {path}: missing ({e})") from e
-        if hashlib.sha256(data).hexdigest() != shard.sha256:
-            raise DataError(f"shard {path}: checksum mismatch against {MANIFEST}")
-        if len(tar_samples(data, path)) != shard.num_samples:
+        check_shard(data, shard, path)
+        if len(tar_samples(data, path, manifest.labels)) != shard.num_samples:
             raise DataError(f"shard {path}: sample count differs from {MANIFEST}")
     return manifest
 
 
-def tar_samples(data: bytes, where: str) -> list[tuple[str, bytes | None, str, str | None, bytes | None]]:
+def tar_samples(data: bytes, where: str, labels: str = "cls") -> list[tuple[str, bytes | None, str, str | None, bytes | None]]:
     """(key, image bytes or None, image extension, label text or None, annotation JSON or None) for each sample of
-    one shard, in order. A sample missing its image or label comes back with None there (the caller names it); a
-    corrupt archive raises a DataError."""
+    one shard, in order. `labels`: the manifest's label source (`vitray/data/labels.py`), which says which member
+    holds the label (.cls, .txt or .json). A sample missing its image or label comes back with None there (the
+    caller names it); a corrupt archive raises a DataError.
+
+    Keys follow WebDataset: a member's key is its path up to the first dot of its file name (`a/b.c.jpg` → `a/b`,
+    extension `c.jpg`), so shards written by other tools (img2dataset, timm) group the same way."""
     parts: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for m in tar:
-                key, _, ext = m.name.partition(".")
-                parts.setdefault(key, {})[ext] = tar.extractfile(m).read()
+                if not m.isfile():  # directory entries and links carry no sample data
+                    continue
+                folder, _, base = m.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
+                parts.setdefault(key.removeprefix("./"), {})[ext.lower()] = tar.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"shard {where}: corrupt tar ({e})") from e
+    member = labels.split(":", 1)[0]
     out = []
     for key, p in parts.items():
-        ext = next((e for e in ("jpg", "jpeg", "png") if e in p), "")
-        label = p["cls"].decode(errors="replace").strip() if "cls" in p else None
+        ext = next((e for e in IMAGE_EXTS if e in p), "")
+        label = p[member].decode(errors="replace").strip() if member in p else None
         out.append((key, p.get(ext), ext, label, p.get("json")))
     return out
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
 def check_shard(data: bytes, info: ShardInfo, where: str) -> None:
-    """The shard's bytes against its manifest entry: a truncated or altered shard is named before it is parsed."""
-    if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
-        raise DataError(f"shard {where}: checksum mismatch against {MANIFEST} ({len(data)} bytes, the manifest"
-                        f" says {info.bytes}): truncated or changed since it was written")
+    """The shard's bytes against its manifest entry: a truncated or altered shard is named before it is parsed.
+    An indexed dataset may have no sha256 (`--index` without `--sha256`): then the byte size alone is checked."""
+    if len(data) != info.bytes or (info.sha256 and hashlib.sha256(data).hexdigest() != info.sha256):
+        raise DataError(f"shard {where}: {'checksum' if info.sha256 else 'size'} mismatch against {MANIFEST}"
+                        f" ({len(data)} bytes, the manifest says {info.bytes}): truncated or changed since it was"
+                        " written")
 
 
-def read_checked(batch: dict, shards: dict[str, tuple], on_error: str) -> Iterator[tuple[str, list | None, list[str], str]]:
+def read_checked(batch: dict, shards: dict[str, tuple], on_error: str, labels: str = "cls") -> Iterator[tuple[str, list | None, list[str], str]]:
     """For each whole shard of a Ray Data read batch ("path", "bytes"): (path, its samples, [], "") once it matches
     its manifest entry (`shards`: shard name → ShardInfo fields), or under `on_error="skip"` (path, None, the keys
     its error rows get — as many as the manifest says —, the error). Decoders of every task share this."""
@@ -213,7 +263,7 @@ def read_checked(batch: dict, shards: dict[str, tuple], on_error: str) -> Iterat
         info = ShardInfo(*shards[path.rsplit("/", 1)[-1]])
         try:
             check_shard(data, info, path)
-            yield path, tar_samples(data, path), [], ""
+            yield path, tar_samples(data, path, labels), [], ""
         except DataError as e:
             if on_error != "skip":
                 raise

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from vitray import storage
-from vitray.data.shards import MANIFEST, DataError, read_manifest
+from vitray.data.shards import MANIFEST, DataError, read_manifest, shard_folder
 from vitray.data.transforms import decode_shards
 from vitray.storage import Endpoint
 
@@ -69,13 +69,20 @@ def read_images(
     bad_samples: str = "error",
     detection: dict | None = None,
     ship: bool = False,
+    labels: tuple[str, tuple[str, ...]] | None = None,
+    columns: dict | None = None,
 ) -> "ray.data.Dataset":
     """Tar shards → {"image", "label", "key", "error"} batches, checked against the manifest (`shards`: shard name
     → ShardInfo fields), decoded and augmented in Ray Data tasks. `detection` (max_boxes, num_classes, crop_min):
-    detection shards instead, decoded by `vitray.data.detection.decode_detection_shards` into boxes and labels."""
+    detection shards instead, decoded by `vitray.data.detection.decode_detection_shards` into boxes and labels.
+    `labels`: the manifest's (label source, class names). `columns` ({"image", "label"}): the shards are Parquet
+    row groups instead (`vitray/data/parquet.py`), `paths` naming them `<file>#<row group>`."""
     import ray.data
     from ray.data import FileShuffleConfig
 
+    if columns:
+        return _read_row_groups(paths, fs, shards, columns, train, image_size, area_min, flip, aug_seed,
+                                file_shuffle_seed, ordered, bad_samples, labels, ship)
     placement = decode_placement()  # the same for the read and the decode, or Ray Data cannot fuse them
     # Whole shards as bytes, one read block each: vitray parses the tar itself, so a truncated, altered or corrupt
     # shard is named (checksum against the manifest) instead of failing somewhere inside a reader.
@@ -91,7 +98,7 @@ def read_images(
     # batch_size blocks that fusion and costs an extra hop through the object store per block).
     kwargs = dict(shards=shards, train=train, image_size=image_size, flip=flip, seed=aug_seed, on_error=bad_samples)
     if detection is None:
-        decode, kwargs = decode_shards, {**kwargs, "area_min": area_min, "ship": ship}
+        decode, kwargs = decode_shards, {**kwargs, "area_min": area_min, "ship": ship, "labels": labels}
     else:
         from vitray.data.detection import decode_detection_shards
 
@@ -105,6 +112,26 @@ def read_images(
     )
     # The pipeline is one fused operator, so Ray Data's per-operator resource reservation only holds CPUs back
     # from it (measured on 2 cores: 77 % → 92 % busy, +23 % images/s). Object-store backpressure still applies.
+    ds.context.op_resource_reservation_enabled = False
+    if ordered:
+        ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def _read_row_groups(paths, fs, units, columns, train, image_size, area_min, flip, aug_seed, file_shuffle_seed,
+                     ordered, bad_samples, labels, ship=False) -> "ray.data.Dataset":
+    """Parquet row groups → the same batches as tar shards: one block (one decode task) per row group, which the
+    task reads itself with pyarrow (Ray Data's Parquet reader cannot be told which row groups to read)."""
+    import ray.data
+
+    from vitray.data.parquet import decode_row_groups
+
+    if file_shuffle_seed is not None:
+        paths = [paths[i] for i in np.random.default_rng(file_shuffle_seed).permutation(len(paths))]
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    ds = ds.map_batches(decode_row_groups, batch_size=None, batch_format="numpy", fn_kwargs=dict(
+        fs=fs, units=units, columns=columns, train=train, image_size=image_size, area_min=area_min, seed=aug_seed,
+        flip=flip, on_error=bad_samples, labels=labels, ship=ship), **decode_placement())
     ds.context.op_resource_reservation_enabled = False
     if ordered:
         ds.context.execution_options.preserve_order = True
@@ -127,14 +154,17 @@ def build_dataset(
     field: str = "data.train_uri",
     bad_samples: str = "error",
     detection: dict | None = None,
+    columns: tuple[str, str] = ("image", "label"),
 ) -> "ray.data.Dataset":
     """A whole split as one dataset (evaluation, feature extraction, benchmarks). For training, shard order is
-    reshuffled per execution; training runs use `TrainStream`, which is reproducible."""
-    manifest = read_manifest(uri, endpoint, field)
-    fs, root = storage.resolve(uri, endpoint)
+    reshuffled per execution; training runs use `TrainStream`, which is reproducible. `columns`: a Parquet
+    folder's image and label columns, when it has no manifest that names them."""
+    manifest = read_manifest(uri, endpoint, field, columns)
+    fs, root = storage.resolve(shard_folder(uri, manifest), endpoint)
     shards = shard_table(manifest)
     return read_images([f"{root}/{name}" for name in shards], fs, shards, train, image_size, area_min, flip,
-                       file_shuffle_seed=seed if train else None, bad_samples=bad_samples, detection=detection)
+                       file_shuffle_seed=seed if train else None, bad_samples=bad_samples, detection=detection,
+                       labels=(manifest.labels, tuple(manifest.classes)), columns=manifest.columns or None)
 
 
 def stream_splits_config():
@@ -176,11 +206,14 @@ class TrainStream:
 
     def __init__(self, uri: str, endpoint: Endpoint | None, partitions: int, image_size: int, seed: int,
                  batch: int, shuffle_buffer: int = 0, area_min: float = 0.05, flip: bool = True,
-                 bad_samples: str = "error", detection: dict | None = None, decode_on: str = "cpu"):
-        manifest = read_manifest(uri, endpoint)
+                 bad_samples: str = "error", detection: dict | None = None,
+                 columns: tuple[str, str] = ("image", "label"), manifest=None, decode_on: str = "cpu"):
+        manifest = manifest or read_manifest(uri, endpoint, columns=columns)  # `manifest`: the driver's, when it has it
         self.ship = decode_on == "gpu"  # JPEGs leave encoded, for the worker's device (data/device_decode.py)
         self.detection = detection
-        self.fs, root = storage.resolve(uri, endpoint)
+        # How labels are read (`vitray/data/labels.py`), and a Parquet dataset's columns (its "shards" are row groups).
+        self.labels, self.columns = (manifest.labels, tuple(manifest.classes)), manifest.columns or None
+        self.fs, root = storage.resolve(shard_folder(uri, manifest), endpoint)
         self.shards = shard_table(manifest)
         self.paths = [f"{root}/{name}" for name in self.shards]
         self.partitions, self.seed = partitions, seed
@@ -196,7 +229,7 @@ class TrainStream:
         mine = {name: self.shards[name] for name in (p.rsplit("/", 1)[-1] for p in paths)}  # small task arguments
         ds = read_images(paths, self.fs, mine, True, self.image_size, self.area_min,
                          self.flip, aug_seed=(self.seed, epoch), ordered=True, bad_samples=self.bad_samples,
-                         detection=self.detection, ship=self.ship)
+                         detection=self.detection, labels=self.labels, columns=self.columns, ship=self.ship)
         batches = ds.iter_batches(
             batch_size=self.batch,
             batch_format="numpy",
@@ -210,7 +243,9 @@ class TrainStream:
         """The shards that exist; a missing one is an error naming it, or under "skip" its samples are counted."""
         import pyarrow.fs as pafs
 
-        missing = [i.path for i in self.fs.get_file_info(paths) if i.type == pafs.FileType.NotFound]
+        files = sorted({p.rpartition("#")[0] if self.columns else p for p in paths})  # Parquet: a row group's file
+        gone = {i.path for i in self.fs.get_file_info(files) if i.type == pafs.FileType.NotFound}
+        missing = [p for p in paths if (p.rpartition("#")[0] if self.columns else p) in gone]
         for path in missing:
             message = f"shard {path}: missing (listed in {MANIFEST} but not in storage)"
             if self.bad_samples != "skip":

@@ -119,33 +119,47 @@ def _jpeg_crop(data: bytes, wh: tuple[int, int], box: tuple[int, int, int, int],
 
 def decode_shards(
     batch: dict[str, np.ndarray], shards: dict[str, tuple], train: bool, image_size: int, area_min: float = 0.05,
-    seed: tuple[int, int] | None = None, flip: bool = True, on_error: str = "error", ship: bool = False,
+    seed: tuple[int, int] | None = None, flip: bool = True, on_error: str = "error",
+    labels: tuple[str, tuple[str, ...]] | None = None, ship: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` body over whole shards (`read_binary_files` rows: "path", "bytes") → one row per
     sample: {"image": uint8 (B, S, S, 3), "label": int64 (B,), "key": str (B,), "error": str (B,)}. Each shard is first checked against its manifest entry (`shards`: shard name →
     ShardInfo fields), so a truncated or altered shard is named; with `on_error="skip"` every sample of a bad
     shard becomes an error row (the manifest says how many), and so does each bad sample (label −1, blank image),
     for the consumer to drop and count. `seed` = (run seed, epoch) makes augmentation reproducible: each sample
-    draws from a generator seeded by (seed, epoch, its key), whichever task or batch it lands in. `ship` (training
-    with data.decode_on=gpu): JPEGs leave encoded, with their crop and flip, for the worker's device to decode
-    (`device_decode`): columns "encoded", "kind", "box", "flip" instead of "image"."""
+    draws from a generator seeded by (seed, epoch, its key), whichever task or batch it lands in. `labels`: the
+    manifest's (label source, class names), `vitray/data/labels.py`; None = vitray's own `.cls` integers. `ship`
+    (training with data.decode_on=gpu): JPEGs leave encoded, with their crop and flip, for the worker's device to
+    decode (`device_decode`): columns "encoded", "kind", "box", "flip" instead of "image"."""
     from vitray.data.shards import read_checked
 
-    keys, images, labels, errors = [], [], [], []
+    source = labels[0] if labels else "cls"
+    return decode_samples(read_checked(batch, shards, on_error, source), train, image_size, area_min, seed, flip,
+                          on_error, labels, ship)
+
+
+def decode_samples(groups, train: bool, image_size: int, area_min: float, seed: tuple[int, int] | None, flip: bool,
+                   on_error: str, labels: tuple[str, tuple[str, ...]] | None, ship: bool = False) -> dict[str, np.ndarray]:
+    """The rows of `decode_shards` from `groups`: (where, samples or None, keys of its error rows, error) per shard
+    (tar) or row group (Parquet), each sample (key, image bytes, ext, label text or integer, annotation)."""
+    from vitray.data.labels import class_map, label_index
+
+    source, classes = labels if labels else ("cls", ())
+    names = class_map(source, classes)
+    keys, images, labels_out, errors = [], [], [], []
     rng = np.random.default_rng() if seed is None else None
-    for path, samples, bad_keys, message in read_checked(batch, shards, on_error):
+    for path, samples, bad_keys, message in groups:
         if samples is None:
             keys += bad_keys
             images += [np.zeros((image_size, image_size, 3), np.uint8)] * len(bad_keys)
-            labels += [-1] * len(bad_keys)
+            labels_out += [-1] * len(bad_keys)
             errors += [message] * len(bad_keys)
             continue
         for key, image, _, label, _ in samples:
             where = f"shard {path} sample {key}"
             try:
-                if label is not None and not label.lstrip("-").isdigit():
-                    raise DataError(f"{where}: label {label!r} is not an integer")
-                pixels, y = _sample(image, label, where, train, image_size, area_min, flip,
+                y = None if image is None else label_index(label, source, names, len(classes), where)
+                pixels, y = _sample(image, y, where, train, image_size, area_min, flip,
                                     rng or np.random.default_rng([*seed, zlib.crc32(key.encode())]), ship and train)
                 error = ""
             except DataError as e:
@@ -154,9 +168,9 @@ def decode_shards(
                 pixels, y, error = np.zeros((image_size, image_size, 3), np.uint8), -1, str(e)
             keys.append(key)
             images.append(pixels)
-            labels.append(y)
+            labels_out.append(y)
             errors.append(error)
-    rows = {"label": np.asarray(labels, np.int64), "key": np.asarray(keys, dtype=str), "error": np.asarray(errors, dtype=str)}
+    rows = {"label": np.asarray(labels_out, np.int64), "key": np.asarray(keys, dtype=str), "error": np.asarray(errors, dtype=str)}
     if ship and train:
         shipped = [p if isinstance(p, dict) else device_decode.ship_pixels(p) for p in images]  # bad rows: blank
         return {"encoded": np.array([p["encoded"] for p in shipped] + [b""], dtype=object)[:-1],  # 1-D of bytes

@@ -13,7 +13,7 @@ import time
 from vitray import cost, runs, storage
 from vitray.config.jobs import TrainingFailed
 from vitray.config.schema import Config, ConfigError, validate
-from vitray.data.shards import DataError, read_manifest
+from vitray.data.shards import DataError, Manifest, read_manifest
 from vitray.storage import Endpoint
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it once a checkpoint is fully registered
@@ -35,6 +35,8 @@ class Plan:
     classes: tuple[str, ...] = ()  # the training manifest's class (category) names
     palette_uri: str = ""  # iGPT: the k-means colour palette the run trains with (<run>/palette.npy)
     rehearse: str = ""  # --rehearse: "train" (measure the steps and the save) | "restore" (fresh workers restore it)
+    # Parquet training data: its row groups, read from the footers here once, so no worker reads them again.
+    train_manifest: Manifest | None = None
 
 
 def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None = None,
@@ -69,8 +71,10 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
         cfg = cfg.replace(data=dict(train_uri=storage.join(base, "train"), val_uri=storage.join(base, "val")))
 
     try:
-        manifest = read_manifest(cfg.data.train_uri, endpoint, "data.train_uri")
-        val_task = read_manifest(cfg.data.val_uri, endpoint, "data.val_uri").task if cfg.data.val_uri else manifest.task
+        columns = (cfg.data.image_column, cfg.data.label_column)  # Parquet data without a manifest
+        manifest = read_manifest(cfg.data.train_uri, endpoint, "data.train_uri", columns)
+        val_task = (read_manifest(cfg.data.val_uri, endpoint, "data.val_uri", columns).task if cfg.data.val_uri
+                    else manifest.task)
     except DataError as e:
         raise ConfigError(str(e)) from None
     from vitray.tasks import task_class
@@ -121,7 +125,8 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
                           " optim.total_steps (or optim.epochs) to train it further")
     cfg = cfg.replace(storage=dict(run_name=name))
     return cfg, Plan(name, run_uri, endpoint, cfg.data.train_uri, cfg.data.val_uri, manifest.num_samples, total, resume,
-                     saved_world != cfg.scaling.num_workers, tuple(manifest.classes))
+                     saved_world != cfg.scaling.num_workers, tuple(manifest.classes),
+                     train_manifest=manifest if manifest.format == "parquet" else None)
 
 
 def partition_count(cfg: Config, saved: dict | None) -> int:
@@ -285,7 +290,8 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     datasets = {}
     if plan.val_uri:
         datasets["val"] = build_dataset(plan.val_uri, plan.endpoint, False, d.image_size, field="data.val_uri",
-                                        bad_samples=d.bad_samples, detection=make_task(cfg).decoder())
+                                        bad_samples=d.bad_samples, detection=make_task(cfg).decoder(),
+                                        columns=(d.image_column, d.label_column))
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}

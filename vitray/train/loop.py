@@ -63,7 +63,9 @@ def train_loop_per_worker(config: dict) -> None:
     positions, rng_state = checkpoint.read_positions(resume_from, d.partitions, same_world=not resharded)
     task = make_task(cfg, list(plan.classes), plan.palette_uri, endpoint)
     train_data = TrainStream(plan.train_uri, endpoint, d.partitions, d.image_size, cfg.seed, o.micro_batch,
-                             d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples, task.decoder(), d.decode_on)
+                             d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples, task.decoder(),
+                             columns=(d.image_column, d.label_column), manifest=plan.train_manifest,
+                             decode_on=d.decode_on)
     accumulation = partitions.micro_steps(o.global_batch, o.micro_batch, d.partitions, world)
     stream = start_early(partitions.step_stream(train_data.epoch, partitions.owned(rank, world, d.partitions),
                                                 positions, o.global_batch // d.partitions, accumulation), timeline)
