@@ -311,7 +311,8 @@ def test_parquet_streams_every_sample_once_and_resumes_exactly(ray_cluster, tmp_
 
 def test_trains_on_indexed_shards_once_per_epoch_then_evaluates_parquet(ray_cluster, s3, tmp_path, capsys):
     """One short run (2 workers, 2 data partitions) on img2dataset-style shards: the sample audit shows every
-    sample once in each of the first two epochs; the checkpoint's top-1 is then counted on a Hub Parquet folder."""
+    sample once in each of the first two epochs; the checkpoint's top-1 is then counted on a Hub Parquet folder and
+    on the indexed shards (`jobs/evaluate.py` reads both)."""
     import importlib.util
 
     from vitray.config import smoke
@@ -348,6 +349,10 @@ def test_trains_on_indexed_shards_once_per_epoch_then_evaluates_parquet(ray_clus
                           "--endpoint-url", s3.endpoint.url]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["top1"]["samples"] == 297 and 0 <= result["top1"]["accuracy"] <= 1
+    assert evaluate.main(["--checkpoint", checkpoint, "--test", uri, "--eval", "top1",  # the indexed shards too
+                          "--endpoint-url", s3.endpoint.url]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["top1"]["samples"] == 200 and 0 <= result["top1"]["accuracy"] <= 1
 
 
 def test_trains_on_hub_parquet_once_per_epoch(ray_cluster, s3, tmp_path):
