@@ -32,7 +32,7 @@ import time
 from common import ROOT, write_result
 
 # Steps enough that the run is still going when Ray Train grows it back: 25–50 s after the node returns here.
-STEPS, EVERY, REMOVE_AT = 120, 5, 8
+STEPS, EVERY, REMOVE_AT = 90, 5, 8
 # A node that dies unannounced is found by Ray's health checks, 5 × 3 s (10 s timeout) by default; a cluster of spot
 # nodes may tune them down, and this one does. (Removing a node here is graceful, and noticed at once.)
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 4}

