@@ -20,10 +20,12 @@ of `vitray/data/parquet.py` beside the tar path (results in benchmarks/results/i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
 import time
+import types
 
 import numpy as np
 from common import write_result
@@ -100,26 +102,72 @@ class FolderDataset:
         return np.asarray(img), label
 
 
-def run_dataloader(files, size: int, workers: int, batch: int) -> float:
+class Rate:
+    """One pass: the time to its first batch, and images/s after it (the rate a training run sees once its
+    pipeline has started; start-up is paid once per epoch of a data partition, and reported on its own)."""
+
+    def __init__(self):
+        self.start, self.first, self.n_first, self.n = time.perf_counter(), None, 0, 0
+
+    def add(self, count: int) -> None:
+        self.n += count
+        if self.first is None:
+            self.first, self.n_first = time.perf_counter(), self.n
+
+    def done(self) -> dict:
+        end = time.perf_counter()
+        return {"steady": (self.n - self.n_first) / (end - self.first), "whole": self.n / (end - self.start),
+                "first_batch_s": self.first - self.start}
+
+
+def run_dataloader(files, size: int, workers: int, batch: int) -> dict:
     import torch
 
     loader = torch.utils.data.DataLoader(FolderDataset(files, size), batch_size=batch, num_workers=workers, shuffle=True)
-    t, n = time.perf_counter(), 0
+    rate = Rate()
     for images, _ in loader:
-        n += len(images)
-    return n / (time.perf_counter() - t)
+        rate.add(len(images))
+    return rate.done()
 
 
-def run_ray(uri: str, endpoint, size: int, batch: int, first: list | None = None) -> float:
+def run_ray(uri: str, endpoint, size: int, batch: int) -> dict:
     from vitray.data.stream import build_dataset
 
+    rate = Rate()
     ds = build_dataset(uri, endpoint, train=True, image_size=size)
-    t, n = time.perf_counter(), 0
     for b in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=4):
-        if n == 0 and first is not None:
-            first.append(time.perf_counter() - t)  # time to the first batch
-        n += len(b["label"])
-    return n / (time.perf_counter() - t)
+        rate.add(len(b["label"]))
+    return rate.done()
+
+
+@contextlib.contextmanager
+def s3_server_process():
+    """moto's S3 server in a process of its own. `EmbeddedS3` runs it as a thread of the process that starts it,
+    which here is the loop consuming the batches: the two would share one GIL, a handicap no real S3 endpoint puts
+    on its readers (measured: ...)."""
+    import subprocess
+    import sys
+
+    from vitray import storage
+
+    port = storage.free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = storage.Endpoint(url=f"http://127.0.0.1:{port}", embedded=True)
+        deadline = time.time() + 60
+        while True:
+            try:
+                storage.s3_filesystem(endpoint).create_dir(storage.EMBEDDED_BUCKET)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        yield types.SimpleNamespace(bucket=storage.EMBEDDED_BUCKET, endpoint=endpoint)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def measure(kind: str, args, s3) -> dict:
@@ -149,30 +197,34 @@ def measure(kind: str, args, s3) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = False
         run_ray(uri, s3.endpoint, args.size, args.batch)  # warm-up: worker processes, imports
         run_dataloader(files[: args.batch * args.workers], args.size, args.workers, args.batch)
-        ray_rates, loader_rates, first, parquet_rates = [], [], [], []
+        ray_runs, loader_runs, parquet_runs = [], [], []
         if parquet_uri:
             run_ray(parquet_uri, s3.endpoint, args.size, args.batch)  # warm-up
         for _ in range(args.rounds):  # interleaved: both see the same machine noise
-            ray_rates.append(run_ray(uri, s3.endpoint, args.size, args.batch, first))
-            loader_rates.append(run_dataloader(files, args.size, args.workers, args.batch))
+            ray_runs.append(run_ray(uri, s3.endpoint, args.size, args.batch))
+            loader_runs.append(run_dataloader(files, args.size, args.workers, args.batch))
             if parquet_uri:
-                parquet_rates.append(run_ray(parquet_uri, s3.endpoint, args.size, args.batch))
+                parquet_runs.append(run_ray(parquet_uri, s3.endpoint, args.size, args.batch))
         # The object store must not have spilled to disk (Ray reports a "Spilled … MiB" line when it has).
         from ray._private.internal_api import memory_summary
 
         spilled = [line for line in memory_summary(ray.get_runtime_context().gcs_address, stats_only=True).splitlines() if line.startswith("Spilled")]
         ray.shutdown()
+    ray_rates, loader_rates = [r["steady"] for r in ray_runs], [r["steady"] for r in loader_runs]
     ratios = [r / d for r, d in zip(ray_rates, loader_rates)]
+    whole = [r["whole"] / d["whole"] for r, d in zip(ray_runs, loader_runs)]
     return {"images": args.images, "ray_data_images_per_s": ray_rates, "dataloader_images_per_s": loader_rates,
             "ray_data_per_core": statistics.median(ray_rates) / args.workers,
             "dataloader_per_core": statistics.median(loader_rates) / args.workers,
-            "first_batch_s": first, **limits, "planner_in_process_per_core": in_process,
+            "first_batch_s": [r["first_batch_s"] for r in ray_runs],
+            "dataloader_first_batch_s": [r["first_batch_s"] for r in loader_runs],
+            "ratio_whole_pass_per_round": whole, **limits, "planner_in_process_per_core": in_process,
             "ray_data_efficiency": statistics.median(ray_rates) / args.workers / in_process, "object_store_spilled": spilled[0] if spilled else "nothing",
             "ratio_per_round": ratios, "ratio_median": statistics.median(ratios),
             "goal": ">= 1.5" if kind == "imagenet" else ">= 4" if kind == "large" else "the gain of pre-resizing",
-            **({"parquet_images_per_s": parquet_rates,
-                "parquet_vs_tar_median": statistics.median(p / r for p, r in zip(parquet_rates, ray_rates))}
-               if parquet_rates else {})}
+            **({"parquet_images_per_s": [r["steady"] for r in parquet_runs],
+                "parquet_vs_tar_median": statistics.median(p["steady"] / r for p, r in zip(parquet_runs, ray_rates))}
+               if parquet_runs else {})}
 
 
 def write_parquet(shards_uri: str, s3, rows_per_group: int) -> str:
@@ -202,27 +254,30 @@ def write_parquet(shards_uri: str, s3, rows_per_group: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--images", type=int, default=2048)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2, help="CPU workers for both paths")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--photos", nargs="+", default=["imagenet", "large", "large-512"],
                    choices=["imagenet", "large", "large-512"])
+    p.add_argument("--s3", choices=["process", "thread"], default="process",
+                   help="moto's server in its own process, or as a thread of this one (EmbeddedS3, as the tests run it)")
     p.add_argument("--local-shards", action="store_true", help="read the shards from local disk instead of S3 (isolates S3 cost)")
     p.add_argument("--parquet", action="store_true", help="also read the same images as Hub-layout Parquet row groups")
     args = p.parse_args()
 
     from vitray.storage import EmbeddedS3
 
-    with EmbeddedS3() as s3:
+    with (s3_server_process() if args.s3 == "process" else EmbeddedS3()) as s3:
         sets = {kind: measure(kind, args, s3) for kind in args.photos}
     first = sets[args.photos[0]]
     write_result("ingest_parquet" if args.parquet else "ingest", {
         "what": "images/s, Ray Data from S3 tar shards (vitray: crop first, JPEGs decoded at the scale the crop needs)"
                 " vs a torch DataLoader over local JPEG files (Pillow full decode, bicubic inception crop), same CPU"
                 " workers; per photo set; decode alone on one core is the physical limit",
-        "shards_on": "local disk" if args.local_shards else "S3 (embedded moto server)", "image_size": args.size,
+        "shards_on": "local disk" if args.local_shards else f"S3 (moto's server, {'its own process' if args.s3 == 'process' else 'a thread of the consuming process'})",
+        "rates": "images/s after each pass's first batch; first_batch_s is the time to it", "image_size": args.size,
         "cpu_workers": args.workers, **sets,
         # the first set's figures at the top level too, as benchmarks/report.py reads them
         "ray_data_images_per_s": first["ray_data_images_per_s"], "dataloader_images_per_s": first["dataloader_images_per_s"],

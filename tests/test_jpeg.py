@@ -58,6 +58,41 @@ def test_scaled_decode_matches_the_full_decode_of_the_same_crop(large_photo):
     assert max(scales) >= 2  # some crops did take a reduced scale
 
 
+@pytest.mark.parametrize("subsampling, progressive, mode", [(0, False, "RGB"), (1, True, "RGB"), (2, False, "RGB"),
+                                                           (2, True, "RGB"), (2, False, "L")])
+def test_the_region_decode_gives_exactly_the_scaled_decodes_pixels(subsampling, progressive, mode, monkeypatch):
+    """libjpeg-turbo decoding only the crop's region (TurboJPEG 3, `jpeg._TurboJPEG`) against the whole image decoded
+    at the same scale and then cropped: the same pixels, bit for bit, for crops at every scale, on real photos in
+    4:4:4, 4:2:2 and 4:2:0 chroma, baseline and progressive, colour and grey."""
+    import simplejpeg
+
+    from vitray.data.resize import snap
+
+    turbo = jpeg._turbojpeg()
+    assert turbo is not None, "no TurboJPEG 3 library: the `turbojpeg` wheel is a dependency"
+    rng = np.random.default_rng(subsampling)
+    for name in ("china.jpg", "flower.jpg"):
+        for width in (333, 640, 1283, 2560):  # odd sizes too: the last iMCU column and row are partial
+            img = Image.open(os.path.join(PHOTOS, name)).convert(mode).resize((width, width * 2 // 3), Image.BICUBIC)
+            data = _encode(img, subsampling=subsampling, progressive=progressive)
+            w, h = jpeg.scalable_size(data)
+            for size in (224, 48):
+                x, y, cw, ch = crop_box(w, h, rng)
+                k = 1
+                while k < 8 and min(cw, ch) >= 2 * k * size:
+                    k *= 2
+                sw, sh = -(-w // k), -(-h // k)
+                x0, y0, x1, y1 = snap((x * sw / w, y * sh / h, (x + cw) * sw / w, (y + ch) * sh / h), sw, sh)
+                region = turbo.decode_region(data, k, (x0, y0, x1, y1))
+                whole = simplejpeg.decode_jpeg(data, colorspace="rgb", min_width=sw, min_height=sh)
+                assert region is not None and np.array_equal(region, whole[y0:y1, x0:x1]), (name, width, k)
+                # decode_crop with and without the library: the same training crop
+                with_region = jpeg.decode_crop(data, (w, h), (x, y, cw, ch), size)
+                monkeypatch.setattr(jpeg, "_turbojpeg", lambda: None)
+                assert np.array_equal(with_region, jpeg.decode_crop(data, (w, h), (x, y, cw, ch), size))
+                monkeypatch.undo()
+
+
 def test_training_crops_are_drawn_as_before():
     """The header-first path draws the same crop as `inception_crop` from the same generator: the augmentation's
     distribution is unchanged, only the decoding."""
