@@ -45,7 +45,7 @@ HOST_CPUS_PER_ACCELERATOR = {
 DATA_NODE_CPUS = 64  # cluster/aws-gpu.yaml's CPU-only data node (c7i.16xlarge)
 # Decode + crop + flip per CPU when the planner has no data to measure on: the in-process rate on ImageNet-sized
 # photos (benchmarks/results/ingest.json's set, 2-core EPYC), as `vitray/data/decode_rate.py` measures it.
-REFERENCE_DECODE_PER_CPU = 830.0
+REFERENCE_DECODE_PER_CPU = 1130.0
 
 # Paper Table 6: pretraining compute on JFT-300M, exaFLOPs, by (model, epochs).
 TABLE6_EXAFLOPS = {

@@ -23,7 +23,7 @@ from vitray.storage import Endpoint
 
 # Ray Data's images/s per CPU ÷ this measurement's, on the same JPEGs (benchmarks/results/ingest.json against this
 # module on the same sets, 2 cores): the planner applies it so that the CPUs it asks for are the CPUs a run uses.
-RAY_DATA_EFFICIENCY = 0.4  # measured 0.38 (ImageNet-sized), 0.50 (1,600–2,560 px), 0.45 (stored at 512 px)
+RAY_DATA_EFFICIENCY = 0.7  # measured 0.67 (ImageNet-sized), 0.75 (1,600–2,560 px), 0.68 (stored at 512 px)
 READ_BYTES = 16 << 20  # per shard: enough for ~100 ImageNet-sized JPEGs or ~6 camera photos
 
 
