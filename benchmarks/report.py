@@ -41,7 +41,8 @@ def main() -> None:
             rows.append(
                 f"| ingest, {r['images']} {label} real-photo JPEGs at {i['image_size']} px, {i['cpu_workers']} CPU workers "
                 f"| {min(r['ray_data_images_per_s']):.0f}–{max(r['ray_data_images_per_s']):.0f} img/s (Ray Data, {i.get('shards_on', 'S3')}; "
-                f"decode alone {r['decode_full_per_core']:.0f}/core full size, {r['decode_at_crop_scale_per_core']:.0f} at the crop's scale) "
+                f"decode alone {r['decode_full_per_core']:.0f}/core full size, {r['decode_at_crop_scale_per_core']:.0f} at the crop's scale"
+                + (f", {r['decode_region_per_core']:.0f} its region only" if r.get("decode_region_per_core") else "") + ") "
                 f"| {min(r['dataloader_images_per_s']):.0f}–{max(r['dataloader_images_per_s']):.0f} img/s (DataLoader, local files) "
                 f"| **{r['ratio_median']:.2f}×**{_whole(r)} | ≥ {goal}× — {verdict(r['ratio_median'] >= goal)} |")
     if i and "imagenet" not in i:  # a result written before the photo sets
