@@ -13,7 +13,12 @@ first averaged over k×k blocks (there the DCT-scaled decode does it), then resi
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # torch is imported inside the worker-side functions only: every Ray Data decode task imports this module for
 # `ship`, and torch would cost each of those processes ~2.5 CPU-seconds and ~300 MB before its first image.
