@@ -159,7 +159,7 @@ def run_ray(uri: str, endpoint, size: int, batch: int) -> dict:
 def s3_server_process():
     """moto's S3 server in a process of its own. `EmbeddedS3` runs it as a thread of the process that starts it,
     which here is the loop consuming the batches: the two would share one GIL, a handicap no real S3 endpoint puts
-    on its readers (measured: ...)."""
+    on its readers (`--s3 thread` measures that way; here the ratios came out within the machine's noise of this)."""
     import subprocess
     import sys
 
