@@ -9,7 +9,7 @@ crop is resized from there. The paper's pipeline did the same kind of thing (Ten
 Within that scale, only the crop's region is decoded when libjpeg-turbo's TurboJPEG 3 library is at hand
 (`tj3SetCroppingRegion`: the rows above the crop are entropy-decoded and skipped, the rows below are never read, and
 only the iMCU columns the crop spans are transformed). No maintained Python binding exposes that call (PyTurboJPEG
-2.6 scales only, simplejpeg neither), so `_TurboJPEG` binds its four functions with ctypes: to the system's
+2.6 scales only, simplejpeg neither), so `_TurboJPEG` binds the six calls it needs with ctypes: to the system's
 `libturbojpeg` if it is version 3, else to the copy the `turbojpeg` wheel ships. The region's pixels are exactly the
 scaled full decode's (tested bit for bit); without the library the scaled full decode runs instead.
 
