@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-samples", type=int, default=10_000, help="at most this many samples per shard")
     p.add_argument("--max-side", type=int, default=0, metavar="N", help="folder: store images whose longer side"
                    " exceeds N pixels resized to N (aspect kept), so training decodes less; 0 = as they are")
-    p.add_argument("--skip-bad", action="store_true", help="folder: leave out files that cannot be read or decoded;"
-                   " each is listed (path, reason) here and in the manifest's \"skipped\"")
+    p.add_argument("--skip-bad", action="store_true", help="folder: leave out files that cannot be read or decoded"
+                   " (each listed, path and reason, here and in the manifest's \"skipped\") and entries that cannot be"
+                   " used (non-UTF-8 names, symlink loops, dangling links, empty class folders: one warning line)")
     p.add_argument("--single-process", action="store_true", help="folder: write in this process, one file after"
                    " another, without Ray (the reference path)")
     p.add_argument("--progress-every", type=float, default=10.0, metavar="S", help="folder: seconds between"
@@ -112,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                              progress_every_s=args.progress_every)
             return _summary(args.dest, m)
         elif kind == "folder" and path:
-            from vitray.data.datasets import folder_classes, samples_from_folder
+            from vitray.data.datasets import samples_from_folder, scan_folder
 
-            classes = folder_classes(path, endpoint)
-            samples = samples_from_folder(path, classes, skipped, max_side=args.max_side, endpoint=endpoint)
+            classes, files = scan_folder(path, endpoint, args.skip_bad)  # listed and checked before any write
+            samples = samples_from_folder(path, classes, skipped, max_side=args.max_side, endpoint=endpoint,
+                                          files=files)
         else:
             p.error(f"--source {args.source!r}: expected folder:<path>, coco:<json>:<dir>, digits or digit_canvases")
         m = write_shards(samples, args.dest, classes, endpoint, max_shard_bytes=args.shard_size_mb << 20,

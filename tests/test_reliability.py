@@ -103,7 +103,7 @@ def test_denied_access_and_missing_bucket_fail_at_once_with_the_reason(s3, digit
     from vitray.config.schema import ConfigError
 
     with faults.FaultyS3Proxy(s3.endpoint.url, mode="deny") as proxy:
-        with pytest.raises(ConfigError, match=r"data.train_uri: s3://.*: access denied — check the credentials"):
+        with pytest.raises(ConfigError, match=r"(storage.uri|data.train_uri): s3://.*: access denied — check the credentials"):
             launch.prepare(apply_overrides(smoke(), _overrides(s3, digits, "denied") + [f"storage.endpoint_url={proxy.url}"]))
     assert proxy.requests <= 3  # not retried: no storm of requests against a bucket we may not read
     with pytest.raises(ConfigError, match="data.train_uri: s3://no-such-bucket/digits does not exist"):
@@ -142,3 +142,40 @@ def test_job_killed_during_a_save_resumes_past_the_torn_checkpoint(s3, digits, r
     assert summary["data_position"] == position
     assert checkpoint.scan(run_uri, s3.endpoint) == ([EVERY, 2 * EVERY, 3 * EVERY, STEPS], [])
 
+
+
+def test_ctrl_c_records_an_interrupted_run_that_offers_resume(s3, digits):
+    """Ctrl-C in the terminal (SIGINT to the job's process group: the driver and the local Ray it started) after
+    the first checkpoint: exit 130, run.json says `interrupted` with the step to resume from, one line says how to
+    resume, and the next start under that name is refused in the driver, pointing at --resume."""
+    from vitray import runs
+
+    sets = sum((["--set", o] for o in _overrides(s3, digits, "ctrl-c") + ["optim.total_steps=400"]), [])
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    run_uri = storage.join(f"s3://{s3.bucket}/reliability", "runs", "ctrl-c")
+    job = _job(sets, env, start_new_session=True)
+    try:
+        faults.wait_for(lambda: checkpoint.scan(run_uri, s3.endpoint)[0], 300, what="the first checkpoint")
+        os.killpg(job.pid, signal.SIGINT)
+        out, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 130, out[-3000:]
+    record = runs.read_state(run_uri, s3.endpoint)
+    assert record["state"] == "interrupted" and record["committed_step"] in checkpoint.scan(run_uri, s3.endpoint)[0]
+    assert (f"stopped: run 'ctrl-c' interrupted (Ctrl-C); its last committed checkpoint is step"
+            f" {record['committed_step']}: resume it with the same command plus --resume --run-name ctrl-c") in out
+
+    again = _job(sets, env)
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 2 and "run 'ctrl-c' was interrupted" in out and "pass --resume" in out, out[-3000:]
+
+
+def test_sigterm_stops_the_driver_like_ctrl_c():
+    """A scheduler's SIGTERM reaches the driver as the same interrupt (recorded, then exit 130), only while it runs."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(launch._Terminated), launch._sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        faults.wait_for(lambda: False, 5, what="SIGTERM to arrive")
+    assert signal.getsignal(signal.SIGTERM) is before

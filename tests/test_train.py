@@ -66,6 +66,25 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero, requ
     assert measured["parameters"] == pytest.approx(formula["parameters"], rel=0.10)
     assert measured["optimizer"] == pytest.approx(formula["optimizer"], rel=0.10)
 
+    # The weights others load (model.safetensors, gathered at save time) are exactly the fp32 weights DeepSpeed's own
+    # zero_to_fp32 rebuilds from the saved partitions (unpickling is fine here: this test wrote them).
+    import tempfile
+
+    import pyarrow.fs as pafs
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from vitray.checkpoints import load_model
+
+    final = storage.join(plan.run_uri, "step_00000040")
+    with tempfile.TemporaryDirectory() as local:
+        fs, path = storage.resolve(final, plan.endpoint)
+        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        rebuilt = get_fp32_state_dict_from_zero_checkpoint(local, tag="state")
+    model, meta = load_model(final, plan.endpoint)
+    assert meta["weights"] == "raw" and sorted(model.state_dict()) == sorted(rebuilt)
+    assert all(torch.equal(v, rebuilt[k]) for k, v in model.state_dict().items())
+
     if zero == 3:  # saved by 2 workers, resumed on 1: DeepSpeed's universal checkpoint reshards ZeRO-3 too
         saved = json.loads(storage.read_bytes(storage.join(plan.run_uri, "step_00000040", "vitray.json"), plan.endpoint))
         more, more_plan = launch.prepare(_config(s3, digits, "zero3", deepspeed=dict(zero_stage=3),
@@ -114,9 +133,9 @@ def test_checkpoint_then_resume_continues_exactly(ray_cluster, s3, digits):
 
 
 def test_finetune_from_checkpoint_with_ema_that_survives_resume(ray_cluster, s3, digits, pretrained):
-    import io
     import math
 
+    import safetensors.torch
     import torch
 
     from vitray.config import preset
@@ -139,9 +158,8 @@ def test_finetune_from_checkpoint_with_ema_that_survives_resume(ray_cluster, s3,
     assert next(r["loss"] for r in rows if r.get("step") == 1 and "loss" in r) == pytest.approx(math.log(10), abs=1e-5)
     ckpt = storage.join(plan.run_uri, "step_00000004")
     saved = json.loads(storage.read_bytes(storage.join(ckpt, "vitray.json"), plan.endpoint))
-    ema = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, "ema.pt"), plan.endpoint)), weights_only=False)
-    raw = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, "state", "mp_rank_00_model_states.pt"),
-                                                   plan.endpoint)), weights_only=False)["module"]
+    ema = safetensors.torch.load(storage.read_bytes(storage.join(ckpt, "ema.safetensors"), plan.endpoint))
+    raw = safetensors.torch.load(storage.read_bytes(storage.join(ckpt, "model.safetensors"), plan.endpoint))
     assert ema["module.pos_embed"].shape == raw["pos_embed"].shape == (1, 37, 64)  # 6×6 patches + class token
     assert not torch.allclose(ema["module.pos_embed"], raw["pos_embed"])  # averaged weights lag the raw ones
 

@@ -4,10 +4,16 @@ through here, so each fact about a checkpoint's layout has one reader.
 
 A run's checkpoint folder `<storage>/runs/<run>/step_00001000/`:
     vitray.json        step, world size, the run's whole config (no credentials: there are none in it)
-    state/             DeepSpeed's files (`mp_rank_00_model_states.pt`, the ZeRO partitions)
-    ema.pt             the Polyak-averaged weights, when the run kept them
+    model.safetensors  the whole fp32 weights, gathered from the ZeRO partitions at save time
+    ema.safetensors    the Polyak-averaged weights, when the run kept them
+    state/             DeepSpeed's files (`mp_rank_00_model_states.pt`, the ZeRO partitions): for resuming only
     COMMIT             written last: a folder without it is a save that was interrupted
 (`vitray.train.checkpoint` writes them and adds each rank's data position.)
+
+Loading never runs code from the folder. DeepSpeed's `.pt` files are pickles, and unpickling a file someone else
+wrote can execute anything in it; so evaluation, inspection and `--init-from` read only the two safetensors files
+(a header of JSON and raw tensor bytes) and the JSON files. Only DeepSpeed's own resume of a run (`train/`) reads
+`state/`. A folder without `model.safetensors` is refused, never read through pickle.
 """
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ from vitray.storage import Endpoint
 META = "vitray.json"
 COMMIT = "COMMIT"
 TAG = "state"  # DeepSpeed's checkpoint tag: the folder its files go in
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
-__all__ = ["CheckpointError", "META", "COMMIT", "TAG", "step_dir", "scan", "is_npz", "read_meta", "describe",
+__all__ = ["CheckpointError", "META", "COMMIT", "TAG", "WEIGHTS", "EMA_WEIGHTS", "step_dir", "require_complete", "scan", "is_npz", "read_meta", "describe",
            "load_model", "npz_model", "check_init_from"]
 
 
@@ -61,6 +69,22 @@ def read_meta(uri: str, endpoint: Endpoint | None) -> dict:
         return json.loads(storage.read_bytes(storage.join(uri, META), endpoint))
     except storage.StorageError as e:
         raise CheckpointError(f"{uri}: not a vitray checkpoint folder (no readable {META}: {e})") from e
+
+
+def require_complete(uri: str, endpoint: Endpoint | None, where: str | None = None) -> None:
+    """Refuse a folder that is not a whole checkpoint: one that does not exist, a save that was interrupted (no
+    commit marker), or one without the safe weights export — before anything else is read."""
+    where = where or uri
+    if not storage.exists(storage.join(uri, COMMIT), endpoint):
+        if storage.exists(storage.join(uri, META), endpoint):
+            raise CheckpointError(f"{where} is an incomplete checkpoint (no {COMMIT} marker: its save was"
+                                  " interrupted); use an earlier step")
+        raise CheckpointError(f"{where} not found (give a vitray checkpoint folder, <storage>/runs/<name>/step_N,"
+                              " or an official .npz)")
+    if not storage.exists(storage.join(uri, WEIGHTS), endpoint):
+        raise CheckpointError(f"{where} holds no {WEIGHTS} (saved by an older vitray): vitray reads a checkpoint"
+                              " as weights only and never unpickles DeepSpeed's state/ files; resume that run with"
+                              " this version to write one")
 
 
 def _npz_shapes(uri: str, endpoint: Endpoint | None) -> dict[str, tuple[int, ...]]:
@@ -108,6 +132,7 @@ def describe(uri: str, endpoint: Endpoint | None) -> dict:
         return {"name": f"ViT D={spec.width} L={spec.depth} heads={spec.heads} /{spec.patch} (.npz)", "family": "vit",
                 "num_classes": classes, "image_size": side * spec.patch if side else None, "depth": spec.depth,
                 "config": None}
+    require_complete(uri, endpoint)
     saved = read_meta(uri, endpoint)["config"]
     spec = get_spec(saved["model"]["name"])
     return {"name": saved["model"]["name"], "family": spec.family, "num_classes": saved["model"]["num_classes"],
@@ -129,6 +154,23 @@ def npz_model(uri: str, endpoint: Endpoint | None, image_size: int | tuple[int, 
     return load_npz(model, storage.read_bytes(uri, endpoint), uri)
 
 
+def read_weights(uri: str, endpoint: Endpoint | None) -> dict:
+    """A safetensors file's tensors, on the CPU. The format is a JSON header and raw bytes: reading it cannot run
+    code. The file is fetched to local disk first, so the tensors are memory-mapped rather than held twice."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    fs, path = storage.resolve(uri, endpoint)
+    with tempfile.TemporaryDirectory(prefix="vitray-load-") as local:
+        name = os.path.join(local, os.path.basename(path))
+        storage.with_retries(lambda: pafs.copy_files(path, name, source_filesystem=fs,
+                                                     destination_filesystem=pafs.LocalFileSystem()))
+        try:
+            return load_file(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{uri}: not a readable safetensors file ({e})") from None
+
+
 def load_model(uri: str, endpoint: Endpoint | None = None, dropout: float = 0.0, weights: str = "auto",
                image_size: int | tuple[int, int] | None = None):
     """(model, metadata) from a vitray checkpoint folder or an official `.npz`. `weights`: "raw" (the trained
@@ -143,41 +185,27 @@ def load_model(uri: str, endpoint: Endpoint | None = None, dropout: float = 0.0,
             raise CheckpointError(f"{uri}: a released .npz holds one set of weights, not an average (--weights ema)")
         model = npz_model(uri, endpoint, image_size)
         return model, {"checkpoint": uri, "step": None, "weights": "npz", "config": None}
-    import torch
-
     from vitray.models.registry import build_model
 
-    with tempfile.TemporaryDirectory(prefix="vitray-load-") as local:
-        fs, path = storage.resolve(uri, endpoint)
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            raise CheckpointError(f"{uri}: not found")
-        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        if not os.path.exists(os.path.join(local, COMMIT)):
-            raise CheckpointError(f"{uri}: incomplete checkpoint (no {COMMIT} marker: its save was interrupted);"
-                                  " use an earlier step")
-        with open(os.path.join(local, META)) as f:
-            meta = json.load(f)
-        saved = meta["config"]
-        m = saved["model"]
-        model = build_model(m["name"], num_classes=m["num_classes"], image_size=saved["data"]["image_size"],
-                            dropout=dropout, pre_logits=m["pre_logits"])
-        if saved["deepspeed"]["zero_stage"] == 0:
-            state = torch.load(os.path.join(local, TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
-                               weights_only=False)["module"]
-        else:  # DeepSpeed reassembles the fp32 weights from the ZeRO partitions
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(local, tag=TAG)
-        ema_path = os.path.join(local, "ema.pt")
-        if weights == "ema" and not os.path.exists(ema_path):
-            raise CheckpointError(f"{uri}: holds no averaged (EMA) weights; the run had transfer.ema_decay = 0")
-        if weights != "raw" and os.path.exists(ema_path):
-            averaged = torch.load(ema_path, map_location="cpu")  # torch's AveragedModel: module.* + n_averaged
-            state = {k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")}
-            meta["weights"] = "ema"
-        else:
-            meta["weights"] = "raw"
-    model.load_state_dict(state)
+    require_complete(uri, endpoint)
+    meta = read_meta(uri, endpoint)
+    saved = meta["config"]
+    m = saved["model"]
+    model = build_model(m["name"], num_classes=m["num_classes"], image_size=saved["data"]["image_size"],
+                        dropout=dropout, pre_logits=m["pre_logits"])
+    has_ema = storage.exists(storage.join(uri, EMA_WEIGHTS), endpoint)
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(f"{uri}: holds no averaged (EMA) weights; the run had transfer.ema_decay = 0")
+    meta["weights"] = "ema" if weights != "raw" and has_ema else "raw"
+    if meta["weights"] == "ema":  # torch's AveragedModel: module.* + n_averaged
+        averaged = read_weights(storage.join(uri, EMA_WEIGHTS), endpoint)
+        state = {k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")}
+    else:
+        state = read_weights(storage.join(uri, WEIGHTS), endpoint)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # names the keys that do not fit
+        raise CheckpointError(f"{uri}: its weights do not fit {m['name']}: {e}") from None
     if image_size is not None and hasattr(model, "resize_grid"):  # ViTs and hybrids; a ResNet takes any size
         model.resize_grid(image_size)
     return model, meta
@@ -202,12 +230,7 @@ def check_init_from(uri: str, model_name: str, num_classes: int, image_size: int
             model = build_model(model_name, num_classes=num_classes, image_size=image_size)
         check_npz(_npz_shapes(uri, endpoint), model, where, load_head=False)
         return
-    if not storage.exists(storage.join(uri, COMMIT), endpoint):
-        if storage.exists(storage.join(uri, META), endpoint):
-            raise CheckpointError(f"{where} is an incomplete checkpoint (no {COMMIT} marker: its save was"
-                                  " interrupted); use an earlier step")
-        raise CheckpointError(f"{where} not found (give a vitray checkpoint folder, <storage>/runs/<name>/step_N,"
-                              " or an official .npz)")
+    require_complete(uri, endpoint, where)
     saved = read_meta(uri, endpoint)["config"]["model"]["name"]
     source = get_spec(saved)
     if target.family == "detr":

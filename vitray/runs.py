@@ -14,12 +14,15 @@ ago the run last wrote anything, so a stale one is plain to see.
 from __future__ import annotations
 
 import json
+import posixpath
 import time
 
 import pyarrow.fs as pafs
 
 from vitray import storage
 from vitray.checkpoints import scan, step_dir
+from vitray.config.checks import plain_name
+from vitray.config.schema import ConfigError
 from vitray.storage import Endpoint
 
 RUNS = "runs"  # <storage.uri>/runs/<run name>
@@ -29,12 +32,27 @@ COST_LOG = "accelerator_days.jsonl"
 STATES = ("running", "finished", "stopped", "failed", "diverged", "interrupted")
 
 
+def check_name(name: str, field: str = "storage.run_name") -> None:
+    errors: list[str] = []
+    if not plain_name(errors, field, name):
+        raise ConfigError(errors[0])
+
+
+def run_folder(runs_root: str, name: str) -> str:
+    """`<runs root>/<name>`, for a plain name only, and checked to sit directly inside the runs root."""
+    check_name(name)
+    uri = storage.join(runs_root, name)
+    if posixpath.dirname(posixpath.normpath(uri.split("://", 1)[-1])) != posixpath.normpath(runs_root.split("://", 1)[-1]):
+        raise ConfigError(f"storage.run_name: {name!r} resolves to {uri}, outside the runs root {runs_root}")
+    return uri
+
+
 def runs_root(storage_uri: str) -> str:
     return storage.join(storage_uri, RUNS)
 
 
 def run_uri(storage_uri: str, name: str) -> str:
-    return storage.join(storage_uri, RUNS, name)
+    return run_folder(runs_root(storage_uri), name)
 
 
 def read_state(run_uri: str, endpoint: Endpoint | None) -> dict | None:

@@ -145,6 +145,26 @@ def write_bytes(uri: str, data: bytes, endpoint: Endpoint | None = None) -> None
             raise _storage_error(uri, "cannot write", e) from e
 
 
+def check_writable(uri: str, endpoint: Endpoint | None = None) -> None:
+    """Find a folder or bucket that refuses writes before any cluster resource is asked for, not at the first
+    checkpoint. Creates nothing that stays: on local disk the nearest existing folder must be writable; on S3 a
+    probe object is written and deleted (S3 has no permission to ask about without trying)."""
+    fs, path = resolve(uri, endpoint)
+    if isinstance(fs, pafs.LocalFileSystem):
+        existing = path
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"{uri}: cannot write ({existing} is not a writable folder)")
+        return
+    probe = f"{path}/.vitray-write-probe-{uuid.uuid4().hex}"
+    try:
+        with_retries(lambda: fs.open_output_stream(probe).close())
+        fs.delete_file(probe)
+    except OSError as e:  # access denied, no such bucket
+        raise _storage_error(uri, "cannot write", e) from None
+
+
 def list_files(uri: str, endpoint: Endpoint | None = None) -> list[str]:
     """Names (not paths) of the files directly under `uri`; empty when it does not exist."""
     fs, path = resolve(uri, endpoint)

@@ -5,7 +5,8 @@
     (or, for a job with arguments of its own: add_job_arguments, job_config and exit_code one by one)
 
 Exit codes: 0 done; 2 a bad config or input, found before any cluster resource was requested (ConfigError); 1 a
-run that started and failed (TrainingFailed). Either way one `error:` line on stderr that names the cause.
+run that started and failed (TrainingFailed). Either way one `error:` line on stderr that names the cause. 130: Ctrl-C
+or SIGTERM stopped the run (RunInterrupted): run.json says `interrupted`, and one `stopped:` line says how to resume.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from vitray.config.schema import Config, ConfigError, apply_overrides, model_ove
 
 class TrainingFailed(RuntimeError):
     """A run that started and failed (a worker's error, a non-finite loss); the message names the run."""
+
+
+class RunInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped the driver; run.json says `interrupted`, the message says how to resume."""
 
 
 def add_job_arguments(parser, table: dict, models: str, default: str = "smoke", init_from: bool = False) -> None:
@@ -74,6 +79,9 @@ def exit_code(body: Callable[[], int]) -> int:
     except TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RunInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130  # the shell's code for a command ended by SIGINT
 
 
 def training_job(doc: str, table: dict, models: str, body: Callable, family: str | None = None,

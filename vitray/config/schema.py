@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import typing
 from dataclasses import dataclass, field
 
@@ -220,128 +219,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 @functools.lru_cache(maxsize=256)
 def validate(cfg: Config) -> None:
     """Check everything that can be checked without touching storage or Ray; raise one ConfigError naming
-    every field at fault. Configs are frozen, so a config that passed once is not checked again (the jobs check
-    it when they build it, the driver's `prepare` asks again for callers that built theirs in Python)."""
-    from vitray.models import registry
+    every field at fault, one line each (the checks: `vitray.config.checks`). Configs are frozen, so a config that
+    passed once is not checked again (the jobs check it when they build it, the driver's `prepare` asks again for
+    callers that built theirs in Python)."""
+    from vitray.config.checks import problems
 
-    errors: list[str] = []
-    spec = None
-    try:
-        spec = registry.get_spec(cfg.model.name)
-    except KeyError as e:
-        errors.append(f"model.name: {e.args[0]}")
-    d, o, s, z = cfg.data, cfg.optim, cfg.scaling, cfg.deepspeed
-    if d.image_size <= 0:
-        errors.append(f"data.image_size: must be positive, got {d.image_size}")
-    elif spec is not None and d.image_size % spec.size_multiple:
-        errors.append(
-            f"data.image_size: {d.image_size} is not divisible by the patch size {spec.size_multiple} of {cfg.model.name}"
-        )
-    if cfg.model.num_classes < 1:
-        errors.append(f"model.num_classes: must be ≥ 1, got {cfg.model.num_classes}")
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        errors.append(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
-    if z.zero_stage not in (0, 1, 2, 3):
-        errors.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {z.zero_stage}")
-    if z.precision not in ("auto", "bf16", "fp16", "fp32"):
-        errors.append(f"deepspeed.precision: must be auto, bf16, fp16 or fp32, got {z.precision!r}")
-    if s.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        errors.append(f"scaling.placement_strategy: must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {s.placement_strategy!r}")
-    if s.num_workers < 1:
-        errors.append(f"scaling.num_workers: must be ≥ 1, got {s.num_workers}")
-    if o.micro_batch < 1:
-        errors.append(f"optim.micro_batch: must be ≥ 1, got {o.micro_batch}")
-    elif s.num_workers >= 1 and o.global_batch % (s.num_workers * o.micro_batch):
-        errors.append(
-            f"optim.global_batch: {o.global_batch} is not divisible by scaling.num_workers × optim.micro_batch"
-            f" = {s.num_workers} × {o.micro_batch}"
-        )
-    if d.partitions < 0:
-        errors.append(f"data.partitions: must be ≥ 0 (0 = scaling.num_workers), got {d.partitions}")
-    elif d.partitions and o.global_batch % d.partitions:
-        errors.append(f"data.partitions: {d.partitions} does not divide optim.global_batch={o.global_batch} (each"
-                      " step takes the same number of samples from every partition)")
-    elif d.partitions and d.partitions < s.num_workers:
-        errors.append(f"data.partitions: {d.partitions} is fewer than scaling.num_workers={s.num_workers} (each"
-                      " worker reads at least one partition)")
-    if s.min_workers and not 1 <= s.min_workers <= s.num_workers:
-        errors.append(f"scaling.min_workers: must be 1..scaling.num_workers={s.num_workers} (0 = a fixed worker"
-                      f" count), got {s.min_workers}")
-    elif s.min_workers and o.optimizer != "adam":
-        errors.append("scaling.min_workers: an elastic run reshards its optimizer state at each resize through"
-                      " DeepSpeed's universal checkpoint, which carries Adam's moments only; use optim.optimizer=adam"
-                      " or a fixed worker count")
-    elif s.min_workers and cfg.max_failures == 0:
-        errors.append("scaling.min_workers: Ray Train counts each lost node of an elastic run as a failure; give it a"
-                      " budget: max_failures=N (or -1, unlimited)")
-    elif s.min_workers and not cfg.storage.checkpoint_every:
-        errors.append("scaling.min_workers: an elastic run restarts from its latest checkpoint at every resize; set"
-                      " storage.checkpoint_every (steps) so that a resize redoes at most that many")
-    elif s.min_workers and z.zero_stage == 0:
-        errors.append("scaling.min_workers: an elastic run reshards through DeepSpeed's universal checkpoint, made"
-                      " from ZeRO partitions; set deepspeed.zero_stage to 1, 2 or 3")
-    if s.group_start_timeout_s <= 0:
-        errors.append(f"scaling.group_start_timeout_s: must be positive, got {s.group_start_timeout_s}")
-    if s.resize_check_s <= 0:
-        errors.append(f"scaling.resize_check_s: must be positive, got {s.resize_check_s}")
-    if o.optimizer not in ("adam", "sgd"):
-        errors.append(f"optim.optimizer: must be adam or sgd, got {o.optimizer!r}")
-    if o.schedule not in ("linear", "cosine", "step"):
-        errors.append(f"optim.schedule: must be linear, cosine or step, got {o.schedule!r}")
-    if not 0.0 < o.lr_drop <= 1.0:
-        errors.append(f"optim.lr_drop: must be in (0, 1], got {o.lr_drop}")
-    if o.lr <= 0:
-        errors.append(f"optim.lr: must be positive, got {o.lr}")
-    if o.epochs <= 0 and o.total_steps <= 0:
-        errors.append("optim.epochs: give a positive number of epochs or optim.total_steps")
-    if not 0.0 < d.crop_area_min <= 1.0:
-        errors.append(f"data.crop_area_min: must be in (0, 1], got {d.crop_area_min}")
-    if d.decode_on not in ("cpu", "gpu"):
-        errors.append(f"data.decode_on: must be cpu or gpu, got {d.decode_on!r}")
-    elif d.decode_on == "gpu" and spec is not None and spec.family not in ("vit", "bit", "hybrid"):
-        errors.append(f"data.decode_on: gpu decodes classification images; {cfg.model.name} ({spec.family}) decodes"
-                      " on the CPU (data.decode_on=cpu)")
-    elif d.decode_on == "gpu" and cfg.scaling.use_gpu and importlib.util.find_spec("torchvision") is None:
-        errors.append("data.decode_on: gpu needs torchvision (its decode_jpeg runs nvJPEG): pip install the"
-                      " torchvision built for your torch")
-    if d.bad_samples not in ("error", "skip"):
-        errors.append(f"data.bad_samples: must be error or skip, got {d.bad_samples!r}")
-    for name, column in (("data.image_column", d.image_column), ("data.label_column", d.label_column)):
-        if not column:
-            errors.append(f"{name}: must name a Parquet column (default: {name.split('.')[1].split('_')[0]})")
-    if d.builtin not in ("", "digits", "digit_canvases"):
-        errors.append(f"data.builtin: unknown built-in dataset {d.builtin!r} (known: digits, digit_canvases)")
-    if spec is not None and spec.family == "detr":
-        det = cfg.detection
-        if not 1 <= det.max_boxes <= spec.queries:
-            errors.append(f"detection.max_boxes: must be 1..{spec.queries} (the queries of {cfg.model.name}), got {det.max_boxes}")
-        if min(det.cost_class, det.cost_l1, det.cost_giou, det.eos_coef, det.backbone_lr_scale) < 0:
-            errors.append("detection: weights and backbone_lr_scale must be ≥ 0")
-        if not 0.0 < det.crop_min <= 1.0:
-            errors.append(f"detection.crop_min: must be in (0, 1], got {det.crop_min}")
-        if d.builtin == "digits":
-            errors.append("data.builtin: digits is a classification dataset; detection trains on digit_canvases")
-    elif d.builtin == "digit_canvases":
-        errors.append(f"data.builtin: digit_canvases is a detection dataset; {cfg.model.name} is not a detection model")
-    if not d.train_uri and not d.builtin:
-        errors.append(
-            "data.train_uri: no training data given; pass --set data.train_uri=s3://bucket/prefix (shards written"
-            " by jobs/write_shards.py) or use --set data.builtin="
-            + ("digit_canvases" if spec is not None and spec.family == "detr" else "digits")
-        )
-    for name, uri in (("data.train_uri", d.train_uri), ("data.val_uri", d.val_uri), ("storage.uri", cfg.storage.uri)):
-        if "://" in uri and not uri.startswith("s3://"):
-            errors.append(f"{name}: {uri!r} is neither s3://bucket/prefix nor a local path")
-    t = cfg.transfer
-    if t.posemb_method not in ("bilinear", "bicubic"):
-        errors.append(f"transfer.posemb_method: must be bilinear or bicubic, got {t.posemb_method!r}")
-    if not 0.0 <= t.ema_decay < 1.0:
-        errors.append(f"transfer.ema_decay: must be in [0, 1), got {t.ema_decay}")
-    elif t.ema_decay and z.zero_stage == 3:
-        errors.append("transfer.ema_decay: weight averaging needs whole parameters on each worker; use ZeRO ≤ 2")
-    if t.init_from and "://" in t.init_from and not t.init_from.startswith("s3://"):
-        errors.append(f"transfer.init_from: {t.init_from!r} is neither s3://… nor a local path")
-    if cfg.storage.keep_checkpoints < 1:
-        errors.append(f"storage.keep_checkpoints: must be ≥ 1, got {cfg.storage.keep_checkpoints}")
+    errors = problems(cfg)
     if errors:
         raise ConfigError("\n".join(errors))

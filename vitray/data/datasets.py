@@ -1,8 +1,11 @@
 """Image sources for the shard writer: an ImageNet-style folder tree, in-memory arrays, and the built-in digits."""
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
+import sys
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -16,29 +19,137 @@ from vitray.storage import Endpoint
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def folder_classes(root: str, endpoint: Endpoint | None = None) -> list[str]:
-    """The class folders directly under `root` (a local folder or an s3:// prefix), sorted."""
+# Listing entries that cannot become samples or classes. Each is collected while listing, then the whole lot is
+# refused in one error or, with --skip-bad, skipped with one warning: silently dropping them hides a broken copy,
+# and crashing on the first one (a non-UTF-8 name used to raise UnicodeDecodeError) hides the rest.
+BAD_KINDS = {"non-UTF-8 name": "non-UTF-8 names", "symlink loop": "symlink loops", "dangling link": "dangling links",
+             "special file": "special files", "unreadable entry": "unreadable entries",
+             "empty class folder": "empty class folders"}
+SHOWN = 3  # paths named per kind; the rest are counted
+_IMAGE_SUFFIXES = tuple(e.encode() for e in IMAGE_EXTENSIONS)
+
+
+def shown(path: bytes | str) -> str:
+    """A path as text that prints anywhere: undecodable bytes as \\xNN and control characters escaped, where
+    `os.fsdecode`'s surrogates would make `print` raise and a newline would split a one-line message."""
+    text = (path if isinstance(path, bytes) else os.fsencode(path)).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _wanted_class(name: bytes, kind: str | None) -> bool:
+    return kind in (None, "dir")  # None: a broken link, which may have been meant as a class folder
+
+
+def _wanted_image(name: bytes, kind: str | None) -> bool:
+    return kind != "dir" and name.lower().endswith(_IMAGE_SUFFIXES)
+
+
+def _entries(folder: str, endpoint: Endpoint | None, wanted,
+             problems: dict[str, list[str]]) -> list[tuple[str, bool, int]] | None:
+    """(name, is a folder, size) of the entries directly under `folder` that `wanted(name bytes, "dir" | "file" |
+    "other" | None when it cannot be stat'ed)` keeps, sorted by name; wanted ones that cannot be used go to
+    `problems`, and so does a folder that cannot be listed (None: not counted as empty as well). Local folders are listed here, as bytes, since a listing through pyarrow raises on a non-UTF-8
+    name and leaves out broken links without a word; S3 keys are UTF-8 and have no links."""
+    if storage.is_s3(folder):
+        return [e for e in storage.list_entries(folder, endpoint)
+                if wanted(e[0].encode(), "dir" if e[1] else "file")]
+    try:
+        with os.scandir(os.fsencode(folder)) as it:
+            found = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        problems["unreadable entry"].append(f"{shown(folder)} ({e.strerror or e})")
+        return None
+    out = []
+    for e in found:
+        try:
+            st = os.stat(e.path)  # through links, as the reads will go
+        except OSError as err:
+            if wanted(e.name, None):
+                kind = ("symlink loop" if err.errno == errno.ELOOP else
+                        "dangling link" if err.errno == errno.ENOENT and e.is_symlink() else "unreadable entry")
+                problems[kind].append(shown(e.path))
+            continue
+        kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+        if not wanted(e.name, kind):
+            continue
+        if kind == "other":  # a FIFO or device named *.jpg would block or never end when read
+            problems["special file"].append(shown(e.path))
+            continue
+        try:
+            name = e.name.decode("utf-8")
+        except UnicodeDecodeError:  # cannot go into a sample key, a JSON manifest or an S3 key
+            problems["non-UTF-8 name"].append(shown(e.path))
+            continue
+        out.append((name, kind == "dir", st.st_size))
+    return out
+
+
+def report_bad_entries(root: str, problems: dict[str, list[str]], skip_bad: bool, log=None) -> None:
+    """One DataError naming `root`, the count of each kind and the first few paths; or, with `skip_bad`, one
+    warning line saying the same (to `log`, default stderr)."""
+    found = {kind: paths for kind, paths in problems.items() if paths}
+    if not found:
+        return
+    details = "; ".join(
+        f"{len(paths)} {kind if len(paths) == 1 else BAD_KINDS[kind]}: {', '.join(paths[:SHOWN])}"
+        + (f", … ({len(paths) - SHOWN} more)" if len(paths) > SHOWN else "") for kind, paths in found.items())
+    if skip_bad:
+        (log or (lambda line: print(line, file=sys.stderr, flush=True)))(
+            f"warning: {shown(root)}: --skip-bad skipped {details}")
+        return
+    total = sum(len(paths) for paths in found.values())
+    raise DataError(f"{shown(root)}: {total} {'entry' if total == 1 else 'entries'} of this image folder cannot be"
+                    f" used — {details}. Rename, repair or remove them, or pass --skip-bad to skip them")
+
+
+def scan_folder(root: str, endpoint: Endpoint | None = None, skip_bad: bool = False,
+                log=None) -> tuple[list[str], list[tuple[str, str, int, int]]]:
+    """(classes, files) of `root/<class>/<file>` (a local folder or an s3:// prefix), checked before anything is
+    read or written: see `folder_files` for the files. Entries that cannot be used (`BAD_KINDS`), an empty class
+    folder among them, are refused together, or skipped with `skip_bad` (`report_bad_entries`). Classes are the
+    non-empty class folders, sorted, so a label index never depends on a folder that holds nothing."""
     if not storage.is_s3(root) and not os.path.isdir(root):
-        raise DataError(f"{root}: not a folder")
-    entries = storage.list_entries(root, endpoint)
-    if not entries and storage.is_s3(root):
-        raise DataError(f"{root}: nothing under this prefix")
-    classes = [name for name, is_dir, _ in entries if is_dir]
+        raise DataError(f"{shown(root)}: not a folder")
+    problems: dict[str, list[str]] = {kind: [] for kind in BAD_KINDS}
+    entries = _entries(root, endpoint, _wanted_class, problems) or []
+    if not entries and not any(problems.values()):
+        if storage.is_s3(root) and not storage.list_entries(root, endpoint):
+            raise DataError(f"{root}: nothing under this prefix")
+        raise DataError(f"{shown(root)}: no class folders (expected {shown(root)}/<class_name>/*.jpg)")
+    listed = {cls: _entries(storage.join(root, cls), endpoint, _wanted_image, problems) for cls, _, _ in entries}
+    classes = [cls for cls in listed if listed[cls]]
+    problems["empty class folder"] += [shown(storage.join(root, cls)) for cls in listed if listed[cls] == []]
+    report_bad_entries(root, problems, skip_bad, log)
     if not classes:
-        raise DataError(f"{root}: no class folders (expected {root}/<class_name>/*.jpg)")
-    return classes
+        raise DataError(f"{shown(root)}: no class folder holds an image file")
+    return classes, _keyed(root, classes, listed)
 
 
-def folder_files(root: str, classes: list[str], endpoint: Endpoint | None = None) -> list[tuple[str, str, int, int]]:
+def folder_classes(root: str, endpoint: Endpoint | None = None, skip_bad: bool = False, log=None) -> list[str]:
+    """The class folders directly under `root` (a local folder or an s3:// prefix) that hold images, sorted;
+    checked as `scan_folder` checks them."""
+    return scan_folder(root, endpoint, skip_bad, log)[0]
+
+
+def folder_files(root: str, classes: list[str], endpoint: Endpoint | None = None, skip_bad: bool = False,
+                 log=None) -> list[tuple[str, str, int, int]]:
     """(path, sample key, label, size in bytes) of every image file under `root/<class>/`, in (class, name) order,
-    checked before anything is read or written. The key is the class and the whole file name (`cat/x.jpg` →
-    `cat_x_jpg`), so the same photo saved as `x.jpg` and `x.png` gives two samples; names that still collide once
-    '.' becomes '_' are named together."""
+    the label being the class's place in `classes`; bad entries and empty classes are reported as `scan_folder`
+    reports them. The key is the class and the whole file name (`cat/x.jpg` → `cat_x_jpg`), so the same photo
+    saved as `x.jpg` and `x.png` gives two samples; names that still collide once '.' becomes '_' are named
+    together."""
+    problems: dict[str, list[str]] = {kind: [] for kind in BAD_KINDS}
+    listed = {cls: _entries(storage.join(root, cls), endpoint, _wanted_image, problems) for cls in classes}
+    problems["empty class folder"] += [shown(storage.join(root, cls)) for cls in classes if listed[cls] == []]
+    report_bad_entries(root, problems, skip_bad, log)
+    return _keyed(root, classes, listed)
+
+
+def _keyed(root: str, classes: list[str],
+           listed: dict[str, list[tuple[str, bool, int]] | None]) -> list[tuple[str, str, int, int]]:
     files, owner = [], {}
     for label, cls in enumerate(classes):
-        for name, is_dir, size in storage.list_entries(storage.join(root, cls), endpoint):
-            if is_dir or not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
+        for name, _, size in listed[cls] or ():
             path = storage.join(root, cls, name)
             key = f"{cls}_{name}".replace(".", "_").replace("/", "_")
             if key in owner:
@@ -87,12 +198,16 @@ def prepare_image(path: str, data: bytes, max_side: int = 0) -> tuple[bytes, str
 
 
 def samples_from_folder(root: str, classes: list[str], skipped: list[dict] | None = None,
-                        max_side: int = 0, endpoint: Endpoint | None = None) -> Iterator[Sample]:
+                        max_side: int = 0, endpoint: Endpoint | None = None,
+                        files: list[tuple[str, str, int, int]] | None = None) -> Iterator[Sample]:
     """`root/<class>/<file>` → samples, one file after another in this process (the reference path; the Ray writer
     `vitray.data.writer.write_folder` does the same per shard on every core). An unreadable file raises a DataError
-    naming its path — or, given a `skipped` list, is recorded there ({"path", "reason"}) and left out. See
-    `prepare_image` for what is stored and `max_side`."""
-    for path, key, label, _ in folder_files(root, classes, endpoint):
+    naming its path — or, given a `skipped` list, is recorded there ({"path", "reason"}) and left out; so are bad
+    listing entries (`folder_files`). `files`: `scan_folder`'s listing, already checked. See `prepare_image` for
+    what is stored and `max_side`."""
+    if files is None:
+        files = folder_files(root, classes, endpoint, skip_bad=skipped is not None)
+    for path, key, label, _ in files:
         try:
             image, ext = prepare_image(path, read_source(path, endpoint), max_side)
         except DataError as e:

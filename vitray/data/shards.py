@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import tarfile
 from typing import Iterable, Iterator
 
@@ -182,9 +183,57 @@ def read_manifest(uri: str, endpoint: Endpoint | None = None, field: str = "data
         manifest = Manifest.from_json(text)
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{field}: {storage.join(uri, MANIFEST)} is not a valid manifest ({e})") from e
+    check_entries(manifest, storage.join(uri, MANIFEST), field)
     if manifest.num_samples == 0:
         raise DataError(f"{field}: {uri} holds no samples")
     return manifest
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # s3:, file:, http:, and a Windows drive letter (C:)
+
+
+def entry_problem(name) -> str | None:
+    """Why a manifest's shard name is not a plain file name inside the dataset folder, or None. Readers join it
+    onto the dataset's URI and `--verify` reads what that gives, so `../x.tar` or `s3://other/x.tar` would reach
+    data the dataset does not hold; readers also look shards up by their last path part, so a name with a folder
+    in it would not be found either."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if "\\" in name:
+        return "must hold no backslash"
+    if any(not c.isprintable() for c in name):
+        return "must hold no control characters"
+    if _SCHEME.match(name):
+        return "must be relative, with no scheme (s3:, file:, …)"
+    if name.startswith("/"):
+        return "must be relative, not an absolute path"
+    parts = name.split("/")
+    if "" in parts:
+        return "must have no empty path parts (//, or a trailing /)"
+    if ".." in parts or "." in parts:
+        return "must have no '..' or '.' parts (it would resolve outside the dataset folder)"
+    if len(parts) > 1:
+        return "must be a file directly in the dataset folder (no '/')"
+    return None
+
+
+def check_entries(manifest: Manifest, where: str, field: str) -> None:
+    """Every shard entry of `manifest` (read from `where`) is a plain file name inside the dataset, and each is
+    listed once (twice would double-count its samples); else one DataError naming the manifest, the entry and the
+    rule. The Parquet file-name prefix, which also becomes part of a path, is held to the same rule."""
+    seen: set[str] = set()
+    for shard in manifest.shards:
+        problem = entry_problem(shard.name)
+        if problem is None and manifest.format == "parquet" and not shard.name.rpartition("#")[2].isdigit():
+            problem = "must be <file>#<row group number>"
+        if problem is None and shard.name in seen:
+            problem = "is listed twice"
+        if problem:
+            raise DataError(f"{field}: {where}: shard entry {shard.name!r} {problem}; a manifest may only name files"
+                            " inside its dataset folder")
+        seen.add(shard.name)
+    if manifest.prefix and entry_problem(manifest.prefix):
+        raise DataError(f"{field}: {where}: prefix {manifest.prefix!r} {entry_problem(manifest.prefix)}")
 
 
 def shard_folder(uri: str, manifest: Manifest) -> str:

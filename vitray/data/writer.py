@@ -3,8 +3,9 @@
     write_folder("s3://bucket/imagenet21k/train", "s3://bucket/shards/in21k", endpoint)  # or local paths
 
 1. The driver lists the folder and plans the shards (files in (class, name) order, cut by sample count and source
-   bytes) before it asks Ray for anything: a folder without class folders, or two files that become one sample
-   key, fail at once, naming the files.
+   bytes) before it asks Ray for anything: a folder without class folders, two files that become one sample
+   key, or entries that cannot be used (non-UTF-8 names, broken links, empty class folders) fail at once, naming
+   them — or, under --skip-bad, the entries are skipped with one warning line.
 2. The plan's summary and fingerprint go to `<dest>/_writer/plan.json`. A destination holding another plan is
    refused, so a restart with other arguments, or after the source changed, can never mix two datasets.
 3. One Ray task per shard (1 CPU) reads its files (local or S3), decodes each one to validate it (a bad file is
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from vitray import storage
-from vitray.data.datasets import folder_classes, folder_files, prepare_image, read_source
+from vitray.data.datasets import prepare_image, read_source, scan_folder
 from vitray.data.shards import MANIFEST, DataError, Manifest, Sample, ShardInfo, _tar_bytes
 from vitray.storage import Endpoint, StorageError
 
@@ -145,10 +146,8 @@ def write_folder(root: str, dest: str, endpoint: Endpoint | None = None, max_sha
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     if not storage.is_s3(root):
         root = os.path.abspath(root)  # Ray workers need not share the driver's working directory
-    classes = folder_classes(root, endpoint)
-    files = folder_files(root, classes, endpoint)
-    if not files:
-        raise DataError(f"{root}: no image files under its class folders")
+    # Before Ray is asked for anything: a folder refused for its listing costs no cluster start-up.
+    classes, files = scan_folder(root, endpoint, skip_bad, log)
     plans = plan_shards(files, max_shard_bytes, max_shard_samples)
     record = plan_record(root, classes, files, plans, max_side, skip_bad, max_shard_bytes, max_shard_samples)
     claim(dest, record, endpoint)

@@ -11,6 +11,7 @@ Flax Dense kernels are (in, out): torch Linear weights are their transpose.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -118,22 +119,68 @@ def check_npz(shapes: dict[str, tuple[int, ...]], model: ViT, where: str, load_h
         raise CheckpointError(f"{where}: shape mismatch: {'; '.join(wrong[:5])}")
 
 
+# The zip directory states each member's sizes, and deflate cannot expand data more than ~1032-fold (one 258-byte
+# match per 2 bits): a member claiming more than that of its compressed bytes is a lie, refused before inflating.
+_DEFLATE_RATIO, _SLACK = 1032, 1024
+
+
+def array_header(stream, nbytes: int, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of one `.npy` stream of `nbytes` bytes, from its header. `np.load` allocates what the header
+    claims before it reads a byte of data, so a small file claiming a huge shape would take the machine's memory:
+    refused (CheckpointError naming `key`) unless shape × itemsize is exactly the data after the header — which
+    every honest file passes. Object dtypes are refused too: they are pickles, and loading one can run code."""
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(stream)
+    if dtype.hasobject:
+        raise CheckpointError(f"{key!r}: dtype {dtype} holds Python objects (a pickle), which are never loaded")
+    claimed, held = math.prod(shape) * dtype.itemsize, nbytes - stream.tell()
+    if claimed != held:
+        raise CheckpointError(f"{key!r}: its header claims shape {tuple(shape)} of {dtype} ({claimed:,} bytes), but"
+                              f" {held:,} bytes of data follow it: not an array numpy wrote; refused before"
+                              " allocating it")
+    return tuple(shape), dtype
+
+
 def read_npz_shapes(f) -> dict[str, tuple[int, ...]]:
-    """key → shape of every array in an `.npz` (a seekable binary file), from the array headers only: a 2.5 GB
-    released checkpoint is checked in milliseconds, before anything is downloaded whole."""
+    """key → shape of every array in an `.npz` (a seekable binary file), from the zip directory and the array
+    headers only: a 2.5 GB released checkpoint is checked in milliseconds, before anything is downloaded whole.
+    Each member's sizes are checked against the file and its header (`array_header`), so `np.load` of a file that
+    passes allocates no more than the file holds (or its deflated members can expand to)."""
     import zipfile
 
     shapes = {}
     try:
+        end = f.seek(0, 2)
+        f.seek(0)
         with zipfile.ZipFile(f) as z:
             for info in z.infolist():
+                key = info.filename.removesuffix(".npy")
+                _check_member(info, end, key)
                 with z.open(info) as member:
-                    version = np.lib.format.read_magic(member)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                    shapes[info.filename.removesuffix(".npy")] = tuple(read(member)[0])
+                    shapes[key] = array_header(member, info.file_size, key)[0]
+    except CheckpointError:
+        raise
     except Exception as e:  # zip/format errors come in many types
         raise CheckpointError(f"not a readable .npz ({type(e).__name__}: {e})") from e
     return shapes
+
+
+def _check_member(info, end: int, key: str) -> None:
+    import zipfile
+
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):  # numpy writes only these two
+        raise CheckpointError(f"{key!r}: zip compression method {info.compress_type} (numpy writes stored or"
+                              " deflated members only)")
+    if info.header_offset + info.compress_size > end:
+        raise CheckpointError(f"{key!r}: the zip directory places {info.compress_size:,} bytes beyond the file's"
+                              f" {end:,}")
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise CheckpointError(f"{key!r}: stored uncompressed, yet the zip directory gives two sizes"
+                              f" ({info.file_size:,} and {info.compress_size:,} bytes)")
+    if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _DEFLATE_RATIO * info.compress_size + _SLACK:
+        raise CheckpointError(f"{key!r}: claims {info.file_size:,} bytes from {info.compress_size:,} deflated ones,"
+                              " more than deflate can expand to")
 
 
 def load_npz(model: ViT, data: bytes, where: str = "checkpoint", load_head: bool = True,
@@ -141,8 +188,11 @@ def load_npz(model: ViT, data: bytes, where: str = "checkpoint", load_head: bool
     """Copy an official `.npz` into `model` (in place). Position embeddings are resized to the model's grid; with
     `load_head=False` the model keeps its own head (fine-tuning on new classes)."""
     try:
+        read_npz_shapes(io.BytesIO(data))  # every member's header against its size, before np.load allocates
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             params = {k: f[k] for k in f.files}
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from e
     except Exception as e:  # zip/format errors come in many types
         raise CheckpointError(f"{where}: not a readable .npz ({type(e).__name__}: {e})") from e
     check_npz({k: v.shape for k, v in params.items()}, model, where, load_head)

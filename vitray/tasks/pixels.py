@@ -46,6 +46,25 @@ def fit_palette(pixels: np.ndarray, colours: int, seed: int = 0) -> np.ndarray:
 PALETTE_FILE = "palette.npy"
 
 
+def load_palette(data: bytes, where: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A saved palette (`palette.npy`'s bytes) of the `shape` the model predicts. Its header is checked first
+    (`array_header`: the size it claims against the bytes there, no object dtype) and against `shape`, since
+    `np.load` allocates what a header claims before reading; then it is read without unpickling."""
+    import io
+
+    from vitray.models.npz import CheckpointError, array_header
+
+    try:
+        claimed, _ = array_header(io.BytesIO(data), len(data), PALETTE_FILE)
+        if claimed != tuple(shape):
+            raise CheckpointError(f"shape {claimed}; this model predicts {tuple(shape)}")
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from e
+    except ValueError as e:  # a bad magic string or header: numpy raises ValueError
+        raise CheckpointError(f"{where}: not a readable .npy ({e})") from e
+
+
 class PixelTask(Task):
     """iGPT's objective for the training loop: the images are their own targets (labels unused). Evaluation
     reports the held-out negative log-likelihood of the predicted tokens (all of them, or BERT's masked ones) in
@@ -74,8 +93,6 @@ class PixelTask(Task):
         return dataclasses.replace(plan, palette_uri=uri)
 
     def build_model(self):
-        import io
-
         import torch
 
         from vitray import storage
@@ -83,8 +100,8 @@ class PixelTask(Task):
 
         model = build_model(self.cfg.model.name, image_size=self.cfg.data.image_size, dropout=self.cfg.model.dropout)
         if self.palette_uri:
-            palette = np.load(io.BytesIO(storage.read_bytes(self.palette_uri, self.endpoint)))
-            model.set_palette(torch.from_numpy(palette))
+            data = storage.read_bytes(self.palette_uri, self.endpoint)
+            model.set_palette(torch.from_numpy(load_palette(data, self.palette_uri, tuple(model.palette.shape))))
         return model
 
     def to_tensors(self, batch: dict[str, np.ndarray], device, dtype) -> dict:

@@ -11,6 +11,8 @@ Layout of `<run>/step_00001000/`:
     vitray.json                      step, world size, the run's config (no credentials: there are none in it)
     positions.json                   every data partition's position (epoch, samples consumed)
     position-rank00000.json ...      each rank's own partitions' positions and its torch RNG state
+    model.safetensors                the whole fp32 weights, gathered from the partitions (what others load)
+    ema.safetensors                  the Polyak-averaged weights, when the run keeps them
     state/                           DeepSpeed: mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt
     COMMIT                           written last: the checkpoint is complete
 """
@@ -28,9 +30,11 @@ import pyarrow.fs as pafs
 import ray.train
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from vitray import storage
-from vitray.checkpoints import COMMIT, META, TAG, CheckpointError, load_model, scan, step_dir  # noqa: F401
+from vitray.checkpoints import (COMMIT, EMA_WEIGHTS, META, TAG, WEIGHTS, CheckpointError, load_model,  # noqa: F401
+                                scan, step_dir)
 from vitray.data.stream import Position
 
 POSITIONS = "positions.json"  # every data partition's position, written by rank 0
@@ -44,6 +48,7 @@ def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_i
     rank = ray.train.get_context().get_world_rank()
     digest = optimizer_digest(engine)
     weights = module_digest(engine.module)  # collective under ZeRO-3
+    whole = full_weights(engine)  # collective: every rank helps gather; rank 0 keeps them
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, positions)  # rank 0 writes them all in one file: one read on resume
     folder = tempfile.mkdtemp(prefix=f"vitray-ckpt-{step}-")
@@ -57,8 +62,9 @@ def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_i
                 json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for part in everyone
                                           for p, pos in sorted(part.items())}}, f)
             extra = {"model_digest": weights}
+            save_file(whole, os.path.join(folder, WEIGHTS))
             if ema is not None:
-                torch.save(ema.state_dict(), os.path.join(folder, "ema.pt"))
+                save_file(_plain(ema.state_dict()), os.path.join(folder, EMA_WEIGHTS))
                 extra["ema_digest"] = module_digest(ema.module)
             with open(os.path.join(folder, META), "w") as f:
                 json.dump({"step": step, "optimizer_digest": digest, **extra, **run_info}, f, indent=1)
@@ -73,6 +79,36 @@ def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_i
         _test_crash_point("before-commit", step, rank)
         marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
         storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
+
+
+def full_weights(engine) -> dict[str, torch.Tensor]:
+    """The model's whole fp32 state dict on rank 0 (empty elsewhere), for `model.safetensors`. Collective: under
+    ZeRO each parameter's fp32 master copy is spread over the ranks, and DeepSpeed's `safe_get_full_fp32_param`
+    gathers one parameter at a time, so no rank ever holds more than one whole parameter on its device. The same
+    weights `zero_to_fp32` would rebuild from the saved files, without anyone unpickling those files later."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank0 = dist.get_rank() == 0
+    module = engine.module
+    params = dict(module.named_parameters(remove_duplicate=False))
+    gathered: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, value in module.state_dict(keep_vars=True).items():  # the keys a plain model's load_state_dict wants
+        p = params.get(name)
+        if p is None:  # a buffer: whole on every rank
+            t = value.detach()
+        else:
+            if id(p) not in gathered:  # a tied parameter is gathered once
+                full = safe_get_full_fp32_param(p)
+                gathered[id(p)] = (full if full is not None else p.detach()).float()
+            t = gathered[id(p)]
+        if rank0:
+            out[name] = t.detach().to("cpu", copy=True).contiguous()  # safetensors refuses shared storage
+    return out
+
+
+def _plain(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
 def _test_crash_point(where: str, step: int, rank: int) -> None:
@@ -178,10 +214,18 @@ def restore(engine, checkpoint: "ray.train.Checkpoint | None", ema=None, reshard
         if path is None:
             raise CheckpointError(f"checkpoint {checkpoint.path}: DeepSpeed found no state under {TAG}/")
         if ema is not None:
-            if not os.path.exists(os.path.join(folder, "ema.pt")):
-                raise CheckpointError(f"checkpoint {checkpoint.path}: transfer.ema_decay is set but it holds no ema.pt")
-            ema.load_state_dict(torch.load(os.path.join(folder, "ema.pt"), map_location=engine.device))
+            ema.load_state_dict(_read_ema(folder, checkpoint.path))
     return int(client_state["step"])
+
+
+def _read_ema(folder: str, where: str) -> dict:
+    """The averaged weights of a checkpoint being resumed; `ema.pt` from saves before `ema.safetensors`, read as
+    plain tensors only (torch's weights_only unpickler runs no code)."""
+    if os.path.exists(os.path.join(folder, EMA_WEIGHTS)):
+        return load_file(os.path.join(folder, EMA_WEIGHTS))
+    if os.path.exists(os.path.join(folder, "ema.pt")):
+        return torch.load(os.path.join(folder, "ema.pt"), map_location="cpu", weights_only=True)
+    raise CheckpointError(f"checkpoint {where}: transfer.ema_decay is set but it holds no {EMA_WEIGHTS}")
 
 
 def read_commit(checkpoint: "ray.train.Checkpoint") -> dict:

@@ -5,13 +5,17 @@ run folder — refusing to silently overwrite or resume a run. Only then does `f
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import re
+import signal
+import threading
 import time
 
 from vitray import cost, runs, storage
-from vitray.config.jobs import TrainingFailed
+from vitray.config.jobs import RunInterrupted, TrainingFailed
 from vitray.config.schema import Config, ConfigError, validate
 from vitray.data.shards import DataError, Manifest, read_manifest
 from vitray.storage import Endpoint
@@ -56,6 +60,22 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
     else:
         raise ConfigError("storage.uri: no storage given and no embedded S3 server running")
 
+    default = f"{re.sub(r'[^A-Za-z0-9._-]', '_', cfg.model.name)}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    name = cfg.storage.run_name or default
+    run_uri = runs.run_folder(runs_root, name)  # a plain name, inside the runs root
+    try:
+        storage.check_writable(runs_root, endpoint)
+    except storage.StorageError as e:
+        raise ConfigError(f"storage.uri: {e}") from None
+    if cfg.transfer.init_from:  # before the built-in data is written: a bad file costs no time
+        from vitray.checkpoints import CheckpointError, check_init_from
+
+        try:
+            check_init_from(cfg.transfer.init_from, cfg.model.name, cfg.model.num_classes, cfg.data.image_size,
+                            endpoint)
+        except (CheckpointError, storage.StorageError) as e:
+            raise ConfigError(str(e) if str(e).startswith("transfer.init_from") else f"transfer.init_from: {e}") from None
+
     if cfg.data.builtin == "digits" and not cfg.data.train_uri:
         from vitray.data.datasets import builtin_uri, write_digits
 
@@ -89,17 +109,6 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
             f" {cfg.data.train_uri}"
         )
 
-    if cfg.transfer.init_from:
-        from vitray.checkpoints import CheckpointError, check_init_from
-
-        try:
-            check_init_from(cfg.transfer.init_from, cfg.model.name, cfg.model.num_classes, cfg.data.image_size,
-                            endpoint)
-        except (CheckpointError, storage.StorageError) as e:
-            raise ConfigError(str(e) if str(e).startswith("transfer.init_from") else f"transfer.init_from: {e}") from None
-
-    name = cfg.storage.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    run_uri = storage.join(runs_root, name)
     try:
         has_checkpoint = storage.exists(storage.join(run_uri, RAY_SNAPSHOT), endpoint)
     except storage.StorageError as e:
@@ -151,10 +160,11 @@ def reuse_name(name: str, run_uri: str, endpoint: Endpoint) -> None:
     from vitray.checkpoints import scan
 
     complete, _ = scan(run_uri, endpoint)
-    if complete:
-        raise ConfigError(f"storage.run_name: run {name!r} already exists at {run_uri} with a checkpoint (step"
-                          f" {complete[-1]}); pass --resume to continue it or choose another name")
     record = runs.read_state(run_uri, endpoint) or {}
+    if complete:
+        how = "was interrupted" if record.get("state") == "interrupted" else "already exists"
+        raise ConfigError(f"storage.run_name: run {name!r} {how} at {run_uri} with a checkpoint (step"
+                          f" {complete[-1]}); pass --resume to continue it or choose another name")
     if record.get("state") == "running":
         raise ConfigError(f"storage.run_name: run {name!r} at {run_uri} says it is running (last written"
                           f" {time.time() - record['updated']:.0f} s ago). Choose another name; if its driver is"
@@ -271,6 +281,39 @@ def init_ray(**local: object) -> None:
              **local)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill`), raised in the driver's main thread like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def handler(signum, frame):
+        raise _Terminated()
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(plan: Plan, how: str) -> RunInterrupted:
+    """Record a stopped driver in run.json (with the step it can resume from) and say how to resume."""
+    from vitray.checkpoints import scan
+
+    complete, _ = scan(plan.run_uri, plan.endpoint)
+    step = complete[-1] if complete else None
+    runs.write_state(plan.run_uri, plan.endpoint, "interrupted", error=f"interrupted ({how})", committed_step=step)
+    if step is None:
+        return RunInterrupted(f"run {plan.run_name!r} interrupted ({how}) before its first checkpoint; start it"
+                              " again (the attempt is moved aside)")
+    return RunInterrupted(f"run {plan.run_name!r} interrupted ({how}); its last committed checkpoint is step {step}:"
+                          f" resume it with the same command plus --resume --run-name {plan.run_name}")
+
+
 def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list | None = None):
     """Run training on the current Ray cluster; returns Ray Train's `Result`. `timeline` (wall-clock times of
     earlier start-up phases) is passed through to the run's start-up record; `callbacks` are Ray Train callbacks
@@ -364,13 +407,13 @@ def _run(cfg: Config, resume: bool, embedded, timeline: dict | None, callbacks: 
     runs.write_state(plan.run_uri, plan.endpoint, "running", config=cfg.to_dict(), total_steps=plan.total_steps,
                      metric=task.metric, better=task.better, started=time.time(), error=None)
     try:
-        plan = task.before_fit(plan)
-        result = fit(cfg, plan, timeline, callbacks)
+        with _sigterm_as_interrupt():
+            plan = task.before_fit(plan)
+            result = fit(cfg, plan, timeline, callbacks)
         if result.error:
             raise TrainingFailed(f"run {plan.run_uri} failed: {result.error}")
-    except KeyboardInterrupt:
-        runs.write_state(plan.run_uri, plan.endpoint, "interrupted", error="interrupted (Ctrl-C)")
-        raise
+    except (KeyboardInterrupt, SystemExit) as e:  # Ray Train turns Ctrl-C into SystemExit
+        raise _interrupted(plan, "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C") from None
     except Exception as e:  # Ray Train V2 raises the workers' error (e.g. a non-finite loss) from fit()
         error = str(e).removeprefix(f"run {plan.run_uri} failed: ")
         diverged = "non-finite training loss" in error
