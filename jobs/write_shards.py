@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             from vitray.data.index import index
+            from vitray.storage import check_writable
             from vitray.train.launch import init_ray
 
+            check_writable(args.index, endpoint)  # the manifest goes next to the shards
             if not ray.is_initialized():  # the shards are read by Ray Data tasks (this machine, or RAY_ADDRESS's cluster)
                 init_ray()
             m = index(args.index, endpoint, args.labels, args.classes, args.sha256, args.image_column, args.label_column)
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.source or not args.dest:
             p.error("--source and --dest are required (or --verify URI, or --index URI)")
+        from vitray.storage import check_writable
+
+        check_writable(args.dest, endpoint)  # before any image is read or Ray is asked for anything
         if args.source == "digits":
             from vitray.data.datasets import write_digits
 

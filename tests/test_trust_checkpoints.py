@@ -150,3 +150,16 @@ def test_jobs_refuse_a_pickled_checkpoint_in_one_line_before_ray(tmp_path, job):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and WEIGHTS in lines[0], done.stderr[-3000:]
     assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("job", ["train", "write_shards"])
+def test_an_unwritable_destination_is_refused_before_ray(tmp_path, job):
+    """A runs root or shard destination under a file (what root's `chmod` cannot fake here): one line, exit 2."""
+    (tmp_path / "file").write_text("")
+    args = {"train": ["pretrain_vit_h14.py", "--preset", "smoke", "--set", f"storage.runs_dir={tmp_path}/file/runs"],
+            "write_shards": ["write_shards.py", "--source", "digits", "--dest", f"{tmp_path}/file/digits"]}[job]
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", args[0]), *args[1:]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert f"{tmp_path}/file" in lines[0] and "cannot write" in lines[0]
