@@ -138,7 +138,7 @@ def main() -> None:
 
     from vitray.data.datasets import write_digits
     from vitray.storage import EmbeddedS3
-    from vitray.train.launch import MALLOC
+    from vitray.session import MALLOC
 
     # The runs go to the embedded S3 server through the standard credential chain, as to any S3 (moto checks none);
     # the cluster's nodes inherit it from this process.

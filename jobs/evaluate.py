@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
             import ray
 
-            from vitray.train.launch import init_ray
+            from vitray.session import init_ray
 
             if not ray.is_initialized():
                 init_ray()

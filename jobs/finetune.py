@@ -38,7 +38,7 @@ def run(cfg, args) -> int:
     if not chain and not cfg.transfer.init_from:
         raise ConfigError("transfer.init_from: fine-tuning needs pretrained weights: --init-from URI")
     from vitray.storage import embedded_unless
-    from vitray.train import launch
+    from vitray.train import launch, rehearse
 
     with embedded_unless(cfg.storage.uri) as embedded:
         if chain:  # the smoke chain: pretrain first, into the same storage
@@ -46,7 +46,9 @@ def run(cfg, args) -> int:
             pre = launch.run(base, embedded=embedded)
             print(json.dumps({"pretrain": pre}), flush=True)
             cfg = cfg.replace(transfer=dict(init_from=pre["checkpoint"]))
-        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED}, rehearse=args.rehearse)
+        timeline = {"driver_start": STARTED}
+        summary = (rehearse.run(cfg, args.rehearse, embedded, timeline, args.resume) if args.rehearse is not None
+                   else launch.run(cfg, args.resume, embedded, timeline))
     if chain:
         summary = {"pretrain_val_top1": pre["val_top1"], **summary, "wall_s": time.time() - STARTED}
     print(json.dumps(summary))

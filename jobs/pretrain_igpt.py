@@ -25,10 +25,12 @@ MODELS = "igpt_s, igpt_m, igpt_l, igpt_smoke, each also as *_bert"
 
 def run(cfg, args) -> int:
     from vitray.storage import embedded_unless
-    from vitray.train import launch
+    from vitray.train import launch, rehearse
 
     with embedded_unless(cfg.storage.uri) as embedded:
-        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED}, rehearse=args.rehearse)
+        timeline = {"driver_start": STARTED}
+        summary = (rehearse.run(cfg, args.rehearse, embedded, timeline, args.resume) if args.rehearse is not None
+                   else launch.run(cfg, args.resume, embedded, timeline))
         if summary["data"]["val_uri"]:
             summary.update(report(cfg, summary, embedded))
     print(json.dumps(summary))

@@ -28,10 +28,12 @@ MODELS = "vit_b16, R50+ViT-B/16, bit_r152x2, ... (any registered classification 
 
 def run(cfg, args) -> int:
     from vitray.storage import embedded_unless
-    from vitray.train import launch
+    from vitray.train import launch, rehearse
 
     with embedded_unless(cfg.storage.uri) as embedded:  # the config was checked first: no server for a bad one
-        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED}, rehearse=args.rehearse)
+        timeline = {"driver_start": STARTED}
+        summary = (rehearse.run(cfg, args.rehearse, embedded, timeline, args.resume) if args.rehearse is not None
+                   else launch.run(cfg, args.resume, embedded, timeline))
     print(json.dumps(summary))
     return 0
 

@@ -33,7 +33,7 @@ MODELS = "detr_r50, detr_r101, detr_smoke"
 
 def run(cfg, args) -> int:
     from vitray.storage import embedded_unless
-    from vitray.train import launch
+    from vitray.train import launch, rehearse
 
     chain = args.preset == "smoke" and not cfg.transfer.init_from and not args.resume
     with embedded_unless(cfg.storage.uri) as embedded:
@@ -44,7 +44,9 @@ def run(cfg, args) -> int:
             backbone = launch.run(base, embedded=embedded)
             print(json.dumps({"backbone": backbone}), flush=True)
             cfg = cfg.replace(transfer=dict(init_from=backbone["checkpoint"]))
-        summary = launch.run(cfg, args.resume, embedded, timeline={"driver_start": STARTED}, rehearse=args.rehearse)
+        timeline = {"driver_start": STARTED}
+        summary = (rehearse.run(cfg, args.rehearse, embedded, timeline, args.resume) if args.rehearse is not None
+                   else launch.run(cfg, args.resume, embedded, timeline))
     print(json.dumps(summary))
     return 0
 

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from vitray.data.index import index
             from vitray.storage import check_writable
-            from vitray.train.launch import init_ray
+            from vitray.session import init_ray
 
             check_writable(args.index, endpoint)  # the manifest goes next to the shards
             if not ray.is_initialized():  # the shards are read by Ray Data tasks (this machine, or RAY_ADDRESS's cluster)

@@ -126,7 +126,7 @@ def pending() -> dict:
 
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=port, logging_level="ERROR")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # as launch.init_ray names it to workers
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # as session.init_ray names it to workers
 
     @ray.remote(num_cpus=2)
     class Hold:

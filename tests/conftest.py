@@ -57,7 +57,7 @@ def ray_cluster():
     import ray
 
     # 4 logical CPUs on 2 cores: two half-CPU Train workers plus Ray Data tasks and helper actors.
-    from vitray.train.launch import init_ray
+    from vitray.session import init_ray
 
     init_ray(num_cpus=4, object_store_memory=1 << 30)
     yield ray

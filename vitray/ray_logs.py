@@ -4,7 +4,7 @@ Ray Data logs every dataset execution (its start, plan and end) at INFO to the c
 it — each Train worker, the split coordinator — which was 64 of the smoke run's 156 lines. Ray's own setting for
 this is a logging config file named by RAY_DATA_LOGGING_CONFIG; ours (`ray_data_logging.yaml`, beside this file)
 keeps Ray Data's full log in the session's `logs/ray-data/` and sends only warnings and errors to the console.
-`setup_worker` points every Ray process at it (Ray's `worker_process_setup_hook`, set by `launch.init_ray`), on
+`setup_worker` points every Ray process at it (Ray's `worker_process_setup_hook`, set by `session.init_ray`), on
 every node, from the vitray package installed there.
 
 Two lines have no Ray setting of their own: Ray Train's controller logs a C++ error about its PreemptionWatcher

@@ -1,7 +1,7 @@
 """Tasks: the one place that knows a model family. The training loop, the driver and the evaluators ask the task;
 none of them branches on the family.
 
-    task = make_task(cfg, classes, palette_uri, endpoint)
+    task = make_task(cfg, classes, run_uri, endpoint)
     model = task.build_model()                          # the family's model for this config
     batch = task.to_tensors(numpy_batch, device, dtype) # what the data pipeline gives → what the model takes
     loss, counts = task.loss(engine, batch)
@@ -35,14 +35,14 @@ class Task:
     better: str = "max"  # which way `metric` improves: "max" or "min"
     shards: str = "classification"  # what the training shards must hold: "classification" or "detection"
 
-    def __init__(self, cfg, classes: list[str] | None = None, palette_uri: str | None = None, endpoint=None):
-        self.cfg, self.classes, self.palette_uri, self.endpoint = cfg, classes, palette_uri, endpoint
+    def __init__(self, cfg, classes: list[str] | None = None, run_uri: str | None = None, endpoint=None):
+        """`run_uri`: the run folder, where a task keeps what it made before training (iGPT's palette)."""
+        self.cfg, self.classes, self.run_uri, self.endpoint = cfg, classes, run_uri, endpoint
 
     # --- driver side, before Ray Train starts -------------------------------------------------------------------
-    def before_fit(self, plan):
-        """Work the run needs once, on the driver, before the workers start (iGPT: its colour palette). Returns the
-        plan the workers get."""
-        return plan
+    def before_fit(self, plan) -> None:
+        """Work the run needs once, on the driver, before the workers start (iGPT: its colour palette, kept in the
+        run folder where the workers' tasks find it)."""
 
     # --- the training loop ----------------------------------------------------------------------------------------
     def decoder(self):
@@ -96,6 +96,6 @@ def task_class(model_name: str | None = None, family: str | None = None) -> type
     return getattr(importlib.import_module(module), name)
 
 
-def make_task(cfg, classes: list[str] | None = None, palette_uri: str | None = None, endpoint=None) -> Task:
+def make_task(cfg, classes: list[str] | None = None, run_uri: str | None = None, endpoint=None) -> Task:
     """The task a config trains: detection for DETR, next pixels for iGPT, classification for everything else."""
-    return task_class(cfg.model.name)(cfg, classes, palette_uri, endpoint)
+    return task_class(cfg.model.name)(cfg, classes, run_uri, endpoint)

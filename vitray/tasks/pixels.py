@@ -73,10 +73,9 @@ class PixelTask(Task):
     metric = "val_bits_per_pixel"
     better = "min"
 
-    def before_fit(self, plan):
+    def before_fit(self, plan) -> None:
         """k-means the colour palette from a sample of the training pixels (a Ray Data job), once per run, saved as
-        <run>/palette.npy; a resumed run keeps its own. The workers' tasks load it (`palette_uri`)."""
-        import dataclasses
+        <run>/palette.npy; a resumed run keeps its own. The workers' tasks load it from there."""
         import io
 
         from vitray import storage
@@ -84,13 +83,12 @@ class PixelTask(Task):
         uri = storage.join(plan.run_uri, PALETTE_FILE)
         if not storage.exists(uri, plan.endpoint):
             vocab = get_spec(self.cfg.model.name).vocab
-            palette = fit_palette(sample_pixels(plan.train_uri, plan.endpoint, self.cfg.data.image_size,
+            palette = fit_palette(sample_pixels(plan.cfg.data.train_uri, plan.endpoint, self.cfg.data.image_size,
                                                 seed=self.cfg.seed), vocab, self.cfg.seed)
             buf = io.BytesIO()
             np.save(buf, palette)
             storage.write_bytes(uri, buf.getvalue(), plan.endpoint)
             print(f"palette: {vocab} colours by k-means → {uri}", flush=True)
-        return dataclasses.replace(plan, palette_uri=uri)
 
     def build_model(self):
         import torch
@@ -99,9 +97,10 @@ class PixelTask(Task):
         from vitray.models.registry import build_model
 
         model = build_model(self.cfg.model.name, image_size=self.cfg.data.image_size, dropout=self.cfg.model.dropout)
-        if self.palette_uri:
-            data = storage.read_bytes(self.palette_uri, self.endpoint)
-            model.set_palette(torch.from_numpy(load_palette(data, self.palette_uri, tuple(model.palette.shape))))
+        if self.run_uri:  # in the workers: the palette the driver fitted (`before_fit`)
+            uri = storage.join(self.run_uri, PALETTE_FILE)
+            model.set_palette(torch.from_numpy(load_palette(storage.read_bytes(uri, self.endpoint), uri,
+                                                            tuple(model.palette.shape))))
         return model
 
     def to_tensors(self, batch: dict[str, np.ndarray], device, dtype) -> dict:

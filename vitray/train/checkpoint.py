@@ -81,6 +81,27 @@ def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_i
         storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
 
 
+class Checkpointer:
+    """The run's saves: every `storage.checkpoint_every` steps and at the end, each committed only once every rank's
+    part is stored (`save`). Remembers the newest save, which a non-finite loss must not overwrite. Shaped so that
+    an asynchronous save can take its place: the loop asks `due`, calls `save`, and reads `last_good`."""
+
+    def __init__(self, engine, ema, plan, world: int, last_good: int | None):
+        self.engine, self.ema, self.plan, self.last_good = engine, ema, plan, last_good
+        self.every = plan.cfg.storage.checkpoint_every
+        self.run_info = {"world_size": world, "config": plan.cfg.to_dict(), "total_steps": plan.total_steps}
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def save(self, step: int, positions: dict, metrics: dict) -> float:
+        """Collective. Seconds the save took (training stood still for them)."""
+        start = time.time()
+        save(self.engine, step, positions, metrics, self.run_info, self.plan.run_uri, self.plan.endpoint, self.ema)
+        self.last_good = step
+        return time.time() - start
+
+
 def full_weights(engine) -> dict[str, torch.Tensor]:
     """The model's whole fp32 state dict on rank 0 (empty elsewhere), for `model.safetensors`. Collective: under
     ZeRO each parameter's fp32 master copy is spread over the ranks, and DeepSpeed's `safe_get_full_fp32_param`

@@ -27,9 +27,13 @@ def data_bound_message(share: float, slowest: float) -> str:
 
 
 class MetricsLog:
+    """Every line of `<run>/metrics.jsonl` goes through here: `record` (a training step's numbers), `event` (what
+    happened at a step: resumed, restart, checkpoint, startup, samples) and `final` (the held-out results)."""
+
     def __init__(
         self, uri: str, endpoint: Endpoint | None, world_size: int, total_steps: int, global_batch: int,
         train_flops_per_image: float, peak_flops: float, peak_source: str, start_step: int, write: bool,
+        log_every: int = 1, last_step: int | None = None,
     ):
         self.uri, self.endpoint, self.write = uri, endpoint, write
         self.world, self.total_steps, self.global_batch = world_size, total_steps, global_batch
@@ -48,12 +52,21 @@ class MetricsLog:
             from tensorboardX import SummaryWriter
 
             self.events = SummaryWriter(tempfile.mkdtemp(prefix="vitray-events-"), flush_secs=3600)
+        self.log_every, self.last_step = log_every, last_step or total_steps
         target = storage.join(uri, "metrics.jsonl")
         if write and start_step > 0 and storage.exists(target, endpoint):  # resumed: keep the history up to here
             old = storage.read_bytes(target, endpoint).decode().splitlines()
             self.lines = [line for line in old if line and json.loads(line)["step"] <= start_step]
             # The furthest step the previous attempt logged: a restart redoes the steps from start_step to it.
             self.rewound = max([start_step] + [json.loads(line)["step"] for line in old if line])
+
+    def due(self, step: int) -> bool:
+        """Whether `step` gets a metrics line: every `log_every` steps, and the last one."""
+        return step % self.log_every == 0 or step == self.last_step
+
+    def event(self, step: int, name: str, **fields) -> None:
+        """A line saying what happened at `step` (kept on every rank; rank 0's are written)."""
+        self.lines.append(json.dumps({"step": step, "event": name, **fields}))
 
     def record(self, step: int, loss: float, lr: float, data_wait_s: tuple[float, float] | None = None,
                **extra) -> dict:
@@ -127,6 +140,81 @@ class MetricsLog:
             for name in os.listdir(folder):
                 with open(os.path.join(folder, name), "rb") as f:
                     storage.write_bytes(storage.join(self.uri, name), f.read(), self.endpoint)
+
+
+class LossMeter:
+    """The running training loss since the last metrics line. It stays on the device: a .item() per micro-step
+    would stall a GPU every step."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device, self.sum, self.count, self.last = device, torch.zeros((), dtype=torch.float64, device=device), 0, float("nan")
+
+    def add(self, loss, samples: int) -> None:
+        self.sum += loss.detach().double() * samples
+        self.count += samples
+
+    def mean(self) -> float:
+        """Collective: the mean over every sample of every worker since the last call; starts a new window."""
+        from vitray.train.collectives import sample_mean
+
+        self.last = sample_mean(self.sum, self.count, self.device)
+        self.sum.zero_()
+        self.count = 0
+        return self.last
+
+
+class DataWait:
+    """Seconds the workers waited for data (`WaitWatch.waited_s`): per metrics window, and for the run from its first
+    step on (the first pull also waited for the pipeline to start, which the start-up timeline records)."""
+
+    def __init__(self, watch, device):
+        self.watch, self.device, self.mark, self.before = watch, device, 0.0, 0.0
+
+    def first_step(self) -> None:
+        self.before = self.watch.waited_s
+
+    def window(self) -> tuple[float, float]:
+        """Collective: (mean, max) over workers of the seconds waited since the last window."""
+        from vitray.train.collectives import mean_and_max
+
+        waited, self.mark = mean_and_max(self.watch.waited_s - self.mark, self.device), self.watch.waited_s
+        return waited
+
+    def run_share(self, trained_s: float) -> dict:
+        """Collective: each worker's share of the time since the first step spent waiting: mean and slowest."""
+        from vitray.train.collectives import mean_and_max
+
+        if trained_s <= 0:
+            return {}
+        mean, most = mean_and_max(self.watch.waited_s - self.before, self.device)
+        return {"data_wait": mean / trained_s, "data_wait_max": most / trained_s}
+
+
+class SampleAudit:
+    """data.audit_samples: every sample (key, epoch) each step trained on, as a `samples` line — exactly-once checks
+    read it. A rewound step's line is dropped with the rest of its attempt's log (`MetricsLog`)."""
+
+    def __init__(self, on: bool):
+        self.on, self.mine = on, []
+
+    def add(self, micro) -> None:
+        if self.on:
+            self.mine += zip(micro.batch["key"][:micro.samples].tolist(), micro.batch["_epoch"][:micro.samples].tolist())
+
+    def flush(self, step: int, log: MetricsLog) -> None:
+        """Collective when on."""
+        if self.on:
+            from vitray.train.collectives import gather_lists
+
+            log.event(step, "samples", samples=sorted(gather_lists(self.mine)))
+            self.mine = []
+
+
+def positions_json(positions: dict) -> dict[str, list[int]]:
+    """Data partition → [epoch, consumed], as logged and compared."""
+    return {str(p): [pos.epoch, pos.consumed] for p, pos in sorted(positions.items())}
 
 
 def restart_totals(lines: list[str]) -> dict:

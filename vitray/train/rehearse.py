@@ -6,57 +6,20 @@ whatever is attached, one checkpoint saved and restored into a fresh engine, mea
 Driver side (`run`): `adapt` turns the configured run into one that fits what is attached, saying what it changed
 and what the configured setting would need; the run trains and saves, then a fresh worker group restores the
 checkpoint, as a restart would; `report` prints what was measured beside the plan and `write` keeps it
-(`<run>/rehearsal.json`, a row of `<runs>/rehearsals.jsonl` and one of benchmarks/results/rehearsals.jsonl). Worker side (in the training loop): `Phases` records
-memory after each phase and `write_measured` keeps what each half measured.
+(`<run>/rehearsal.json` and a row of `<runs>/rehearsals.jsonl`). Worker side: the hooks of `train/phases.py`
+(`Rehearsal`) record memory after each phase and what each half measured.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import time
 
 from vitray import cost, storage
 from vitray.config.jobs import TrainingFailed, rehearsal_data
 from vitray.config.schema import Config, ConfigError
-
-RAY_RESERVE = 2 * cost.GIB  # host memory the driver, raylet, GCS and dashboard keep (measured: ~1.6 GiB here)
-OOM_FRACTION = 0.95  # Ray's memory monitor kills a worker when the host passes this share of its memory
-
-
-@dataclasses.dataclass(frozen=True)
-class Attached:
-    """What the rehearsal runs on: GPUs (with their memory) or, without any, the host's CPUs and memory."""
-
-    gpus: int
-    cpus: float
-    memory: float  # bytes of host memory
-    gpu_memory: float = 0.0  # bytes per GPU
-
-    @staticmethod
-    def here() -> "Attached":
-        """This machine, or the Ray cluster RAY_ADDRESS names (as under `ray job submit`)."""
-        if os.environ.get("RAY_ADDRESS", "local") != "local":
-            import ray
-
-            from vitray.train.launch import init_ray
-
-            init_ray()
-            have = ray.cluster_resources()
-            return Attached(int(have.get("GPU", 0)), have.get("CPU", 0), have.get("memory", 0))
-        import torch
-
-        gpu_memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
-        return Attached(torch.cuda.device_count(), float(os.cpu_count() or 1),
-                        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), gpu_memory)
-
-    def budget(self, workers: int, accelerator: str) -> float:
-        """Bytes one worker may use: a GPU's memory, or its share of the host's below Ray's OOM threshold."""
-        if self.gpus:
-            _, gib = cost._lookup(cost.ACCELERATOR_MEMORY_GIB, accelerator)
-            return self.gpu_memory or (gib * cost.GIB if gib else float("inf"))
-        return (OOM_FRACTION * self.memory - RAY_RESERVE) / workers
-
+from vitray.train import launch
+from vitray.train.attached import Attached
+from vitray.train.phases import Rehearsal, read_measured
 
 def adapt(cfg: Config, steps: int, host: Attached) -> tuple[Config, list[str], cost.Estimate]:
     """The rehearsal's config: the configured model, resolution and optimizer on `host`. Returns it, the changes
@@ -119,13 +82,17 @@ def adapt(cfg: Config, steps: int, host: Attached) -> tuple[Config, list[str], c
     return trial, changes, est
 
 
-def run(cfg: Config, steps: int, embedded, timeline: dict | None, run_fit) -> dict:
-    """The driver's sequence: adapt, train and save (`run_fit`, launch's, with rehearsal="train"), restore in fresh
-    workers (rehearsal="restore"), report beside the plan and keep the row."""
+def run(cfg: Config, steps: int, embedded=None, timeline: dict | None = None, resume: bool = False) -> dict:
+    """The driver's sequence: adapt, train and save (`launch.run` with the "train" half's hooks), restore in fresh
+    workers (the "restore" half), report beside the plan and keep the row beside the runs."""
     from vitray.config.recipes import DATASETS
+    from vitray.config.schema import validate
     from vitray.data.shards import DataError, read_manifest
     from vitray.storage import Endpoint
 
+    validate(cfg)
+    if resume:
+        raise ConfigError("--rehearse: a rehearsal is a fresh run of its own; drop --resume")
     if steps < 1:
         raise ConfigError(f"--rehearse: give a positive number of steps, got {steps}")
     small, changes, planned = adapt(cfg, steps, Attached.here())
@@ -139,59 +106,13 @@ def run(cfg: Config, steps: int, embedded, timeline: dict | None, run_fit) -> di
         images = next((d["num_images"] for d in DATASETS.values() if d["num_classes"] == cfg.model.num_classes), None)
     full = cost.estimate(cfg, images, accelerator=cfg.scaling.accelerator or "H100") if images else None
     print("rehearsal: " + ("; ".join(changes) or "the configured settings, unchanged"), flush=True)
-    summary = run_fit(small, False, embedded, timeline, None, rehearsal="train")
+    summary = launch.run(small, False, embedded, timeline, hooks=Rehearsal("train"))
     print(f"rehearsal: restoring {summary['checkpoint']} into a fresh worker group, as a restart would", flush=True)
-    run_fit(small.replace(storage=dict(run_name=summary["run"].rsplit("/", 1)[1])), True, embedded, None, None,
-            rehearsal="restore")
+    launch.run(small.replace(storage=dict(run_name=summary["run"].rsplit("/", 1)[1])), True, embedded,
+               hooks=Rehearsal("restore"), restore_only=True)
     row = report(cfg, small, changes, planned, summary, full, endpoint)
-    write(row, summary["run"], endpoint, checkout=cfg.storage.cost_log != "none")
+    write(row, summary["run"], endpoint)
     return {**summary, "rehearsal": row}
-
-
-def _rss() -> tuple[float, float]:
-    """This process's resident bytes now and at its peak (Linux)."""
-    import resource
-
-    with open("/proc/self/statm") as f:
-        now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return float(now), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-
-
-class Phases:
-    """Memory per worker after each phase of the rehearsal: resident bytes on CPU, allocated bytes on a GPU."""
-
-    def __init__(self, device):
-        self.device, self.now, self.peak = device, {}, {}
-
-    def mark(self, name: str) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            self.now[name] = float(torch.cuda.memory_allocated(self.device))
-            self.peak[name] = float(torch.cuda.max_memory_allocated(self.device))
-        else:
-            self.now[name], self.peak[name] = _rss()
-
-    def over_ranks(self) -> dict:
-        """The largest over ranks, phase by phase (every rank must call it)."""
-        import torch
-        import torch.distributed as dist
-
-        names = list(self.now)
-        t = torch.tensor([self.now[n] for n in names] + [self.peak[n] for n in names], dtype=torch.float64,
-                         device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        values = t.tolist()
-        return {"now": dict(zip(names, values[:len(names)])), "peak": dict(zip(names, values[len(names):]))}
-
-
-def write_measured(run_uri: str, endpoint, half: str, measured: dict) -> None:
-    """Rank 0's record of one half ("train": steps and save; "restore": fresh workers loading the checkpoint)."""
-    storage.write_bytes(storage.join(run_uri, f"rehearsal-{half}.json"), json.dumps(measured).encode(), endpoint)
-
-
-def read_measured(run_uri: str, endpoint, half: str) -> dict:
-    return json.loads(storage.read_bytes(storage.join(run_uri, f"rehearsal-{half}.json"), endpoint))
 
 
 def checkpoint_bytes(uri: str, endpoint) -> int:
@@ -262,17 +183,10 @@ def report(cfg: Config, rehearsal_cfg: Config, changes: list[str], plan: cost.Es
     return row
 
 
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
-                       "results", "rehearsals.jsonl")
-
-
-def write(row: dict, run_uri: str, endpoint, checkout: bool = True) -> None:
-    """`<run>/rehearsal.json`, a row of `<runs>/rehearsals.jsonl` beside the runs, and — run from a checkout, unless
-    `storage.cost_log=none` — a row of benchmarks/results/rehearsals.jsonl."""
+def write(row: dict, run_uri: str, endpoint) -> None:
+    """`<run>/rehearsal.json` and a row of `<runs>/rehearsals.jsonl` beside the runs. Nothing goes into the source
+    tree: `benchmarks/rehearsals.py` is what records rehearsals in benchmarks/results/."""
     from vitray.train.cost_log import append_jsonl
 
     storage.write_bytes(storage.join(run_uri, "rehearsal.json"), json.dumps(row, indent=1).encode(), endpoint)
     append_jsonl(storage.join(run_uri.rsplit("/", 1)[0], "rehearsals.jsonl"), row, endpoint)
-    if checkout and os.path.isdir(os.path.dirname(RESULTS)):
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(row) + "\n")

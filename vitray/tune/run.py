@@ -32,7 +32,7 @@ def run_study(study: Study, overrides: list[str], study_uri: str, endpoint: Endp
     from ray import tune
 
     if not ray.is_initialized():
-        from vitray.train.launch import init_ray
+        from vitray.session import init_ray
 
         init_ray(**({"num_cpus": local_cpus} if local_cpus else {}))
     concurrent = max_concurrent(configs, ray.cluster_resources())  # before anything is written
@@ -99,7 +99,7 @@ def _with_steps(study: Study, configs: list[Config], endpoint: Endpoint) -> list
     """Read every dataset's manifest (a clear error naming the URI, before Ray) and, with ASHA, checkpoint each trial
     four times so the scheduler gets intermediate losses."""
     from vitray.data.shards import DataError, read_manifest
-    from vitray.train.launch import total_steps
+    from vitray.train.plan import total_steps
 
     sizes = {}
     try:

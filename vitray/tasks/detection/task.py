@@ -24,8 +24,8 @@ class DetectionTask(Task):
     metric = "val_AP50"
     shards = "detection"
 
-    def __init__(self, cfg: Config, classes: list[str] | None = None, palette_uri=None, endpoint=None):
-        super().__init__(cfg, classes, palette_uri, endpoint)
+    def __init__(self, cfg: Config, classes: list[str] | None = None, run_uri=None, endpoint=None):
+        super().__init__(cfg, classes, run_uri, endpoint)
         self.classes = classes or [str(i) for i in range(cfg.model.num_classes)]
         d = cfg.detection
         self.weights = LossWeights(d.cost_class, d.cost_l1, d.cost_giou, d.eos_coef)
