@@ -56,12 +56,17 @@ def test_a_gpu_host_keeps_the_micro_batch_that_fits():
 @pytest.mark.e2e
 def test_rehearsal_of_a_small_model_reports_and_restores(tmp_path):
     """The whole path a user takes: the job, adapted to 2 CPU workers, trained, saved, restored into a fresh
-    engine with the same optimizer state, and reported beside its plan in rehearsal.json and on the terminal."""
+    engine with the same optimizer state, and reported beside its plan in rehearsal.json and on the terminal. Run
+    from the checkout, as a user would: the source tree is left as it was (the row goes beside the runs only)."""
     job = os.path.join(ROOT, "jobs", "pretrain_vit_h14.py")
+    status = ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=all"]
+    before = subprocess.run(status, capture_output=True, text=True).stdout
     proc = subprocess.run([sys.executable, job, "--model", "vit_ti16", "--rehearse", "2", "--set", "data.image_size=64",
-                           "--set", f"storage.runs_dir={tmp_path}/runs", "--set", "storage.cost_log=none"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                           "--set", f"storage.runs_dir={tmp_path}/runs"], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert subprocess.run(status, capture_output=True, text=True).stdout == before  # nothing written into the checkout
+    assert (tmp_path / "runs" / "rehearsals.jsonl").exists()
     assert "rehearsal of vit_ti16 @ 64 px: 2 steps on 2 CPU workers" in proc.stdout
     assert "optimizer state identical" in proc.stdout
     (run,) = [d for d in os.listdir(tmp_path / "runs") if d.startswith("rehearse-vit_ti16")]

@@ -163,3 +163,14 @@ def test_an_unwritable_destination_is_refused_before_ray(tmp_path, job):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
     assert f"{tmp_path}/file" in lines[0] and "cannot write" in lines[0]
+
+
+def test_a_run_is_classified_by_the_type_of_its_failure():
+    """`diverged` comes from the workers' NonFiniteLoss as Ray Train hands it over, never from message text."""
+    from ray.train import WorkerGroupError
+
+    from vitray.train.failures import NonFiniteLoss, classify
+
+    assert classify(WorkerGroupError("rank 1 failed", {1: NonFiniteLoss("loss is nan")})) == "diverged"
+    assert classify(WorkerGroupError("non-finite training loss", {0: RuntimeError("non-finite training loss")})) == "failed"
+    assert classify(RuntimeError("wrapped")) == "failed"
