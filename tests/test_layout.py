@@ -1,5 +1,6 @@
-"""The house rules, checked: imports run one way (models at the bottom, tune at the top), and the training path
-never branches on the model family (the task knows it)."""
+"""The house rules, checked: imports run one way (models at the bottom, tune at the top), models/ has no import
+circle (the families import the specs, the registry imports the families), and the training path never branches on
+the model family (the task knows it)."""
 import ast
 import os
 
@@ -61,3 +62,40 @@ def test_the_training_path_does_not_branch_on_the_model_family():
         text = open(os.path.join(ROOT, "vitray", "train", f"{name}.py")).read()
         for needle in ('"detr"', '"igpt"', '"vit"', '"bit"', ".family"):
             assert needle not in text, f"vitray/train/{name}.py mentions {needle}"
+
+
+def _models_imports(module: str, path: str):
+    """The vitray.models modules one file of models/ imports, at module level or inside functions, resolved to the
+    module (`from vitray.models import vit` → vitray.models.vit; relative imports too)."""
+    package = module if path.endswith("__init__.py") else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            yield base
+            yield from (f"{base}.{a.name}" for a in node.names)
+
+
+def test_models_have_no_import_circle():
+    """The families (vit, resnet, detr, igpt, ...) import the specs, never the registry; the registry imports them.
+    Function-level imports count: a circle there still ties the files together."""
+    modules = {m: p for m, p in _modules() if m == "vitray.models" or m.startswith("vitray.models.")}
+    graph = {m: sorted({t for t in _models_imports(m, p) if t in modules and t != m}) for m, p in modules.items()}
+    circles, state = [], {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for t in graph[m]:
+            if state.get(t) == "open":
+                circles.append(" → ".join(path[path.index(t):] + [t]))
+            elif t not in state:
+                visit(t, path + [t])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not circles, "import circles in vitray/models:\n" + "\n".join(circles)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import time
 
-from vitray.models.registry import representation_size
+from vitray.models.specs import representation_size
 
 # Peak dense bf16 FLOP/s per accelerator (vendor datasheets; TPUv3: 123 T per chip, 2 cores per chip).
 PEAK_FLOPS = {

@@ -104,7 +104,7 @@ def _npz_shapes(uri: str, endpoint: Endpoint | None) -> dict[str, tuple[int, ...
 
 def _npz_spec(uri: str, shapes: dict) -> tuple:
     """(ViTSpec, num_classes, representation size or None, square grid side or None) read off the array shapes."""
-    from vitray.models.registry import ViTSpec
+    from vitray.models.specs import ViTSpec
 
     need = ("embedding/kernel", "Transformer/posembed_input/pos_embedding", "head/kernel",
             "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
