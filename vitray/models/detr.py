@@ -137,4 +137,3 @@ def postprocess(logits: torch.Tensor, boxes: torch.Tensor, sizes: list[tuple[int
         xyxy = cxcywh_to_xyxy(boxes[b].float()) * torch.tensor([w, h, w, h], dtype=torch.float32)
         out.append({"scores": scores[b], "labels": labels[b], "boxes": xyxy})
     return out
-

@@ -144,4 +144,3 @@ class IGPT(nn.Module):
             probs = (self.head(h[:, -1]) / temperature).softmax(-1)
             tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
         return tokens
-

@@ -175,4 +175,3 @@ class HybridStem(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return self.proj(x)
-

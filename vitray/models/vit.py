@@ -154,4 +154,3 @@ class ViT(nn.Module):
         tokens, attention = self.encode(images, need_weights=return_attention, class_only=not return_attention)
         logits = self.head(self.pre_logits(tokens[:, 0]))
         return (logits, attention) if return_attention else logits
-
