@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # Everything checked before Ray starts: the checkpoint, the shards, the protocols, the layers.
             read_manifest(test, endpoint, "--test")
-            own = task_class(family=about["family"]).evaluate_checkpoint(ckpt, test, endpoint)
+            own = task_class(kind=about["kind"]).evaluate_checkpoint(ckpt, test, endpoint)
             if own is not None:  # the task's own protocol (DETR: COCO box AP), in one process
                 print(json.dumps({"checkpoint": ckpt, **own}))
                 return 0

@@ -66,7 +66,7 @@ def report(cfg, summary: dict, embedded) -> dict:
     return {"linear_probe": probes, "best_layer": best, "figures": [storage.join(ckpt, n) for n in figures]}
 
 
-main = training_job(__doc__, IGPT_PRESETS, MODELS, run, family="igpt")
+main = training_job(__doc__, IGPT_PRESETS, MODELS, run, kind="pixels")
 
 if __name__ == "__main__":
     sys.exit(main())

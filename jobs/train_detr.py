@@ -51,7 +51,7 @@ def run(cfg, args) -> int:
     return 0
 
 
-main = training_job(__doc__, DETR_PRESETS, MODELS, run, family="detr")
+main = training_job(__doc__, DETR_PRESETS, MODELS, run, kind="detection")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,9 +9,9 @@ import torch
 from vitray.config import smoke
 from vitray.config.recipes import DETR_PRESETS, IGPT_PRESETS
 from vitray.models.registry import MODELS, build_model, get_spec
-from vitray.tasks import TASKS, make_task
+from vitray.tasks import make_task
 
-FAMILIES = sorted(TASKS)
+FAMILIES = sorted({spec.family for spec in MODELS.values()})
 
 
 def _size(name: str) -> int:

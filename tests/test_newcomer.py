@@ -108,7 +108,7 @@ def test_npz_with_keys_the_model_has_no_place_for_is_refused():
     data = save_npz(deep)
     with np.load(io.BytesIO(data)) as f:  # drop the second block from the target: a 1-block model
         params = {k: f[k] for k in f.files}
-    from vitray.models.registry import ViTSpec
+    from vitray.models.specs import ViTSpec
     from vitray.models.vit import ViT
 
     shallow = ViT(ViTSpec(width=deep.spec.width, depth=1, mlp_dim=deep.spec.mlp_dim, heads=deep.spec.heads,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import time
 
-from vitray.models.registry import representation_size
+from vitray.models.specs import DETRSpec, HybridSpec, IGPTSpec, ResNetSpec, ViTSpec, representation_size
 
 # Peak dense bf16 FLOP/s per accelerator (vendor datasheets; TPUv3: 123 T per chip, 2 cores per chip).
 PEAK_FLOPS = {
@@ -81,7 +81,7 @@ def vit_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int,
     Hybrids replace the patch embedding by their ResNet and a 1×1 projection of its feature map."""
     h, w = _side(image_size)
     d = spec.width
-    if spec.family == "hybrid":
+    if isinstance(spec, HybridSpec):
         embed, grid, channels = _resnet_flops(spec.resnet, spec.resnet_width, (h, w), skip_padding=paper)
         embed += _conv(channels, d, 1, grid)[0]
         n = grid[0] * grid[1] + 1
@@ -124,15 +124,18 @@ def igpt_forward_flops(spec, image_size: int | tuple[int, int], num_classes: int
     return _transformer_flops(spec, n) + 2.0 * n * spec.width * spec.vocab + 2.0 * n * spec.vocab * 3
 
 
+# spec class → its forward-FLOPs count (a hybrid is a ViT whose patch embedding is a ResNet: `vit_forward_flops`).
+FORWARD_FLOPS = {ViTSpec: vit_forward_flops, HybridSpec: vit_forward_flops, ResNetSpec: resnet_forward_flops,
+                 DETRSpec: detr_forward_flops, IGPTSpec: igpt_forward_flops}
+
+
 def forward_flops(spec, image_size: int | tuple[int, int], num_classes: int, pre_logits: bool = False,
                   paper: bool = False) -> float:
     """Analytic forward FLOPs per image of any registered model (`pre_logits`: with the pretraining tanh layer).
     By default what vitray's model computes (FlopCounterMode's count; MFU uses it). `paper`: as the ViT paper's
     Table 6 counted — XLA's rule of not charging convolution taps on padding (see `_conv`), and every token
     through every block."""
-    fn = {"bit": resnet_forward_flops, "detr": detr_forward_flops, "igpt": igpt_forward_flops}.get(spec.family,
-                                                                                                  vit_forward_flops)
-    return fn(spec, image_size, num_classes, representation_size(spec, pre_logits) or 0, paper)
+    return FORWARD_FLOPS[type(spec)](spec, image_size, num_classes, representation_size(spec, pre_logits) or 0, paper)
 
 
 def train_flops_per_image(forward_flops: float) -> float:

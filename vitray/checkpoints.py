@@ -104,7 +104,7 @@ def _npz_shapes(uri: str, endpoint: Endpoint | None) -> dict[str, tuple[int, ...
 
 def _npz_spec(uri: str, shapes: dict) -> tuple:
     """(ViTSpec, num_classes, representation size or None, square grid side or None) read off the array shapes."""
-    from vitray.models.registry import ViTSpec
+    from vitray.models.specs import ViTSpec
 
     need = ("embedding/kernel", "Transformer/posembed_input/pos_embedding", "head/kernel",
             "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
@@ -123,20 +123,22 @@ def _npz_spec(uri: str, shapes: dict) -> tuple:
 
 
 def describe(uri: str, endpoint: Endpoint | None) -> dict:
-    """What a checkpoint holds, without loading its weights: model name, family, classes of its head, the image
-    size it was trained at, depth; and the run's saved config for a vitray folder (None for an .npz)."""
+    """What a checkpoint holds, without loading its weights: model name, its spec (what it is: `vitray.models.specs`),
+    family and kind, classes of its head, the image size it was trained at, depth; and the run's saved config for a
+    vitray folder (None for an .npz)."""
     from vitray.models.registry import get_spec
 
     if is_npz(uri):
-        spec, classes, rep, side = _npz_spec(uri, _npz_shapes(uri, endpoint))
-        return {"name": f"ViT D={spec.width} L={spec.depth} heads={spec.heads} /{spec.patch} (.npz)", "family": "vit",
-                "num_classes": classes, "image_size": side * spec.patch if side else None, "depth": spec.depth,
-                "config": None}
-    require_complete(uri, endpoint)
-    saved = read_meta(uri, endpoint)["config"]
-    spec = get_spec(saved["model"]["name"])
-    return {"name": saved["model"]["name"], "family": spec.family, "num_classes": saved["model"]["num_classes"],
-            "image_size": saved["data"]["image_size"], "depth": spec.depth, "config": saved}
+        spec, classes, _, side = _npz_spec(uri, _npz_shapes(uri, endpoint))
+        name, saved = f"ViT D={spec.width} L={spec.depth} heads={spec.heads} /{spec.patch} (.npz)", None
+        image_size = side * spec.patch if side else None
+    else:
+        require_complete(uri, endpoint)
+        saved = read_meta(uri, endpoint)["config"]
+        name, classes, image_size = saved["model"]["name"], saved["model"]["num_classes"], saved["data"]["image_size"]
+        spec = get_spec(name)
+    return {"name": name, "spec": spec, "family": spec.family, "kind": spec.kind, "num_classes": classes,
+            "image_size": image_size, "depth": spec.depth, "config": saved}
 
 
 def npz_model(uri: str, endpoint: Endpoint | None, image_size: int | tuple[int, int] | None = None):
@@ -219,7 +221,7 @@ def check_init_from(uri: str, model_name: str, num_classes: int, image_size: int
     where = f"transfer.init_from: {uri}"
     target = get_spec(model_name)
     if is_npz(uri):
-        if target.family != "vit":
+        if not target.loads_released_npz:
             raise CheckpointError(f"{where}: .npz import covers the plain ViT layout; {model_name} is not one")
         import torch
 
@@ -233,10 +235,11 @@ def check_init_from(uri: str, model_name: str, num_classes: int, image_size: int
     require_complete(uri, endpoint, where)
     saved = read_meta(uri, endpoint)["config"]["model"]["name"]
     source = get_spec(saved)
-    if target.family == "detr":
-        if source.family != "bit" or source.blocks != target.backbone or source.width != target.backbone_width:
-            raise CheckpointError(f"{where} holds {saved}; the backbone of {model_name} ({target.backbone} blocks ×"
-                                  f" width {target.backbone_width}) needs a BiT ResNet of that shape")
+    backbone = target.backbone_spec  # DETR initialises only its backbone, from a classifier
+    if backbone is not None:
+        if not target.accepts_backbone(source):
+            raise CheckpointError(f"{where} holds {saved}; the backbone of {model_name} ({backbone.blocks} blocks ×"
+                                  f" width {backbone.width}) needs a BiT ResNet of that shape")
     elif source != target:
         raise CheckpointError(f"{where} holds {saved}, not {model_name}: set model.name={saved} (fine-tuning keeps"
                               " the architecture; only the head and the resolution change)")
@@ -252,7 +255,7 @@ def pretrained_for_finetuning(cfg, endpoint: Endpoint | None):
     if is_npz(uri):
         from vitray.models.npz import load_npz
 
-        if get_spec(cfg.model.name).family != "vit":
+        if not get_spec(cfg.model.name).loads_released_npz:
             raise CheckpointError(f"{uri}: .npz import covers the plain ViT layout; {cfg.model.name} is not one")
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.data.image_size,
                             dropout=cfg.model.dropout)

@@ -357,7 +357,7 @@ def paper_exaflops(model: str, epochs: float, num_images: float = 303e6, image_s
     from vitray.models.registry import get_spec
 
     spec = get_spec(model)
-    fwd = accounting.forward_flops(spec, image_size, num_classes, pre_logits=spec.family != "bit", paper=paper)
+    fwd = accounting.forward_flops(spec, image_size, num_classes, spec.has_pre_logits_default, paper=paper)
     return num_images * epochs * accounting.train_flops_per_image(fwd) / 1e18
 
 

@@ -116,7 +116,7 @@ def _data(cfg: Config, spec, errors: list[str]) -> None:
     in_range(errors, "data.wait_warn_s", d.wait_warn_s, 0, note=" (0 = off)")
     choice(errors, "data.bad_samples", d.bad_samples, ("error", "skip"))
     if choice(errors, "data.decode_on", d.decode_on, ("cpu", "gpu")) and d.decode_on == "gpu":
-        if spec is not None and spec.family not in ("vit", "bit", "hybrid"):
+        if spec is not None and spec.kind != "classification":
             errors.append(f"data.decode_on: gpu decodes classification images; {cfg.model.name} ({spec.family})"
                           " decodes on the CPU (data.decode_on=cpu)")
         elif cfg.scaling.use_gpu and importlib.util.find_spec("torchvision") is None:
@@ -126,7 +126,7 @@ def _data(cfg: Config, spec, errors: list[str]) -> None:
         if not column:
             errors.append(f"{name}: must name a Parquet column (default: {name.split('.')[1].split('_')[0]})")
     _partitions(cfg, errors)
-    detr = spec is not None and spec.family == "detr"
+    detr = spec is not None and spec.kind == "detection"
     if choice(errors, "data.builtin", d.builtin, ("", "digits", "digit_canvases")):
         if detr and d.builtin == "digits":
             errors.append("data.builtin: digits is a classification dataset; detection trains on digit_canvases")
@@ -251,7 +251,7 @@ def _transfer(cfg: Config, spec, errors: list[str]) -> None:
 def _detection(cfg: Config, spec, errors: list[str]) -> None:
     """Checked for every model (a NaN weight is wrong wherever it sits); only DETR's queries bound max_boxes."""
     det = cfg.detection
-    if spec is not None and spec.family == "detr":
+    if spec is not None and spec.kind == "detection":
         in_range(errors, "detection.max_boxes", det.max_boxes, 1, spec.queries, integer=True,
                  note=f" (the queries of {cfg.model.name})")
     else:

@@ -44,9 +44,10 @@ def add_job_arguments(parser, table: dict, models: str, default: str = "smoke", 
                              " restore a checkpoint, and report time and memory beside the plan")
 
 
-def job_config(args, table: dict, family: str | None = None, models: str = "") -> Config:
+def job_config(args, table: dict, kind: str | None = None, models: str = "") -> Config:
     """The config `add_job_arguments`' arguments name: the preset, then --set, --model, --init-from and --run-name.
-    Validated, and of the job's model `family` when one is given, unless it is only to be printed."""
+    Validated, and of the job's `kind` of model (`vitray.models.specs`: what it trains on) when one is given,
+    unless it is only to be printed."""
     from vitray.models.registry import get_spec
 
     extra = ([f"storage.run_name={args.run_name}"] if args.run_name else []) + model_override(args.model)
@@ -57,8 +58,8 @@ def job_config(args, table: dict, family: str | None = None, models: str = "") -
         cfg = cfg.replace(data=dict(builtin=rehearsal_data(cfg)))  # a rehearsal with no data configured
     if not args.print_config:
         validate(cfg)
-        if family and get_spec(cfg.model.name).family != family:
-            raise ConfigError(f"model.name: {cfg.model.name} is not a {family} model ({models})")
+        if kind and get_spec(cfg.model.name).kind != kind:
+            raise ConfigError(f"model.name: {cfg.model.name} is not a {kind} model ({models})")
     return cfg
 
 
@@ -66,7 +67,7 @@ def rehearsal_data(cfg: Config) -> str:
     """The built-in dataset a rehearsal runs on when no data is configured (cropped to the configured size)."""
     from vitray.models.registry import get_spec
 
-    return "digit_canvases" if get_spec(cfg.model.name).family == "detr" else "digits"
+    return "digit_canvases" if get_spec(cfg.model.name).kind == "detection" else "digits"
 
 
 def exit_code(body: Callable[[], int]) -> int:
@@ -84,7 +85,7 @@ def exit_code(body: Callable[[], int]) -> int:
         return 130  # the shell's code for a command ended by SIGINT
 
 
-def training_job(doc: str, table: dict, models: str, body: Callable, family: str | None = None,
+def training_job(doc: str, table: dict, models: str, body: Callable, kind: str | None = None,
                  default: str = "smoke", init_from: bool = False) -> Callable[[list[str] | None], int]:
     """A training job's `main(argv)`: parse the shared arguments, build and check the config (or print it with
     --print-config), then `body(cfg, args)`, its errors turned into exit codes."""
@@ -94,7 +95,7 @@ def training_job(doc: str, table: dict, models: str, body: Callable, family: str
         args = parser.parse_args(argv)
 
         def job() -> int:
-            cfg = job_config(args, table, family, models)
+            cfg = job_config(args, table, kind, models)
             if args.print_config:
                 print(json.dumps(cfg.to_dict(), indent=1))
                 return 0

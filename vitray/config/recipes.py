@@ -55,7 +55,7 @@ def pretrain(model: str, dataset: str = "jft", epochs: float | None = None) -> C
     return Config().replace(
         # BiT has no pre-logits layer (nor does Table 6 count one for it).
         model=dict(name=name, num_classes=ds["num_classes"], dropout=ds["dropout"],
-                   pre_logits=get_spec(name).family != "bit"),
+                   pre_logits=get_spec(name).has_pre_logits_default),
         data=dict(image_size=224),
         optim=dict(
             optimizer="adam", lr=lr, betas=(0.9, 0.999), weight_decay=ds["weight_decay"], schedule=ds["schedule"],

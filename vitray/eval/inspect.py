@@ -40,14 +40,14 @@ def load_for_inspection(uri: str, endpoint: Endpoint | None = None, weights: str
 
     try:
         about = describe(uri, endpoint)
-        if about["family"] not in ("vit", "hybrid"):  # before any weights are downloaded
+        if not about["spec"].has_attention_maps:  # before any weights are downloaded
             raise InspectionError(f"--checkpoint: {uri} holds {about['name']} ({about['family']}), a model without"
                                   " attention layers or position embeddings; inspection needs a ViT or a hybrid")
         model, meta = load_model(uri, endpoint, weights=weights, image_size=image_size)
     except CheckpointError as e:
         raise InspectionError(f"--checkpoint: {e}") from e
     meta = {"checkpoint": uri, "model": about["name"], "step": meta.get("step"), "weights": meta["weights"]}
-    meta.update(family=model.spec.family, grid=list(model.grid), patch=model.spec.patch, depth=model.spec.depth,
+    meta.update(family=about["family"], grid=list(model.grid), patch=model.spec.patch, depth=model.spec.depth,
                 heads=model.spec.heads, width=model.spec.width)
     return model.eval(), meta
 
@@ -130,7 +130,7 @@ class FilterPCA:
 def embedding_filters(model) -> FilterPCA:
     """PCA of the linear patch embedding's D filters, each a 3·P·P vector (paper Figure 7, left). A hybrid's patch
     embedding is a ResNet, whose first layer is not a patch filter: refused."""
-    if model.spec.family != "vit":
+    if not model.spec.embeds_patches_linearly:
         raise InspectionError(f"embedding filters: a {model.spec.family} model embeds patches with a ResNet, not one"
                               " linear filter per patch")
     w = model.patch_embed.weight.detach().double().cpu().numpy()  # (D, 3, P, P)
@@ -241,7 +241,7 @@ def inspect(model, images: np.ndarray, out_uri: str, endpoint: Endpoint | None =
     figures: dict[str, bytes] = {}
     report: dict = {**meta, "images": len(images)}
 
-    if model.spec.family == "vit":
+    if model.spec.embeds_patches_linearly:
         pca = embedding_filters(model)
         figures["filters.png"] = plots.filters(pca.images(NUM_FILTERS))
         report["filters"] = {"components": min(NUM_FILTERS, len(pca.components)),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vitray.models.partitioned import whole
-from vitray.models.registry import BUILDERS, DETRSpec, ResNetSpec
+from vitray.models.specs import DETRSpec
 from vitray.models.resnet import ResNetV2
 
 
@@ -81,7 +81,7 @@ class DETR(nn.Module):
         super().__init__()
         d = spec.width
         self.spec, self.num_classes = spec, num_classes
-        self.backbone = ResNetV2(ResNetSpec(spec.backbone, spec.backbone_width), num_classes=1)
+        self.backbone = ResNetV2(spec.backbone_spec, num_classes=1)
         self.backbone.head = nn.Identity()  # DETR reads the feature map; the classifier head is not used
         self.input_proj = nn.Conv2d(self.backbone.norm.num_channels, d, kernel_size=1)
         self.encoder = nn.ModuleList(EncoderLayer(d, spec.heads, spec.mlp_dim, dropout) for _ in range(spec.encoder_depth))
@@ -137,6 +137,3 @@ def postprocess(logits: torch.Tensor, boxes: torch.Tensor, sizes: list[tuple[int
         xyxy = cxcywh_to_xyxy(boxes[b].float()) * torch.tensor([w, h, w, h], dtype=torch.float32)
         out.append({"scores": scores[b], "labels": labels[b], "boxes": xyxy})
     return out
-
-
-BUILDERS["detr"] = DETR

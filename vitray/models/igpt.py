@@ -23,7 +23,7 @@ from torch import nn
 
 from vitray.models.layers import Block
 from vitray.models.partitioned import whole
-from vitray.models.registry import BUILDERS, IGPTSpec
+from vitray.models.specs import IGPTSpec
 
 MASK_PROB = 0.15  # BERT's masking rate, as in the paper
 
@@ -144,6 +144,3 @@ class IGPT(nn.Module):
             probs = (self.head(h[:, -1]) / temperature).softmax(-1)
             tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
         return tokens
-
-
-BUILDERS["igpt"] = IGPT

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitray.models.partitioned import whole
-from vitray.models.registry import BUILDERS, ResNetSpec
+from vitray.models.specs import ResNetSpec
 
 
 class StdConv2d(nn.Conv2d):
@@ -175,6 +175,3 @@ class HybridStem(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return self.proj(x)
-
-
-BUILDERS["bit"] = ResNetV2

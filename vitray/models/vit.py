@@ -23,7 +23,7 @@ from torch import nn
 from vitray.models.layers import Block
 from vitray.models.posemb import resize_pos_embed
 from vitray.models.partitioned import whole
-from vitray.models.registry import BUILDERS, ViTSpec
+from vitray.models.specs import ViTSpec
 
 
 class ViT(nn.Module):
@@ -43,7 +43,7 @@ class ViT(nn.Module):
         self.grid = (h // spec.patch, w // spec.patch)
         d = spec.width
 
-        if spec.family == "hybrid":  # ResNet stages, then their feature map's 1×1 cells as patches
+        if not spec.embeds_patches_linearly:  # a hybrid: ResNet stages, then their feature map's 1×1 cells as patches
             from vitray.models.resnet import HybridStem
 
             self.patch_embed = HybridStem(spec.resnet, spec.resnet_width, d)
@@ -62,7 +62,7 @@ class ViT(nn.Module):
     @torch.no_grad()
     def _init_weights(self) -> None:
         nn.init.normal_(self.pos_embed, std=0.02)
-        embed = self.patch_embed.proj if self.spec.family == "hybrid" else self.patch_embed  # the ResNet inits itself
+        embed = self.patch_embed if self.spec.embeds_patches_linearly else self.patch_embed.proj  # the ResNet inits itself
         fan_in = embed.in_channels * math.prod(embed.kernel_size)
         with whole(embed):  # children are already partitioned under ZeRO-3's zero.Init (models/partitioned.py)
             nn.init.trunc_normal_(embed.weight, std=math.sqrt(1.0 / fan_in) / 0.8796, a=-2.0 * 0.8796, b=2.0 * 0.8796)
@@ -154,6 +154,3 @@ class ViT(nn.Module):
         tokens, attention = self.encode(images, need_weights=return_attention, class_only=not return_attention)
         logits = self.head(self.pre_logits(tokens[:, 0]))
         return (logits, attention) if return_attention else logits
-
-
-BUILDERS["vit"] = BUILDERS["hybrid"] = ViT

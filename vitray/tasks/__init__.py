@@ -1,5 +1,6 @@
-"""Tasks: the one place that knows a model family. The training loop, the driver and the evaluators ask the task;
-none of them branches on the family.
+"""Tasks: how each kind of model trains. A model's spec says what data it trains on (`spec.kind`,
+`vitray.models.specs`); `TASKS` maps that kind to the task that trains it. The training loop, the driver and the
+evaluators ask the task; none of them branches on the family.
 
     task = make_task(cfg, classes, run_uri, endpoint)
     model = task.build_model()                          # the family's model for this config
@@ -7,9 +8,10 @@ none of them branches on the family.
     loss, counts = task.loss(engine, batch)
     state = task.eval_start(); task.eval_batch(model, batch, state); metrics = task.eval_end(state, device)
 
-Families: classification (ViT, hybrids, BiT: `classification.py`), detection (DETR: `detection/task.py`), next or
-masked pixels (iGPT: `pixels.py`). A new family (MAE, DINO, another detector) is a new Task subclass and a line in
-`TASKS`; the trainer, launcher, checkpoints and evaluators stay as they are.
+Kinds: classification (ViT, hybrids, BiT: `classification.py`), detection (DETR: `detection/task.py`), next or
+masked pixels (iGPT: `pixels.py`). A new family (MAE, DINO, another detector) is a spec with its `kind`, a model
+module and, for a new kind, a Task subclass and a line in `TASKS`; the trainer, launcher, checkpoints and
+evaluators stay as they are.
 """
 from __future__ import annotations
 
@@ -17,13 +19,11 @@ import importlib
 
 from vitray.models.registry import get_spec
 
-# model family → the task that trains it ("module:Class"; imported when asked for, so configs stay torch-free)
+# spec.kind → the task that trains it ("module:Class"; imported when asked for, so configs stay torch-free)
 TASKS = {
-    "vit": "vitray.tasks.classification:ClassificationTask",
-    "hybrid": "vitray.tasks.classification:ClassificationTask",
-    "bit": "vitray.tasks.classification:ClassificationTask",
-    "detr": "vitray.tasks.detection.task:DetectionTask",
-    "igpt": "vitray.tasks.pixels:PixelTask",
+    "classification": "vitray.tasks.classification:ClassificationTask",
+    "detection": "vitray.tasks.detection.task:DetectionTask",
+    "pixels": "vitray.tasks.pixels:PixelTask",
 }
 
 
@@ -90,9 +90,9 @@ class Task:
         return None
 
 
-def task_class(model_name: str | None = None, family: str | None = None) -> type[Task]:
-    """The task class of a registered model (or of a model family, e.g. a released .npz's "vit")."""
-    module, _, name = TASKS[family or get_spec(model_name).family].partition(":")
+def task_class(model_name: str | None = None, kind: str | None = None) -> type[Task]:
+    """The task class of a registered model (or of a kind of model, e.g. a released .npz's `spec.kind`)."""
+    module, _, name = TASKS[kind or get_spec(model_name).kind].partition(":")
     return getattr(importlib.import_module(module), name)
 
 

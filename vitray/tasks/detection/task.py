@@ -165,7 +165,7 @@ def backbone_from_classifier(detr: torch.nn.Module, source: torch.nn.Module, nam
 
     want = detr.spec
     got = getattr(source, "spec", None)
-    if getattr(got, "family", "") != "bit" or got.blocks != want.backbone or got.width != want.backbone_width:
+    if not want.accepts_backbone(got):
         raise CheckpointError(f"transfer.init_from: {uri} holds {name}; the backbone of a DETR with {want.backbone}"
                               f" blocks × width {want.backbone_width} needs a BiT ResNet of that shape")
     state = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "pre_logits."))}
