@@ -251,7 +251,8 @@ def write_parquet(shards_uri: str, s3, rows_per_group: int) -> str:
     import pyarrow.parquet as pq
 
     from vitray import storage
-    from vitray.data.shards import iter_tar, read_manifest
+    from vitray.data.catalog import read_manifest
+    from vitray.data.shards import iter_tar
 
     images, labels = [], []
     for shard in read_manifest(shards_uri, s3.endpoint).shards:

@@ -13,7 +13,9 @@ from PIL import Image
 
 from vitray import storage
 from vitray.data.datasets import digits_arrays
-from vitray.data.shards import DataError, ShardInfo, check_shard, read_manifest, tar_samples
+from vitray.data.catalog import read_manifest
+from vitray.data.manifest import DataError, ShardInfo
+from vitray.data.shards import check_shard, tar_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "jobs"))

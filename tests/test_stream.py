@@ -61,7 +61,8 @@ def _dataset_with_faults(path, faults):
     from sklearn.datasets import load_digits
 
     from vitray.data.datasets import samples_from_arrays
-    from vitray.data.shards import Sample, write_shards
+    from vitray.data.manifest import Sample
+    from vitray.data.shards import write_shards
 
     d = load_digits()
     images = np.repeat(np.repeat((d.images[:40] * 16).clip(0, 255).astype(np.uint8), 2, 1), 2, 2)

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from vitray import storage
-from vitray.data.shards import MANIFEST, DataError, read_manifest, shard_folder
+from vitray.data.catalog import read_manifest, shard_folder
+from vitray.data.manifest import MANIFEST, DataError
 from vitray.data.transforms import decode_shards
 from vitray.storage import Endpoint
 

@@ -17,7 +17,8 @@ import time
 from vitray import cost, runs, storage
 from vitray.config.jobs import RunInterrupted, TrainingFailed
 from vitray.config.schema import Config, ConfigError, validate
-from vitray.data.shards import DataError, Manifest, read_manifest
+from vitray.data.catalog import read_manifest
+from vitray.data.manifest import DataError, Manifest
 from vitray.storage import Endpoint
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it once a checkpoint is fully registered

@@ -123,7 +123,8 @@ def run(cfg: Config, steps: int, embedded, timeline: dict | None, run_fit) -> di
     """The driver's sequence: adapt, train and save (`run_fit`, launch's, with rehearsal="train"), restore in fresh
     workers (rehearsal="restore"), report beside the plan and keep the row."""
     from vitray.config.recipes import DATASETS
-    from vitray.data.shards import DataError, read_manifest
+    from vitray.data.catalog import read_manifest
+    from vitray.data.manifest import DataError
     from vitray.storage import Endpoint
 
     if steps < 1:

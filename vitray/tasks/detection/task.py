@@ -131,7 +131,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, endpoint=None, batch
     benchmarks, the AP-against-steps curve). The same numbers as the run's own evaluation."""
     from vitray import storage
     from vitray.data.detection import decode_detection_shards
-    from vitray.data.shards import read_manifest, shard_paths
+    from vitray.data.catalog import read_manifest, shard_paths
     from vitray.data.stream import shard_table
     from vitray.models.detr import postprocess
     from vitray.checkpoints import load_model
