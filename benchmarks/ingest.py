@@ -146,10 +146,11 @@ def run_dataloader(files, size: int, workers: int, batch: int) -> dict:
 
 
 def run_ray(uri: str, endpoint, size: int, batch: int) -> dict:
-    from vitray.data.stream import build_dataset
+    from vitray.data.reading import build_dataset
+    from vitray.data.spec import ReadSpec
 
     rate = Rate()
-    ds = build_dataset(uri, endpoint, train=True, image_size=size)
+    ds = build_dataset(uri, endpoint, ReadSpec(size, train=True))
     for b in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=4):
         rate.add(len(b["label"]))
     return rate.done()

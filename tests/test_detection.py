@@ -149,7 +149,7 @@ def test_coco_evaluation_and_export_load_in_pycocotools(tmp_path):
 def test_canvas_shards_on_s3_round_trip(s3):
     from vitray.data.detection import decode_detection_shards
     from vitray.data.catalog import read_manifest
-    from vitray.data.stream import shard_table
+    from vitray.data.reading import shard_table
 
     uri = f"s3://{s3.bucket}/datasets/canvases-test"
     write_digit_canvases(uri, s3.endpoint, size=48, samples_per_shard=10, counts={"val": 12})

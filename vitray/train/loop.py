@@ -24,7 +24,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from vitray import accounting, cost, storage
 from vitray.config.schema import Config
 from vitray.data import partitions
-from vitray.data.stream import TrainStream, start_early
+from vitray.data.batching import start_early
+from vitray.data.spec import ReadSpec
+from vitray.data.stream import TrainStream
 from vitray.models.registry import get_spec
 from vitray.tasks import make_task
 from vitray.train import checkpoint, rehearse
@@ -62,10 +64,8 @@ def train_loop_per_worker(config: dict) -> None:
     d, o = cfg.data, cfg.optim
     positions, rng_state = checkpoint.read_positions(resume_from, d.partitions, same_world=not resharded)
     task = make_task(cfg, list(plan.classes), plan.palette_uri, endpoint)
-    train_data = TrainStream(plan.train_uri, endpoint, d.partitions, d.image_size, cfg.seed, o.micro_batch,
-                             d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples, task.decoder(),
-                             columns=(d.image_column, d.label_column), manifest=plan.train_manifest,
-                             decode_on=d.decode_on)
+    train_data = TrainStream(plan.train_uri, endpoint, ReadSpec.from_config(d, cfg.seed, task.decoder()),
+                             d.partitions, o.micro_batch, d.shuffle_buffer, manifest=plan.train_manifest)
     accumulation = partitions.micro_steps(o.global_batch, o.micro_batch, d.partitions, world)
     stream = start_early(partitions.step_stream(train_data.epoch, partitions.owned(rank, world, d.partitions),
                                                 positions, o.global_batch // d.partitions, accumulation), timeline)
