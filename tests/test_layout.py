@@ -1,5 +1,5 @@
-"""The house rules, checked: imports run one way (models at the bottom, tune at the top), and the training path
-never branches on the model family (the task knows it)."""
+"""The house rules, checked: imports run one way (models at the bottom, tune at the top) and, inside a folder,
+between sibling modules too; the training path never branches on the model family (the task knows it)."""
 import ast
 import os
 
@@ -26,15 +26,20 @@ def _modules():
 
 
 def _imports(path: str):
-    """Every vitray module a file imports, at module level or inside functions (`from vitray import x` → vitray.x)."""
+    """Every vitray module a file imports, at module level, inside functions or for type checking only
+    (`from vitray.data import jpeg` → vitray.data.jpeg; `from vitray.data.shards import x` → vitray.data.shards)."""
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vitray":
-            if node.module == "vitray":
-                yield from (f"vitray.{a.name}" for a in node.names)
-            else:
-                yield node.module
+            for a in node.names:
+                target = f"{node.module}.{a.name}"
+                yield target if _is_module(target) else node.module
         elif isinstance(node, ast.Import):
             yield from (a.name for a in node.names if a.name.split(".")[0] == "vitray")
+
+
+def _is_module(name: str) -> bool:
+    path = os.path.join(ROOT, *name.split("."))
+    return os.path.isfile(path + ".py") or os.path.isfile(os.path.join(path, "__init__.py"))
 
 
 def _part(module: str) -> str:
@@ -53,6 +58,69 @@ def test_imports_run_one_way():
             if RANK[_part(target)] >= RANK[_part(module)]:
                 wrong.append(f"{module} imports {target}")
     assert not wrong, "\n".join(wrong)
+
+
+# Folders whose modules still import each other in a circle, and why they are let through for now. Once a folder
+# is clean, drop it here and the test keeps it clean.
+CIRCLES_ALLOWED = {
+    "vitray/models": "being removed in the same issue (31): registry <-> the model files",
+    "vitray/train": "being removed in the same issue (31): launch -> loop -> rehearse -> launch",
+    "vitray/config": "found by this test, not yet taken up: schema.validate -> checks, checks -> schema.Config (types)",
+}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of `graph` (module → the modules it imports): its strongly connected components of more
+    than one module (Tarjan's algorithm), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_folder_has_an_import_circle():
+    """Sibling modules import each other one way only, counting imports inside functions and for type checking: a
+    circle means neither module can be read, tested or moved without the other (and an import inside a function
+    only hides it). A folder's `__init__.py` counts as one of its modules."""
+    files = dict(_modules())
+    folders: dict[str, dict[str, set[str]]] = {}
+    for module, path in files.items():
+        folder = os.path.relpath(os.path.dirname(path), ROOT).replace(os.sep, "/")
+        folders.setdefault(folder, {})[module] = set()
+    for folder, graph in folders.items():
+        for module in graph:
+            graph[module] = {t for t in _imports(files[module]) if t in graph and t != module}
+    found = {folder: _circles(graph) for folder, graph in folders.items()}
+    wrong = [f"{folder}: a circle among {', '.join(c)}" for folder, cs in sorted(found.items()) for c in cs
+             if folder not in CIRCLES_ALLOWED]
+    assert not wrong, "import circles:\n" + "\n".join(wrong)
+    assert set(CIRCLES_ALLOWED) <= set(folders), "CIRCLES_ALLOWED names a folder that is gone"
+
+
+def test_the_circle_finder_finds_circles():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
 
 
 def test_the_training_path_does_not_branch_on_the_model_family():
