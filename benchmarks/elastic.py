@@ -198,7 +198,7 @@ def main() -> None:
 
     from vitray import storage
     from vitray.data.datasets import write_digits
-    from vitray.data.shards import read_manifest
+    from vitray.data.catalog import read_manifest
     from vitray.storage import EmbeddedS3
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # moto checks none; the nodes inherit the chain from here

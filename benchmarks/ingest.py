@@ -146,10 +146,11 @@ def run_dataloader(files, size: int, workers: int, batch: int) -> dict:
 
 
 def run_ray(uri: str, endpoint, size: int, batch: int) -> dict:
-    from vitray.data.stream import build_dataset
+    from vitray.data.reading import build_dataset
+    from vitray.data.spec import ReadSpec
 
     rate = Rate()
-    ds = build_dataset(uri, endpoint, train=True, image_size=size)
+    ds = build_dataset(uri, endpoint, ReadSpec(size, train=True))
     for b in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=4):
         rate.add(len(b["label"]))
     return rate.done()
@@ -251,7 +252,8 @@ def write_parquet(shards_uri: str, s3, rows_per_group: int) -> str:
     import pyarrow.parquet as pq
 
     from vitray import storage
-    from vitray.data.shards import iter_tar, read_manifest
+    from vitray.data.catalog import read_manifest
+    from vitray.data.shards import iter_tar
 
     images, labels = [], []
     for shard in read_manifest(shards_uri, s3.endpoint).shards:

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from vitray import storage
     from vitray.config import ConfigError, smoke
-    from vitray.data.shards import DataError, read_manifest
+    from vitray.data.catalog import read_manifest
+    from vitray.data.manifest import DataError
     from vitray.eval.features import FINAL, extract_splits, top1
     from vitray.eval.linear import fewshot, linear_probe
     from vitray.train import launch

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from vitray import cost
     from vitray.config import ConfigError, apply_overrides, preset, validate
     from vitray.config.recipes import DATASETS
-    from vitray.data.shards import DataError
+    from vitray.data.manifest import DataError
 
     extra = [f"model.name={args.model}"] if args.model else []
     extra += [f"scaling.accelerator={args.accelerator}"] if args.accelerator else []

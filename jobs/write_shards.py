@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vitray.data.shards import DataError  # noqa: E402
+from vitray.data.manifest import DataError  # noqa: E402
 from vitray.storage import Endpoint, StorageError  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = Endpoint(url=args.endpoint_url, region=args.region)
     try:
         if args.verify:
-            from vitray.data.shards import verify_shards
+            from vitray.data.catalog import verify_shards
 
             m = verify_shards(args.verify, endpoint)
             print(f"{args.verify}: {len(m.shards)} shards, {m.num_samples} samples, {len(m.classes)} classes: OK")

@@ -87,7 +87,7 @@ def spread(overrides_json: str) -> dict:
     from vitray import storage
     from vitray.config import smoke
     from vitray.config.schema import apply_overrides
-    from vitray.data.stream import DATA_NODE_LABEL
+    from vitray.data.placement import DATA_NODE_LABEL
     from vitray.storage import free_port
     from vitray.train import launch
 

@@ -9,7 +9,8 @@ import torch
 
 from vitray import storage
 from vitray.data.detection import augment, check_annotation, digit_canvases, write_digit_canvases
-from vitray.data.shards import DataError, Sample, write_shards
+from vitray.data.manifest import DataError, Sample
+from vitray.data.shards import write_shards
 from vitray.models import box_ops
 from vitray.tasks.detection import coco
 from vitray.tasks.detection.criterion import set_loss
@@ -147,8 +148,8 @@ def test_coco_evaluation_and_export_load_in_pycocotools(tmp_path):
 
 def test_canvas_shards_on_s3_round_trip(s3):
     from vitray.data.detection import decode_detection_shards
-    from vitray.data.shards import read_manifest
-    from vitray.data.stream import shard_table
+    from vitray.data.catalog import read_manifest
+    from vitray.data.reading import shard_table
 
     uri = f"s3://{s3.bucket}/datasets/canvases-test"
     write_digit_canvases(uri, s3.endpoint, size=48, samples_per_shard=10, counts={"val": 12})
@@ -171,7 +172,8 @@ def test_coco_importer_round_trips_real_images_and_names_bad_annotations(tmp_pat
     from PIL import Image
 
     from vitray.data.detection import samples_from_coco
-    from vitray.data.shards import read_manifest, tar_samples
+    from vitray.data.catalog import read_manifest
+    from vitray.data.shards import tar_samples
 
     images, annotations = [], []
     for i, (img, boxes, labels) in enumerate(digit_canvases("val", 4, size=48), start=1):

@@ -13,8 +13,9 @@ from PIL import Image
 
 from vitray.config import ConfigError, apply_overrides, smoke, validate
 from vitray.data import device_decode
-from vitray.data.shards import Sample, _tar_bytes
-from vitray.data.stream import micro_batches
+from vitray.data.batching import micro_batches
+from vitray.data.manifest import Sample
+from vitray.data.shards import _tar_bytes
 from vitray.data.transforms import decode_shards
 
 pytestmark = pytest.mark.quick

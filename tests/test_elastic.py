@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from vitray.config import smoke
-from vitray.config.schema import ConfigError, apply_overrides, validate
+from vitray.config.checks import validate
+from vitray.config.schema import ConfigError, apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

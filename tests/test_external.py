@@ -13,7 +13,9 @@ from PIL import Image
 
 from vitray import storage
 from vitray.data.datasets import digits_arrays
-from vitray.data.shards import DataError, ShardInfo, check_shard, read_manifest, tar_samples
+from vitray.data.catalog import read_manifest
+from vitray.data.manifest import DataError, ShardInfo
+from vitray.data.shards import check_shard, tar_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "jobs"))
@@ -166,7 +168,7 @@ def test_parquet_row_group_decodes_like_a_shard(tmp_path):
     import pyarrow.fs as pafs
 
     from vitray.data.parquet import decode_row_groups
-    from vitray.data.stream import shard_table
+    from vitray.data.reading import shard_table
 
     truth = hub_parquet(tmp_path / "hub", "val", files=1, row_group=30, samples=70)
     manifest = read_manifest(str(tmp_path / "hub"))
@@ -208,7 +210,7 @@ def test_parquet_training_data_is_planned_from_its_footers_and_bad_columns_stop_
 
 def _epochs_exactly_once(stream_of, partitions: int, epochs: int, per_epoch: int, batch: int):
     """Each partition's keys over `epochs` epochs; asserts each epoch's union is every key once."""
-    from vitray.data.stream import micro_batches
+    from vitray.data.batching import micro_batches
 
     seen = {}
     for p in range(partitions):
@@ -226,6 +228,7 @@ def _epochs_exactly_once(stream_of, partitions: int, epochs: int, per_epoch: int
 
 
 def test_index_img2dataset_shards_then_stream_every_sample_once(ray_cluster, s3, tmp_path):
+    from vitray.data.spec import ReadSpec
     from vitray.data.stream import TrainStream
 
     uri = f"s3://{s3.bucket}/external/img2dataset"
@@ -248,14 +251,16 @@ def test_index_img2dataset_shards_then_stream_every_sample_once(ray_cluster, s3,
     assert write_job.main(["--verify", local]) == 0
 
     def stream():
-        return TrainStream(uri, s3.endpoint, 2, image_size=16, seed=0, batch=25, shuffle_buffer=64)
+        return TrainStream(uri, s3.endpoint, ReadSpec(16, train=True, seed=0), 2, batch=25, shuffle_buffer=64)
 
     seen = _epochs_exactly_once(stream, partitions=2, epochs=2, per_epoch=300, batch=25)
     assert all(truth[k] == label for k, _, label in seen)  # the labels as the .json gives them
 
 
 def test_index_names_every_bad_sample_and_the_read_names_a_changed_shard(ray_cluster, tmp_path):
-    from vitray.data.stream import TrainStream, micro_batches
+    from vitray.data.batching import micro_batches
+    from vitray.data.spec import ReadSpec
+    from vitray.data.stream import TrainStream
 
     folder = tmp_path / "bad"
     img2dataset_shards(str(folder), None, samples=100, per_shard=50, stats=False)
@@ -278,13 +283,15 @@ def test_index_names_every_bad_sample_and_the_read_names_a_changed_shard(ray_clu
     index(str(folder), labels="json:label")  # integer labels, no --classes: classes 0..the largest label
     assert read_manifest(str(folder)).classes == [str(i) for i in range(10)]
     (folder / "00000.tar").write_bytes((folder / "00000.tar").read_bytes()[:-1024])
-    data = TrainStream(str(folder), None, 1, image_size=16, seed=0, batch=10)
+    data = TrainStream(str(folder), None, ReadSpec(16, train=True, seed=0), 1, batch=10)
     with pytest.raises(Exception, match=r"shard .*00000.tar: size mismatch against manifest.json"):
         next(micro_batches(lambda e: data.epoch(0, e), 10))
 
 
 def test_parquet_streams_every_sample_once_and_resumes_exactly(ray_cluster, tmp_path):
-    from vitray.data.stream import TrainStream, micro_batches
+    from vitray.data.batching import micro_batches
+    from vitray.data.spec import ReadSpec
+    from vitray.data.stream import TrainStream
 
     # The Hub's layout: both splits in one folder (data/train-0000i-of-00003.parquet, data/val-…); the URI's
     # file-name prefix picks the split. 9 row groups of 40, 40, 20 rows.
@@ -292,7 +299,8 @@ def test_parquet_streams_every_sample_once_and_resumes_exactly(ray_cluster, tmp_
     hub_parquet(tmp_path / "data", "val", files=1, row_group=40, samples=50)
 
     def stream():
-        return TrainStream(f"{tmp_path}/data/train-", None, 2, image_size=16, seed=1, batch=20, shuffle_buffer=50)
+        return TrainStream(f"{tmp_path}/data/train-", None, ReadSpec(16, train=True, seed=1), 2, batch=20,
+                           shuffle_buffer=50)
 
     seen = _epochs_exactly_once(stream, partitions=2, epochs=2, per_epoch=300, batch=20)
     assert all(truth[k] == label for k, _, label in seen)

@@ -8,7 +8,9 @@ from PIL import Image
 
 from vitray import storage
 from vitray.data.datasets import digits_arrays, folder_classes, samples_from_arrays, samples_from_folder
-from vitray.data.shards import DataError, iter_tar, read_manifest, verify_shards, write_shards
+from vitray.data.catalog import read_manifest, verify_shards
+from vitray.data.manifest import DataError
+from vitray.data.shards import iter_tar, write_shards
 from vitray.data.transforms import center_crop, decode_rgb, decode_shards, inception_crop
 
 
@@ -126,7 +128,7 @@ def _shard(samples):
 
 
 def test_decode_shards_checks_names_and_scales():
-    from vitray.data.shards import Sample
+    from vitray.data.manifest import Sample
 
     png = _encode(Image.new("L", (8, 8), 255), "PNG")
     data, info = _shard([Sample("a", png, "png", 3), Sample("b", png, "png", 4)])

@@ -2,7 +2,10 @@
 import numpy as np
 import pytest
 
-from vitray.data.stream import Position, TrainStream, _take, build_dataset, micro_batches, partition_shards, stream_splits_config
+from vitray.data.batching import _take, micro_batches
+from vitray.data.reading import build_dataset, stream_splits_config
+from vitray.data.spec import ReadSpec
+from vitray.data.stream import Position, TrainStream, partition_shards
 
 
 def _keys(stream, n):
@@ -13,7 +16,7 @@ def _keys(stream, n):
 
 def test_two_partitions_disjoint_union_once_per_epoch(ray_cluster, s3, digits):
     def consume(rank, epochs):
-        data = TrainStream(digits["train"], s3.endpoint, 2, image_size=16, seed=0, batch=30, shuffle_buffer=64)
+        data = TrainStream(digits["train"], s3.endpoint, ReadSpec(16, train=True, seed=0), 2, batch=30, shuffle_buffer=64)
         keys, _, positions = _keys(micro_batches(lambda e: data.epoch(rank, e), 30), epochs * 25)
         assert all(len(k) == 30 for k in keys)
         return sum(keys, []), positions
@@ -32,8 +35,8 @@ def test_resumed_stream_replays_exactly(ray_cluster, s3, digits):
     """A stream restarted from any saved position (mid-epoch, or across an epoch boundary) yields exactly the
     samples — and the same augmented pixels — an uninterrupted stream yields from there on."""
     def stream(start=Position()):
-        data = TrainStream(digits["train"], s3.endpoint, 2, image_size=16, seed=3, batch=32,
-                           shuffle_buffer=100, area_min=0.5, flip=True)
+        data = TrainStream(digits["train"], s3.endpoint, ReadSpec(16, train=True, area_min=0.5, flip=True, seed=3), 2,
+                           batch=32, shuffle_buffer=100)
         return micro_batches(lambda e: data.epoch(1, e), 32, start)
 
     keys, images, positions = _keys(stream(), 30)  # 750 samples per epoch: batch 23 straddles the boundary
@@ -61,7 +64,8 @@ def _dataset_with_faults(path, faults):
     from sklearn.datasets import load_digits
 
     from vitray.data.datasets import samples_from_arrays
-    from vitray.data.shards import Sample, write_shards
+    from vitray.data.manifest import Sample
+    from vitray.data.shards import write_shards
 
     d = load_digits()
     images = np.repeat(np.repeat((d.images[:40] * 16).clip(0, 255).astype(np.uint8), 2, 1), 2, 2)
@@ -100,14 +104,14 @@ def _dataset_with_faults(path, faults):
 ])
 def test_bad_data_is_named_by_default(ray_cluster, tmp_path, fault, message):
     _dataset_with_faults(tmp_path / "ds", [fault])
-    data = TrainStream(str(tmp_path / "ds"), None, 1, image_size=16, seed=0, batch=10)
+    data = TrainStream(str(tmp_path / "ds"), None, ReadSpec(16, train=True, seed=0), 1, batch=10)
     with pytest.raises(Exception, match=message):
         _keys(micro_batches(lambda e: data.epoch(0, e), 10), 4)
 
 
 def test_bad_data_skipped_and_counted_when_asked(ray_cluster, tmp_path):
     samples = _dataset_with_faults(tmp_path / "ds", ["image", "label", "checksum", "missing"])
-    data = TrainStream(str(tmp_path / "ds"), None, 1, image_size=16, seed=0, batch=9, bad_samples="skip")
+    data = TrainStream(str(tmp_path / "ds"), None, ReadSpec(16, train=True, bad_samples="skip", seed=0), 1, batch=9)
     keys, _, positions = _keys(micro_batches(lambda e: data.epoch(0, e), 9), 2)  # 40 − 1 − 1 − 10 − 10 = 18 good samples
     seen = sum(keys, [])
     assert data.skipped == 22 and positions[-1] == Position(0, 18)
@@ -117,7 +121,7 @@ def test_bad_data_skipped_and_counted_when_asked(ray_cluster, tmp_path):
 def test_eval_split_counts_every_sample_once(ray_cluster, s3, digits):
     import ray
 
-    ds = build_dataset(digits["val"], s3.endpoint, train=False, image_size=16, field="data.val_uri")
+    ds = build_dataset(digits["val"], s3.endpoint, ReadSpec(16, train=False), field="data.val_uri")
     splits = stream_splits_config().configure({"val": ds}, world_size=2, worker_handles=None, worker_node_ids=None)
 
     @ray.remote(num_cpus=0.5)

@@ -15,7 +15,9 @@ from PIL import Image
 from vitray import storage
 from vitray.data import writer
 from vitray.data.datasets import samples_from_arrays
-from vitray.data.shards import DataError, iter_tar, read_manifest, verify_shards, write_shards
+from vitray.data.catalog import read_manifest, verify_shards
+from vitray.data.manifest import DataError
+from vitray.data.shards import iter_tar, write_shards
 from vitray.models.npz import CheckpointError, load_npz, read_npz_shapes, save_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,9 @@ from PIL import Image
 from vitray import storage
 from vitray.data import writer
 from vitray.data.datasets import folder_classes, samples_from_folder
-from vitray.data.shards import DataError, iter_tar, read_manifest, write_shards
+from vitray.data.catalog import read_manifest
+from vitray.data.manifest import DataError
+from vitray.data.shards import iter_tar, write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,13 +12,13 @@ cluster resource is requested.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import re
 import typing
 
-if typing.TYPE_CHECKING:
-    from vitray.config.schema import Config
+from vitray.config.schema import Config, ConfigError
 
 # The largest image side accepted. No recipe comes near it (DETR's 800 px is the largest; ViT-H/14 fine-tunes at
 # 518), and past it a run cannot work: a ViT-B/16 at 4096 px has 65,536 tokens, and its attention matrix alone takes
@@ -64,6 +64,16 @@ def _span(lo, hi, lo_open: bool, hi_open: bool, integer: bool, is_int: bool) -> 
         return f"{lo}..{hi}" if integer else f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     bound = f"{'>' if lo_open else '≥'} {lo}" if lo is not None else f"{'<' if hi_open else '≤'} {hi}"
     return ("" if is_int else "an integer " if integer else "finite and ") + bound
+
+
+@functools.lru_cache(maxsize=256)
+def validate(cfg: Config) -> None:
+    """Check everything that can be checked without touching storage or Ray; raise one ConfigError naming every
+    field at fault, one line each. Configs are frozen, so a config that passed once is not checked again (the jobs
+    check it when they build it, the driver's `prepare` asks again for callers that built theirs in Python)."""
+    errors = problems(cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
 
 
 def problems(cfg: Config) -> list[str]:

@@ -16,7 +16,8 @@ import sys
 from typing import Callable
 
 from vitray.config.recipes import preset
-from vitray.config.schema import Config, ConfigError, apply_overrides, model_override, validate
+from vitray.config.checks import validate
+from vitray.config.schema import Config, ConfigError, apply_overrides, model_override
 
 
 class TrainingFailed(RuntimeError):

@@ -6,7 +6,6 @@ named, and no cluster resource is requested for it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
 from dataclasses import dataclass, field
 
@@ -214,16 +213,3 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"{key}: unknown config field (fields of {section}: {', '.join(hints)})")
         cfg = cfg.replace(**{section: {name: _parse(text, hints[name], key)}})
     return cfg
-
-
-@functools.lru_cache(maxsize=256)
-def validate(cfg: Config) -> None:
-    """Check everything that can be checked without touching storage or Ray; raise one ConfigError naming
-    every field at fault, one line each (the checks: `vitray.config.checks`). Configs are frozen, so a config that
-    passed once is not checked again (the jobs check it when they build it, the driver's `prepare` asks again for
-    callers that built theirs in Python)."""
-    from vitray.config.checks import problems
-
-    errors = problems(cfg)
-    if errors:
-        raise ConfigError("\n".join(errors))

@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from vitray import storage
-from vitray.data.shards import DataError, Manifest, Sample, write_shards
+from vitray.data.manifest import DataError, Manifest, Sample
+from vitray.data.shards import write_shards
 from vitray.data.transforms import decode_rgb
 from vitray.storage import Endpoint
 
@@ -253,7 +254,7 @@ def write_digits(uri: str, endpoint: Endpoint | None = None, samples_per_shard: 
     """Write the digits' train and val splits as shards under `uri`/train and `uri`/val (skipping a split that
     is already there). `classes` keeps only those digits, relabelled 0..k−1 in order (class names stay the digits):
     scaling studies pretrain on some digits and transfer to the others. Returns the manifests."""
-    from vitray.data.shards import read_manifest
+    from vitray.data.catalog import read_manifest
 
     keep = list(range(10) if classes is None else classes)
     if keep != sorted(set(keep)) or not set(keep) <= set(range(10)):

@@ -18,7 +18,8 @@ import zlib
 import numpy as np
 
 from vitray import storage
-from vitray.data.shards import DataError, read_manifest
+from vitray.data.catalog import read_manifest
+from vitray.data.manifest import DataError
 from vitray.storage import Endpoint
 
 # Ray Data's images/s per CPU ÷ this measurement's, on the same JPEGs (benchmarks/results/ingest.json against this

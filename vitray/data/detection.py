@@ -16,7 +16,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from vitray.data.shards import DataError, Sample, check_annotation  # noqa: F401  (re-exported)
+from vitray.data.manifest import DataError, Sample
+from vitray.data.shards import check_annotation  # noqa: F401  (re-exported)
 
 # ------------------------------------------------------------------------------------------------ annotations
 
@@ -163,7 +164,8 @@ def write_digit_canvases(uri: str, endpoint=None, size: int = 64, samples_per_sh
     """Write digit-canvas train and val splits as detection shards under `uri`/train and `uri`/val (skipping a
     split already there). Categories are the digits "0".."9"; canvases are the same on every machine."""
     from vitray import storage
-    from vitray.data.shards import read_manifest, write_shards
+    from vitray.data.catalog import read_manifest
+    from vitray.data.shards import write_shards
 
     out = {}
     for split, n in (counts or CANVAS_SPLITS).items():

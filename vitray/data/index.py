@@ -23,7 +23,8 @@ import numpy as np
 
 from vitray import storage
 from vitray.data.labels import check_source, class_map, label_index, needs_names
-from vitray.data.shards import MANIFEST, DataError, Manifest, ShardInfo, tar_samples
+from vitray.data.manifest import MANIFEST, DataError, Manifest, ShardInfo
+from vitray.data.shards import tar_samples
 from vitray.storage import Endpoint
 
 STATS = "_stats.json"  # img2dataset writes <shard>_stats.json beside <shard>.tar

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from vitray.data.shards import DataError
+from vitray.data.manifest import DataError
 
 SOURCES = ("cls", "txt", "json:FIELD", "column")
 

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from vitray import storage
-from vitray.data.shards import DataError, Manifest, ShardInfo
+from vitray.data.manifest import DataError, Manifest, ShardInfo
 from vitray.storage import Endpoint
 
 

@@ -27,7 +27,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from vitray.data.stream import Position, _rows, micro_batches
+from vitray.data.batching import _rows, micro_batches
+from vitray.data.stream import Position
 
 
 def owned(rank: int, world: int, partitions: int) -> list[int]:

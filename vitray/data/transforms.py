@@ -19,7 +19,8 @@ from PIL import Image, ImageOps
 
 from vitray.data import device_decode, jpeg
 from vitray.data.resize import mirror, resize_crop
-from vitray.data.shards import DataError
+from vitray.data.manifest import DataError
+from vitray.data.shards import read_checked
 
 
 def decode_rgb(data: bytes, where: str) -> Image.Image:
@@ -131,8 +132,6 @@ def decode_shards(
     manifest's (label source, class names), `vitray/data/labels.py`; None = vitray's own `.cls` integers. `ship`
     (training with data.decode_on=gpu): JPEGs leave encoded, with their crop and flip, for the worker's device to
     decode (`device_decode`): columns "encoded", "kind", "box", "flip" instead of "image"."""
-    from vitray.data.shards import read_checked
-
     source = labels[0] if labels else "cls"
     return decode_samples(read_checked(batch, shards, on_error, source), train, image_size, area_min, seed, flip,
                           on_error, labels, ship)

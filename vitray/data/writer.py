@@ -31,7 +31,8 @@ from typing import Callable, Iterator
 
 from vitray import storage
 from vitray.data.datasets import prepare_image, read_source, scan_folder
-from vitray.data.shards import MANIFEST, DataError, Manifest, Sample, ShardInfo, _tar_bytes
+from vitray.data.manifest import MANIFEST, DataError, Manifest, Sample, ShardInfo
+from vitray.data.shards import _tar_bytes
 from vitray.storage import Endpoint, StorageError
 
 RECORDS = "_writer"  # under the destination: plan.json and one record per committed shard

@@ -53,9 +53,10 @@ def _apply(checkpoint_uri: str, data_uris: list[str], endpoint: Endpoint | None,
            layers: list, pool: str, actors: int, batch_size: int) -> list[dict[str, np.ndarray]]:
     """One Ray Data pass over every dataset of `data_uris` (each sample tagged with its dataset's index), so the
     model actors start once; the outputs come back split per dataset."""
-    from vitray.data.stream import build_dataset
+    from vitray.data.reading import build_dataset
+    from vitray.data.spec import ReadSpec
 
-    parts = [build_dataset(uri, endpoint, train=False, image_size=image_size, field=uri)
+    parts = [build_dataset(uri, endpoint, ReadSpec(image_size, train=False), field=uri)
              .map_batches(_tag, fn_kwargs=dict(split=i), batch_format="numpy") for i, uri in enumerate(data_uris)]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(CheckpointActor, batch_size=batch_size, concurrency=actors, num_cpus=0.5,

@@ -58,7 +58,9 @@ def load_images(uri: str | None, endpoint: Endpoint | None, n: int, size: tuple[
     held-out scikit-learn digits (what the smoke runs train on)."""
     from PIL import Image
 
-    from vitray.data.shards import DataError, read_manifest, shard_paths, tar_samples
+    from vitray.data.catalog import read_manifest, shard_paths
+    from vitray.data.manifest import DataError
+    from vitray.data.shards import tar_samples
     from vitray.data.transforms import center_crop, decode_rgb
 
     raw: list[tuple[str, bytes | Image.Image]] = []

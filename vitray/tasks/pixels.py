@@ -23,9 +23,10 @@ def _keep_pixels(batch: dict[str, np.ndarray], per_image: int, seed: int) -> dic
 
 def sample_pixels(uri: str, endpoint: Endpoint | None, image_size: int, per_image: int = 16, seed: int = 0) -> np.ndarray:
     """uint8 RGB pixels (M, 3) drawn from every image of the shard dataset at `uri`, at the training resolution."""
-    from vitray.data.stream import build_dataset
+    from vitray.data.reading import build_dataset
+    from vitray.data.spec import ReadSpec
 
-    ds = build_dataset(uri, endpoint, train=False, image_size=image_size)
+    ds = build_dataset(uri, endpoint, ReadSpec(image_size, train=False))
     ds = ds.map_batches(_keep_pixels, fn_kwargs=dict(per_image=per_image, seed=seed), batch_format="numpy")
     return np.concatenate([b["pixel"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
 

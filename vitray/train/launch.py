@@ -66,7 +66,8 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from vitray.data.stream import build_dataset, stream_splits_config
+    from vitray.data.reading import build_dataset, stream_splits_config
+    from vitray.data.spec import ReadSpec
     from vitray.tasks import make_task
     from vitray.train.loop import train_loop_per_worker
 
@@ -76,9 +77,8 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     # the held-out set.
     datasets = {}
     if d.val_uri:
-        datasets["val"] = build_dataset(d.val_uri, plan.endpoint, False, d.image_size, field="data.val_uri",
-                                        bad_samples=d.bad_samples, detection=make_task(cfg).decoder(),
-                                        columns=(d.image_column, d.label_column))
+        spec = ReadSpec.from_config(d, cfg.seed, make_task(cfg).decoder(), train=False)
+        datasets["val"] = build_dataset(d.val_uri, plan.endpoint, spec, field="data.val_uri")
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}

@@ -24,7 +24,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from vitray import accounting, cost
 from vitray.data import partitions
-from vitray.data.stream import TrainStream, start_early
+from vitray.data.batching import start_early
+from vitray.data.spec import ReadSpec
+from vitray.data.stream import TrainStream
 from vitray.models.registry import get_spec
 from vitray.tasks import make_task
 from vitray.train import collectives, resume
@@ -53,10 +55,8 @@ def train_loop_per_worker(config: dict) -> None:
     # or resized run continues every data partition from its position in the newest complete checkpoint.
     start = resume.find(plan, rank, world)
     task = make_task(cfg, list(plan.classes), plan.run_uri, plan.endpoint)
-    train_data = TrainStream(plan.cfg.data.train_uri, plan.endpoint, d.partitions, d.image_size, cfg.seed,
-                             o.micro_batch, d.shuffle_buffer, d.crop_area_min, d.flip, d.bad_samples, task.decoder(),
-                             columns=(d.image_column, d.label_column), manifest=plan.train_manifest,
-                             decode_on=d.decode_on)
+    train_data = TrainStream(d.train_uri, plan.endpoint, ReadSpec.from_config(d, cfg.seed, task.decoder()),
+                             d.partitions, o.micro_batch, d.shuffle_buffer, manifest=plan.train_manifest)
     accumulation = partitions.micro_steps(o.global_batch, o.micro_batch, d.partitions, world)
     stream = start_early(partitions.step_stream(train_data.epoch, partitions.owned(rank, world, d.partitions),
                                                 start.positions, o.global_batch // d.partitions, accumulation), timeline)

@@ -11,8 +11,10 @@ import math
 import os
 
 from vitray import runs, storage
-from vitray.config.schema import Config, ConfigError, validate
-from vitray.data.shards import DataError, Manifest, read_manifest
+from vitray.config.checks import validate
+from vitray.config.schema import Config, ConfigError
+from vitray.data.catalog import read_manifest
+from vitray.data.manifest import DataError, Manifest
 from vitray.storage import Endpoint
 from vitray.train import runfolder
 

@@ -86,8 +86,9 @@ def run(cfg: Config, steps: int, embedded=None, timeline: dict | None = None, re
     """The driver's sequence: adapt, train and save (`launch.run` with the "train" half's hooks), restore in fresh
     workers (the "restore" half), report beside the plan and keep the row beside the runs."""
     from vitray.config.recipes import DATASETS
-    from vitray.config.schema import validate
-    from vitray.data.shards import DataError, read_manifest
+    from vitray.config.checks import validate
+    from vitray.data.catalog import read_manifest
+    from vitray.data.manifest import DataError
     from vitray.storage import Endpoint
 
     validate(cfg)

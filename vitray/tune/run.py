@@ -98,7 +98,8 @@ def _claim_folder(study: Study, study_uri: str, endpoint: Endpoint, resume: bool
 def _with_steps(study: Study, configs: list[Config], endpoint: Endpoint) -> list[Config]:
     """Read every dataset's manifest (a clear error naming the URI, before Ray) and, with ASHA, checkpoint each trial
     four times so the scheduler gets intermediate losses."""
-    from vitray.data.shards import DataError, read_manifest
+    from vitray.data.catalog import read_manifest
+    from vitray.data.manifest import DataError
     from vitray.train.plan import total_steps
 
     sizes = {}

@@ -20,7 +20,8 @@ import math
 from typing import Callable
 
 from vitray import storage
-from vitray.config.schema import Config, ConfigError, apply_overrides, validate
+from vitray.config.checks import validate
+from vitray.config.schema import Config, ConfigError, apply_overrides
 from vitray.storage import Endpoint
 
 BUDGET_UNITS = ("epochs", "steps", "exaflops")

@@ -31,7 +31,7 @@ class DetectionTask(Task):
         self.weights = LossWeights(d.cost_class, d.cost_l1, d.cost_giou, d.eos_coef)
 
     def decoder(self) -> dict:
-        """What the data pipeline needs to decode detection shards (`read_images(detection=...)`)."""
+        """What the data pipeline needs to decode detection shards (`ReadSpec.decoder`, `vitray/data/spec.py`)."""
         d = self.cfg.detection
         return {"max_boxes": d.max_boxes, "num_classes": self.cfg.model.num_classes, "crop_min": d.crop_min}
 
@@ -131,8 +131,8 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, endpoint=None, batch
     benchmarks, the AP-against-steps curve). The same numbers as the run's own evaluation."""
     from vitray import storage
     from vitray.data.detection import decode_detection_shards
-    from vitray.data.shards import read_manifest, shard_paths
-    from vitray.data.stream import shard_table
+    from vitray.data.catalog import read_manifest, shard_paths
+    from vitray.data.reading import shard_table
     from vitray.models.detr import postprocess
     from vitray.checkpoints import load_model
 
