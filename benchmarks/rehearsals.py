@@ -22,7 +22,7 @@ from common import ROOT, machine
 
 from vitray import cost
 from vitray.config import preset
-from vitray.train.rehearse import Attached
+from vitray.train.attached import Attached
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 

@@ -9,7 +9,7 @@ import pytest
 
 from vitray import cost
 from vitray.config import ConfigError, preset
-from vitray.train.rehearse import Attached, adapt
+from vitray.train.attached import Attached, adapt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = cost.GIB

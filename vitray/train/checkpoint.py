@@ -287,12 +287,18 @@ def make_universal(checkpoint_uri: str, endpoint) -> None:
 
 def module_digest(module: torch.nn.Module) -> float:
     """Sum of |w| over the module's weights: equal before a save and after its restore, on any number of workers.
-    Under ZeRO-3 each rank holds a zero-padded slice (`ds_tensor`), so the slices' sums add up over the ranks —
-    collective then, and no rank gathers a whole layer."""
+    Under ZeRO-3 each rank holds a slice (`ds_tensor`), so the slices' sums add up over the ranks — collective then,
+    and no rank gathers a whole layer. The last slice is padded to the common size with memory DeepSpeed never
+    writes (`torch.empty`): only the elements that belong to the parameter are summed, or the digest would read
+    whatever was there (seen at 3 workers: 1.7e38)."""
     params = list(module.parameters())
     if params and hasattr(params[0], "ds_tensor"):
-        total = sum((p.ds_tensor.detach().double().abs().sum() for p in params), torch.zeros((), dtype=torch.float64))
-        total = total.reshape(1).to(params[0].ds_tensor.device)
+        rank, device = dist.get_rank(), params[0].ds_tensor.device
+        total = torch.zeros(1, dtype=torch.float64, device=device)
+        for p in params:
+            size = p.ds_tensor.numel()
+            mine = max(0, min(size, p.ds_numel - rank * size))  # this rank's slice is [rank·size, (rank+1)·size)
+            total += p.ds_tensor.detach().narrow(0, 0, mine).double().abs().sum()
         dist.all_reduce(total)
         return total.item()
     return float(sum(p.detach().double().abs().sum().item() for p in params))
