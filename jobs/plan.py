@@ -6,7 +6,10 @@ Refuses (exit 2) a configuration that cannot fit on its accelerator. Starts no R
     python jobs/plan.py --preset l16_i21k --set deepspeed.zero_stage=3 --accelerator A100 --mfu 0.45 --json
     python jobs/plan.py --preset b16_jft --set model.name=bit_r152x2     # any registered model (--model = this)
 
-The dataset size comes from the preset's dataset (jft 303M, i21k 14.2M, imagenet 1.28M images) unless --images.
+Any job's preset (pretraining, fine-tuning, DETR, iGPT): `--preset h14_imagenet`, or `--preset finetune:smoke` where
+two jobs share a name. The dataset size comes from the dataset the preset names (jft 303M, i21k 14.2M, imagenet 1.28M,
+cifar10 50k, coco 118k images, ...) unless --images. A GPU recipe is planned on H100s unless --accelerator (or
+scaling.accelerator) names another. --json prints the same plan for machines.
 
 The data line: the images/s the accelerators consume at that MFU, the CPUs needed to decode them and whether the
 cluster has them. The decode rate is measured for a few seconds on the first samples of a few shards of
@@ -27,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="h14_jft")
+    p.add_argument("--preset", default="h14_jft", help="any job's preset, or JOB:NAME (pretrain, finetune, detr, igpt)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--model", help="= model.name (ViT, BiT ResNet or hybrid)")
     p.add_argument("--accelerator", help="= scaling.accelerator, e.g. H100, A100, TPUv3-core")
@@ -42,17 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from vitray import cost
-    from vitray.config import ConfigError, apply_overrides, preset, validate
-    from vitray.config.recipes import DATASETS
+    from vitray.config import ConfigError, apply_overrides, validate
+    from vitray.config.recipes import find_preset, train_images
     from vitray.data.manifest import DataError
 
     extra = [f"model.name={args.model}"] if args.model else []
     extra += [f"scaling.accelerator={args.accelerator}"] if args.accelerator else []
     try:
-        cfg = apply_overrides(preset(args.preset), args.overrides + extra)
+        _, cfg = find_preset(args.preset)
+        cfg = apply_overrides(cfg, args.overrides + extra)
+        assumed = cfg.scaling.use_gpu and not cfg.scaling.accelerator  # the paper's GPUs are unnamed: plan on H100s
+        if assumed:
+            cfg = cfg.replace(scaling=dict(accelerator=DEFAULT_ACCELERATOR))
         validate(cfg if cfg.data.train_uri or cfg.data.builtin else cfg.replace(data=dict(train_uri="planned")))
-        dataset = args.preset.rsplit("_", 1)[-1]
-        images = args.images or (DATASETS[dataset]["num_images"] if dataset in DATASETS else None)
+        images = args.images or train_images(args.preset)
         if images is None:
             raise ConfigError(f"--images: preset {args.preset!r} names no paper dataset; give the images per epoch")
         if not 0 < args.mfu <= 1:
@@ -61,15 +67,49 @@ def main(argv: list[str] | None = None) -> int:
         rate, source = decode_rate(cfg, args.decode_rate)
         data = cost.data_plan(cfg, estimate, rate, source, args.node_cpus, args.data_cpus)
         if args.json:
-            print(json.dumps({**estimate.to_dict(), "data": data.to_dict() if data else None}))
+            print(json.dumps({**estimate.to_dict(), "accelerator_assumed": assumed,
+                              "data": data.to_dict() if data else None}))
         else:
-            print(estimate.summary())
-            print(data.summary() if data else "data: no accelerator peak known, so no consumption rate to plan for")
+            print(table(estimate, data, assumed))
         cost.check_fits(estimate)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+DEFAULT_ACCELERATOR = "H100"
+
+
+def table(est, data, assumed: bool) -> str:
+    """The plan at a glance: one row per question a person asks before launching."""
+    from vitray.cost import CHECKPOINT_WRITE_GB_S, GIB, NODE_MTBF_HOURS
+
+    cap = f" of {est.device_memory / GIB:.0f}" if est.device_memory else ""
+    parts = ", ".join(f"{k} {v / GIB:.3g}" for k, v in est.memory.items())
+    rows = [("run", f"{est.model} @ {est.image_size} px, {est.params / 1e6:,.1f}M parameters;"
+                    f" {est.world} × {est.accelerator}{' (assumed: --accelerator to change)' if assumed else ''},"
+                    f" ZeRO-{est.zero_stage}, micro-batch {est.micro_batch}"),
+            ("memory / device", f"{est.memory_total / GIB:.3g} GiB{cap}{'' if est.fits else ' — does NOT fit'}: {parts}"),
+            ("compute", f"{est.train_flops_per_image / 1e9:,.4g} GFLOPs per image (train), {est.steps:,} steps,"
+                        f" {est.total_flops / 1e18:,.4g} EFLOPs")]
+    if est.accelerator_days is not None:
+        rows.append(("accelerator-days", f"{est.accelerator_days:,.1f} {est.accelerator}-days at MFU {est.mfu:.0%}"))
+        rows.append(("wall-clock", f"{est.wall_clock_days:,.2f} days"))
+    else:
+        rows.append(("accelerator-days", "unknown: no peak FLOP/s for this accelerator (--accelerator)"))
+    if est.suggested_checkpoint_every is not None:
+        rows.append(("checkpoints", f"{est.checkpoint_bytes / 1e9:,.3g} GB each, ~{est.save_s:.0f} s to save at"
+                                    f" {CHECKPOINT_WRITE_GB_S:g} GB/s per node (modelled); storage.checkpoint_every ≈"
+                                    f" {est.suggested_checkpoint_every:,} steps (Young–Daly, a node failure per"
+                                    f" {NODE_MTBF_HOURS:,.0f} h)"))
+    if data is not None:
+        rows.append(("data CPUs", f"{data.cpus_needed:,.0f} needed to decode the {data.images_per_s:,.0f} img/s the"
+                                  f" accelerators consume, at {data.decode_per_cpu:,.0f} img/s per CPU"
+                                  f" ({data.decode_source}); {data.cpus_free:,.0f} free ({data.cpus_free_how})"
+                                  + (" — enough" if data.enough else " — short" + data.summary().split(" — short", 1)[1])))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
 def decode_rate(cfg, given: float | None) -> tuple[float, str]:

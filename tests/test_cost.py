@@ -202,7 +202,7 @@ def test_planner_measures_the_decode_rate_on_the_configured_shards(tmp_path, cap
     uri = str(tmp_path / "digits" / "train")
     assert plan.main(["--preset", "b16_i21k", "--accelerator", "H100", "--set", f"data.train_uri={uri}"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
-    assert line.startswith("data: the accelerators consume") and f"measured on {measured.samples} samples of {uri}" in line
+    assert line.startswith("data CPUs") and f"measured on {measured.samples} samples of {uri}" in line
     assert plan.main(["--preset", "b16_i21k", "--set", f"data.train_uri={tmp_path / 'nowhere'}"]) == 2
     assert f"data.train_uri: {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
@@ -214,3 +214,37 @@ def _job(name: str):
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
     return importlib.import_module(name)
+
+
+def _every_preset():
+    from vitray.config.recipes import JOB_PRESETS
+
+    return [f"{job}:{name}" for job, table in JOB_PRESETS.items() for name in table]
+
+
+@pytest.mark.parametrize("name", _every_preset())
+def test_the_planner_answers_for_every_jobs_preset_on_a_named_accelerator(name, capsys):
+    """Every job's preset plans (fine-tuning, DETR and iGPT ones too); a GPU recipe, which names no accelerator,
+    is planned on H100s and says so, with accelerator-days; the smoke presets name no dataset and take --images."""
+    plan = _job("plan")
+    args = ["--preset", name] + (["--images", "1500"] if name.endswith(("smoke", "smoke_bert")) else [])
+    assert plan.main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    rows = dict(line.split("  ", 1) for line in out.splitlines())
+    assert {"run", "memory / device", "compute", "accelerator-days"} <= {k.strip() for k in rows}
+    if "× CPU" not in out:
+        assert "H100 (assumed: --accelerator to change)" in out and "H100-days at MFU 40%" in out
+
+
+def test_the_planner_names_what_helps_activations(capsys):
+    """H/14 at 518 px with micro-batch 32 (176 GiB, nearly all activations): a smaller micro-batch helps, more
+    workers do not (they divide only ZeRO's states); a run short of memory for its states is told about ZeRO."""
+    plan = _job("plan")
+    assert plan.main(["--preset", "h14_imagenet", "--set", "optim.micro_batch=32", "--set",
+                      "scaling.num_workers=16"]) == 2
+    err = capsys.readouterr().err
+    assert "176.4 GiB per H100" in err and "a smaller optim.micro_batch" in err and "num_workers" not in err
+    assert plan.main(["--preset", "l_imagenet32", "--set", "deepspeed.zero_stage=0", "--set", "optim.micro_batch=1",
+                      "--set", "scaling.num_workers=4", "--set", "optim.global_batch=4", "--accelerator", "TPUv3-core"]) == 2
+    err = capsys.readouterr().err
+    assert "deepspeed.zero_stage=2" in err and "ZeRO to partition across workers" in err and "H100" not in err

@@ -336,8 +336,13 @@ def check_fits(est: Estimate) -> None:
             hints.append(f"deepspeed.zero_stage={stage} ({sum(memory.values()) / GIB:.1f} GiB)")
             break
     if est.micro_batch > 1:
-        hints.append(f"a smaller optim.micro_batch (activations are {m['activations']:.1f} GiB at {est.micro_batch})")
-    hints.append("more scaling.num_workers" if est.zero_stage >= 1 else "ZeRO to partition across workers")
+        hints.append(f"a smaller optim.micro_batch (activations are {m['activations']:.1f} GiB at {est.micro_batch};"
+                     " DeepSpeed accumulates gradients up to the same optim.global_batch)")
+    # More workers divide only what ZeRO partitions (parameters, gradients, optimizer states): say so only when the
+    # rest would fit, never for a run whose activations alone overflow the device.
+    states = sum(v for k, v in est.memory.items() if k in ("parameters", "gradients", "optimizer"))
+    if est.memory_total - states < est.device_memory:
+        hints.append("more scaling.num_workers" if est.zero_stage >= 1 else "ZeRO to partition across workers")
     where = ("CPU worker" if est.accelerator == "CPU" else est.accelerator)
     has = (f"{est.device_memory / GIB:.1f} GiB (its share of this machine below Ray's OOM threshold)"
            if est.accelerator == "CPU" else f"{est.device_memory / GIB:.0f} GiB")

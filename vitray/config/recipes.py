@@ -252,6 +252,32 @@ FINETUNE_PRESETS = {
 }
 
 
+# Every job's presets, by job; `find_preset` looks a name up in this order (so "smoke" is pretraining's).
+JOB_PRESETS = {"pretrain": PRESETS, "finetune": FINETUNE_PRESETS, "detr": DETR_PRESETS, "igpt": IGPT_PRESETS}
+
+# Training images of each dataset a preset names (the last part of its name that is one of these): what the planner
+# turns epochs into steps with. Table 4's fine-tuning sets as the paper trains on them (VTAB: the 1k examples).
+TRAIN_IMAGES = {**{name: d["num_images"] for name, d in DATASETS.items()}, "cifar10": 50_000, "cifar100": 50_000,
+                "pets": 3_680, "flowers": 1_020, "vtab": 1_000, "coco": 118_287, "imagenet32": 1_281_167}
+
+
+def find_preset(name: str) -> tuple[str, Config]:
+    """(job, config) of any job's preset: `NAME` (the first job in JOB_PRESETS that has it) or `JOB:NAME`."""
+    job, _, short = name.rpartition(":")
+    tables = {job: JOB_PRESETS[job]} if job in JOB_PRESETS else JOB_PRESETS
+    for found, table in tables.items():
+        if short in table and (not job or job == found):
+            return found, table[short]()
+    known = ", ".join(f"{j}:{n}" for j, t in JOB_PRESETS.items() for n in t)
+    raise ConfigError(f"--preset: unknown preset {name!r} (known: {known})")
+
+
+def train_images(preset_name: str) -> int | None:
+    """The training images of the dataset a preset's name names, or None (the smoke presets: give --images)."""
+    parts = preset_name.rpartition(":")[2].split("_")
+    return next((TRAIN_IMAGES[p] for p in reversed(parts) if p in TRAIN_IMAGES), None)
+
+
 def preset(name: str, table: dict | None = None) -> Config:
     table = PRESETS if table is None else table
     if name not in table:
