@@ -174,3 +174,19 @@ def test_a_run_is_classified_by_the_type_of_its_failure():
     assert classify(WorkerGroupError("rank 1 failed", {1: NonFiniteLoss("loss is nan")})) == "diverged"
     assert classify(WorkerGroupError("non-finite training loss", {0: RuntimeError("non-finite training loss")})) == "failed"
     assert classify(RuntimeError("wrapped")) == "failed"
+
+
+@pytest.mark.parametrize("name", ["../victim", ".", "..", "/etc", "a/b", "-rf"])
+def test_a_run_name_that_is_a_path_is_refused_before_anything_moves(tmp_path, name):
+    """`--run-name ../victim` once renamed a sibling folder to victim.failed-1: now one line, exit 2, nothing moved."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    runs = tmp_path / "runs"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "pretrain_vit_h14.py"), "--preset", "smoke",
+                           "--set", f"storage.runs_dir={runs}", "--set", f"storage.run_name={name}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "storage.run_name: must be a plain name" in lines[0], done.stderr
+    assert (victim / "keep.txt").read_text() == "mine" and not (tmp_path / "victim.failed-1").exists()
+    assert not runs.exists()

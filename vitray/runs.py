@@ -8,8 +8,9 @@
         <run>/step_00001000/ ...     checkpoints (vitray.checkpoints); committed ones hold COMMIT
 
 A run's state: running → finished | stopped (at storage's stop_at_step, to be resumed) | failed | diverged
-(non-finite loss) | interrupted (Ctrl-C). A driver killed outright leaves "running"; the listing shows how long
-ago the run last wrote anything, so a stale one is plain to see.
+(non-finite loss) | interrupted (Ctrl-C or SIGTERM; `committed_step` says where --resume starts). A driver killed
+outright leaves "running"; the listing shows how long ago the run last wrote anything, so a stale one is plain to see.
+A run's name is a plain name (`run_folder`), so its folder always sits directly inside the runs root.
 """
 from __future__ import annotations
 
@@ -32,15 +33,12 @@ COST_LOG = "accelerator_days.jsonl"
 STATES = ("running", "finished", "stopped", "failed", "diverged", "interrupted")
 
 
-def check_name(name: str, field: str = "storage.run_name") -> None:
-    errors: list[str] = []
-    if not plain_name(errors, field, name):
-        raise ConfigError(errors[0])
-
-
 def run_folder(runs_root: str, name: str) -> str:
-    """`<runs root>/<name>`, for a plain name only, and checked to sit directly inside the runs root."""
-    check_name(name)
+    """`<runs root>/<name>`, for a plain name only (the config check's rule), and checked to sit directly inside
+    the runs root: a run name is a name, never a path."""
+    errors: list[str] = []
+    if not plain_name(errors, "storage.run_name", name):
+        raise ConfigError(errors[0])
     uri = storage.join(runs_root, name)
     if posixpath.dirname(posixpath.normpath(uri.split("://", 1)[-1])) != posixpath.normpath(runs_root.split("://", 1)[-1]):
         raise ConfigError(f"storage.run_name: {name!r} resolves to {uri}, outside the runs root {runs_root}")
