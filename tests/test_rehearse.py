@@ -9,7 +9,8 @@ import pytest
 
 from vitray import cost
 from vitray.config import ConfigError, preset
-from vitray.train.attached import Attached, adapt
+from vitray.train.attached import Attached
+from vitray.train.rehearse import adapt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = cost.GIB
