@@ -1,4 +1,5 @@
-"""Typed run configuration: frozen dataclasses, dotted overrides, and validation that runs before Ray starts.
+"""Typed run configuration: frozen dataclasses and dotted overrides. What makes a config valid is checked by
+`vitray.config.checks.validate`, before Ray starts.
 
 Nothing here imports Ray, torch or DeepSpeed: a bad config is rejected in milliseconds with every offending field
 named, and no cluster resource is requested for it.
