@@ -1,6 +1,5 @@
 """Trust boundaries of the data layer (issue 34): what an image folder, a manifest or an `.npz` may claim, and how a
 bad one is refused — in this process, before any Ray resource is asked for."""
-import importlib.util
 import io
 import json
 import os
@@ -19,15 +18,9 @@ from vitray.data.catalog import read_manifest, verify_shards
 from vitray.data.manifest import DataError
 from vitray.data.shards import iter_tar, write_shards
 from vitray.models.npz import CheckpointError, load_npz, read_npz_shapes, save_npz
+from test_newcomer import _job  # a job's main() (jobs/ is not a package)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", os.path.join(ROOT, "jobs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _png(seed: int) -> bytes:
