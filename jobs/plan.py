@@ -7,7 +7,7 @@ Refuses (exit 2) a configuration that cannot fit on its accelerator. Starts no R
     python jobs/plan.py --preset b16_jft --set model.name=bit_r152x2     # any registered model (--model = this)
 
 Any job's preset (pretraining, fine-tuning, DETR, iGPT): `--preset h14_imagenet`, or `--preset finetune:smoke` where
-two jobs share a name. The dataset size comes from the dataset the preset names (jft 303M, i21k 14.2M, imagenet 1.28M,
+two jobs share a name (JOB: the job's script, jobs/JOB.py). The dataset size comes from the dataset the preset names (jft 303M, i21k 14.2M, imagenet 1.28M,
 cifar10 50k, coco 118k images, ...) unless --images. A GPU recipe is planned on H100s unless --accelerator (or
 scaling.accelerator) names another. --json prints the same plan for machines.
 
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="h14_jft", help="any job's preset, or JOB:NAME (pretrain, finetune, detr, igpt)")
+    p.add_argument("--preset", default="h14_jft", help="any job's preset, or JOB:NAME (pretrain_vit_h14, finetune, train_detr, pretrain_igpt)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--model", help="= model.name (ViT, BiT ResNet or hybrid)")
     p.add_argument("--accelerator", help="= scaling.accelerator, e.g. H100, A100, TPUv3-core")

@@ -252,8 +252,10 @@ FINETUNE_PRESETS = {
 }
 
 
-# Every job's presets, by job; `find_preset` looks a name up in this order (so "smoke" is pretraining's).
-JOB_PRESETS = {"pretrain": PRESETS, "finetune": FINETUNE_PRESETS, "detr": DETR_PRESETS, "igpt": IGPT_PRESETS}
+# Every job's presets, by the job's script (jobs/<name>.py); `find_preset` looks a name up in this order (so "smoke"
+# is pretraining's).
+JOB_PRESETS = {"pretrain_vit_h14": PRESETS, "finetune": FINETUNE_PRESETS, "train_detr": DETR_PRESETS,
+               "pretrain_igpt": IGPT_PRESETS}
 
 # Training images of each dataset a preset names (the last part of its name that is one of these): what the planner
 # turns epochs into steps with. Table 4's fine-tuning sets as the paper trains on them (VTAB: the 1k examples).
