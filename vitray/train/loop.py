@@ -47,9 +47,9 @@ def train_loop_per_worker(config: dict) -> None:
     plan, hooks = config["plan"], config.get("hooks") or RunHooks()  # a train.plan.Plan, a phases.RunHooks
     timeline = {**config.get("timeline", {}), "worker_start": time.time()}  # start-up phases, logged once
     cfg, d, o = plan.cfg, plan.cfg.data, plan.cfg.optim
-    rank, world, device = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size(), _device(cfg)
-    hooks.start(device)
-    hooks.phase("started")
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    device, dtype = _device(cfg)
+    hooks.start(device)  # a rehearsal marks "started" here
 
     # Data first: Ray Data starts its read and decode tasks while DeepSpeed builds the engine. A restarted, resumed
     # or resized run continues every data partition from its position in the newest complete checkpoint.
@@ -63,7 +63,6 @@ def train_loop_per_worker(config: dict) -> None:
     waiting = WaitWatch(d.wait_warn_s, f"training data (rank {rank})")
 
     engine, ema = _build(cfg, plan, task, start, world, device, hooks, timeline)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, device.type == "cuda"), torch.float32)
     restoring = time.time()
     step = resume.restore(start, engine, ema, rank, world)
     if hooks.restored(plan, start.step, start.digest, timeline, restoring):
@@ -127,12 +126,14 @@ def train_loop_per_worker(config: dict) -> None:
     hooks.saved_final(plan, step, start.step, timeline, saving)
 
 
-def _device(cfg) -> torch.device:
+def _device(cfg) -> tuple[torch.device, torch.dtype]:
+    """This worker's device (DeepSpeed told which accelerator, CPU threads set) and the dtype its inputs take."""
     device = ray.train.torch.get_device()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")  # before DeepSpeed's import
     if device.type != "cuda":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    return device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, device.type == "cuda"), torch.float32)
+    return device, dtype
 
 
 def _build(cfg, plan, task, start, world, device, hooks, timeline):

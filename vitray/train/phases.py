@@ -43,6 +43,7 @@ class Rehearsal(RunHooks):
 
     def start(self, device) -> None:
         self.phases = Phases(device)
+        self.phases.mark("started")
 
     def phase(self, name: str) -> None:
         self.phases.mark(name)
