@@ -184,24 +184,27 @@ def test_no_credential_reaches_logs_checkpoints_or_results(s3, digits):
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, JOB, "--preset", "smoke", "--set", "optim.total_steps=4", "--set", "data.builtin=",
          "--set", f"data.train_uri={digits['train']}", "--set", f"data.val_uri={digits['val']}",
          "--set", f"storage.uri=s3://{s3.bucket}/runs-secrets", "--set", f"storage.endpoint_url={s3.endpoint.url}"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    stdout, stderr = proc.communicate(timeout=600)  # Popen, not run: its pid names its Ray session below
+    assert proc.returncode == 0, (stdout + stderr)[-3000:]
     written = {}
     client = boto3.client("s3", endpoint_url=s3.endpoint.url, region_name="us-east-1")
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix="runs-secrets/"):
         for obj in page.get("Contents", []):
             written[obj["Key"]] = client.get_object(Bucket=s3.bucket, Key=obj["Key"])["Body"].read()
     assert any(k.endswith("vitray.json") for k in written) and any(k.endswith("accelerator_days.jsonl") for k in written)
-    session = os.path.realpath("/tmp/ray/session_latest")
+    # This job's own Ray session (another test's Ray may have started since): the one whose driver had its pid.
+    (session,) = {os.path.dirname(os.path.dirname(log))
+                  for log in glob.glob(f"/tmp/ray/session_*/logs/python-core-driver-*_{proc.pid}.log")}
     for path in glob.glob(os.path.join(session, "logs", "**", "*"), recursive=True):
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 written[path] = f.read()
-    written["stdout+stderr"] = (proc.stdout + proc.stderr).encode()
+    written["stdout+stderr"] = (stdout + stderr).encode()
     for needle in (key, secret, token):
         leaks = [name for name, data in written.items() if needle.encode() in data]
         assert not leaks, f"{needle[:8]}… found in {leaks}"
