@@ -28,34 +28,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "quick: no real Ray / DeepSpeed run (set by conftest; -m quick)")
 
 
-# pytest-xdist runs the suite on two workers (`-n 2 --dist loadgroup` in pyproject.toml): on 2 cores a real run
-# leaves about half the CPU idle while Ray starts processes, nodes join and autoscalers wait (measured: 28 % busy over
-# the autoscaling test, 47 % over `ray job submit`), and the other worker's tests fill it. A group is the unit one
-# worker runs: a module, so module fixtures are built once; every user of the session's `smoke_chain`, so it is
-# trained once; and every test that starts its own multi-node cluster or `ray start` head, so two of them never
-# contend for ports (the autoscaler's head sits on Ray's default 6379). Heaviest groups first, so neither worker is
-# left with a long group at the end; the seconds are this stop's measurements, and only the order depends on them.
-CLUSTERS = {"test_cluster.py", "test_elastic.py", "test_jobs.py::test_ray_job_submit_smoke_against_a_started_head"}
-HEAVY_FIRST = {"clusters": 580, "test_train.py": 330, "smoke_chain": 300, "test_reliability.py": 230,
-               "test_detection.py": 210, "test_study.py": 160, "test_newcomer.py": 100, "test_igpt.py": 80,
-               "test_jobs.py": 80, "test_external.py": 70, "test_rehearse.py": 60, "test_writer.py": 35}
-
-
-def lane(item) -> str:
-    module = os.path.basename(str(item.fspath))
-    if "smoke_chain" in item.fixturenames:
-        return "smoke_chain"
-    if module in CLUSTERS or f"{module}::{item.name}" in CLUSTERS:
-        return "clusters"
-    return module
-
-
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("e2e") is None and E2E_FIXTURES.isdisjoint(item.fixturenames):
             item.add_marker(pytest.mark.quick)
-        item.add_marker(pytest.mark.xdist_group(lane(item)))
-    items.sort(key=lambda item: -HEAVY_FIRST.get(lane(item), 0))  # stable: a group keeps its own order
 
 
 @pytest.fixture(scope="session")
