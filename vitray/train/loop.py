@@ -65,7 +65,8 @@ def train_loop_per_worker(config: dict) -> None:
     engine, ema = _build(cfg, plan, task, start, world, device, hooks, timeline)
     restoring = time.time()
     step = resume.restore(start, engine, ema, rank, world)
-    if hooks.restored(plan, start.step, start.digest, timeline, restoring):
+    timeline["restored"] = time.time()
+    if hooks.restored(plan, start, timeline, restoring):
         return
     log = _metrics_log(cfg, plan, world, device, step, rank)
     if start.found:
@@ -99,6 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
             ema.update_parameters(engine.module)
         if "first_step" not in timeline:
             _first_step(step, timeline, waits, hooks, log)
+            if hooks.stepped(plan, start, timeline):  # a rehearsal's restart or resize ends at its first step
+                return
         # Checked at every log and before every save (one host sync each, not one per step): a diverged run stops
         # with the step named, and no checkpoint ever holds non-finite weights.
         if log.due(step) or saves.due(step):
@@ -122,8 +125,8 @@ def train_loop_per_worker(config: dict) -> None:
     log.final(step, results)
     log.flush()
     saving = time.time()
-    saves.save(step, positions, results)
-    hooks.saved_final(plan, step, start.step, timeline, saving)
+    stalled = saves.save(step, positions, results)
+    hooks.saved_final(plan, step, start.step, timeline, saving, stalled)
 
 
 def _device(cfg) -> tuple[torch.device, torch.dtype]:

@@ -31,6 +31,7 @@ class Resume:
     rng_state: torch.Tensor | None  # this rank's torch RNG state (same worker count only)
     step: int | None = None  # the restored step, after `restore`
     digest: float | None = None  # the restored optimizer state's digest, after `restore`
+    universal_s: float = 0.0  # seconds this group waited for the universal conversion (an elastic resize pays it)
 
     @property
     def found(self) -> bool:
@@ -42,12 +43,13 @@ def find(plan, rank: int, world: int) -> Resume:
     found = checkpoint.latest_complete(plan.run_uri, plan.endpoint)
     saved = checkpoint.read_commit(found) if found is not None else {}
     resharded = found is not None and saved["world_size"] != world
+    converting = time.time()
     if resharded and rank == 0:  # made by the driver for a --resume; here for an elastic restart
         checkpoint.make_universal(storage.join(plan.run_uri, checkpoint.step_dir(saved["step"])), plan.endpoint)
     if resharded:
-        dist.barrier()
+        dist.barrier()  # every rank waits for rank 0's conversion: it is on the restart's critical path
     positions, rng = checkpoint.read_positions(found, plan.cfg.data.partitions, same_world=not resharded)
-    return Resume(found, saved, resharded, positions, rng)
+    return Resume(found, saved, resharded, positions, rng, universal_s=time.time() - converting if resharded else 0.0)
 
 
 def restore(resume: Resume, engine, ema, rank: int, world: int) -> int:
