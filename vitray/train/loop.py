@@ -112,7 +112,9 @@ def train_loop_per_worker(config: dict) -> None:
                        epoch=min(pos.epoch for pos in positions.values()), **skipped)
         if saves.due(step) and step < plan.last_step:
             log.flush()  # first: a committed checkpoint always has its metrics history in storage
+            saving = time.time()
             log.event(step, "checkpoint", save_s=saves.save(step, positions, {"loss": loss.last}))
+            hooks.saved(plan, step, start, timeline, saving, stalled=time.time() - saving)
 
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
     timeline["last_step"] = time.time()
@@ -124,9 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
             logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
     log.final(step, results)
     log.flush()
-    saving = time.time()
-    stalled = saves.save(step, positions, results)
-    hooks.saved_final(plan, step, start.step, timeline, saving, stalled)
+    saves.save(step, positions, results)
 
 
 def _device(cfg) -> tuple[torch.device, torch.dtype]:

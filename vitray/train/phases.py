@@ -3,8 +3,8 @@
 `RunHooks` are what the loop tells whoever launched it at each phase of a worker's run; a real run's hooks do
 nothing. `Rehearsal` (`--rehearse`, `train/rehearse.py`) records memory after each phase (`Phases`) and the times
 of the three phases a real run pays for: "train" (the steps and the save: the stall the loop saw and the save's
-total), "restart" (a new worker group on as many workers, restoring the checkpoint, to its first step) and
-"resize" (one worker fewer, through the elastic path's universal conversion, to its first step).
+total), "restart" (Ray Train's new worker group after a failure, on as many workers, restoring the checkpoint, to
+its first step) and "resize" (one worker fewer, through the elastic path's universal conversion, to its first step).
 """
 from __future__ import annotations
 
@@ -13,9 +13,6 @@ import os
 import time
 
 from vitray import storage
-
-PHASES = ("train", "restart", "resize")
-
 
 class RunHooks:
     """A real run: nothing to record, held-out evaluation at the end."""
@@ -36,19 +33,24 @@ class RunHooks:
         """After this worker group's first step; True stops the worker there (no save)."""
         return False
 
-    def saved_final(self, plan, step: int, restored_step: int | None, timeline: dict, saving: float,
-                    stalled: float) -> None:
-        """After the final save was committed; `stalled`: the seconds the loop stood still for it."""
+    def saved(self, plan, step: int, start, timeline: dict, saving: float, stalled: float) -> None:
+        """After a periodic save returned (`stalled`: the seconds the loop stood still for it since `saving`)."""
+
+
+class RehearsedFailure(RuntimeError):
+    """Raised by every worker of a rehearsal once its save is committed, so that Ray Train restarts the group within
+    the same fit (`FailureConfig`), exactly as after a lost node: what the "restart" phase measures."""
 
 
 class Rehearsal(RunHooks):
-    """--rehearse: `phase` "train" measures the steps and the save; "restart" and "resize" stop at the first step
-    after the restore, so the checkpoint they restored stays the newest for the next phase."""
+    """--rehearse: `phase` "train" measures the steps and the save, then fails on purpose; the group Ray Train starts
+    in its place is the "restart" phase. A "resize" (a fit of its own on fewer workers) is the elastic path. Both
+    stop at their first step after the restore, so the checkpoint they restored stays the newest."""
 
     evaluates = False  # a rehearsal has no held-out set
 
     def __init__(self, phase: str):
-        assert phase in PHASES, phase
+        assert phase in ("train", "resize"), phase  # "restart" is what a "train" group becomes when restarted
         self.half, self.phases = phase, None
 
     def start(self, device) -> None:
@@ -59,7 +61,8 @@ class Rehearsal(RunHooks):
         self.phases.mark(name)
 
     def restored(self, plan, start, timeline, restoring) -> bool:
-        if self.half != "train":
+        if start.found:
+            self.half = "restart" if self.half == "train" else self.half
             self.phases.mark("restored")
         return False
 
@@ -67,31 +70,57 @@ class Rehearsal(RunHooks):
         if self.half == "train":
             return False
         memory = self.phases.over_ranks()
-        t = timeline
         if _rank() == 0:  # the restart's parts, in the order a restarted run pays them
+            t = timeline
+            # A restart counts from the failure (Ray Train notices it, stops the group, starts another); a resize,
+            # a fit of its own here, from the fit's start.
+            began = read_measured(plan.run_uri, plan.endpoint, "train")["failed_at"] if self.half == "restart" else t["fit_called"]
             write_measured(plan.run_uri, plan.endpoint, self.half, {
-                "group_start_s": t["worker_start"] - t["fit_called"], "universal_s": start.universal_s,
+                "group_start_s": t["worker_start"] - began, "universal_s": start.universal_s,
                 "engine_s": t["engine_ready"] - t["worker_start"] - start.universal_s,
                 "restore_s": t["restored"] - t["engine_ready"], "first_step_s": t["first_step"] - t["restored"],
-                "to_first_step_s": t["first_step"] - t["fit_called"], "resharded": start.resharded,
+                "to_first_step_s": t["first_step"] - began, "resharded": start.resharded,
                 "step": start.step, "optimizer_digest": start.digest, "memory": memory})
         return True
 
-    def saved_final(self, plan, step, restored_step, timeline, saving, stalled) -> None:
+    def saved(self, plan, step, start, timeline, saving, stalled) -> None:
         self.phases.mark("saved")
-        first, saved = timeline["first_step"] - timeline["engine_ready"], time.time() - saving
-        steps = step - (restored_step or 0)
+        trained = step - (start.step or 0)
+        first = timeline["first_step"] - timeline["engine_ready"]
+        committed = _committed(plan, step) if _rank() == 0 else 0.0  # an asynchronous save commits after the stall
         memory = self.phases.over_ranks()
         if _rank() == 0:
             write_measured(plan.run_uri, plan.endpoint, "train", {
-                "save_stall_s": stalled, "save_s": saved, "first_step_s": first, "memory": memory,
-                "step_s": (timeline["last_step"] - timeline["first_step"]) / (steps - 1) if steps > 1 else first})
+                "save_stall_s": stalled, "save_s": committed - saving, "first_step_s": first, "memory": memory,
+                "step_s": (saving - timeline["first_step"]) / (trained - 1) if trained > 1 else first,
+                "failed_at": time.time()})
+        _barrier()  # the record is in storage before any rank fails
+        raise RehearsedFailure(f"rehearsal: step {step} saved; failing on purpose so that Ray Train restarts the"
+                               " workers from it (the restart phase)")
+
+
+def _committed(plan, step: int, timeout_s: float = 3600.0) -> float:
+    """When the checkpoint of `step` got its commit marker (polled: the save may still be uploading)."""
+    from vitray.checkpoints import COMMIT, step_dir
+
+    marker, deadline = storage.join(plan.run_uri, step_dir(step), COMMIT), time.time() + timeout_s
+    while not storage.exists(marker, plan.endpoint):
+        if time.time() > deadline:
+            raise TimeoutError(f"rehearsal: {marker} not written {timeout_s:.0f} s after the save began")
+        time.sleep(0.05)
+    return time.time()
 
 
 def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _rss() -> tuple[float, float]:

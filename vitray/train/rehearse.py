@@ -113,12 +113,13 @@ def run(cfg: Config, steps: int, embedded=None, timeline: dict | None = None, re
         images = next((d["num_images"] for d in DATASETS.values() if d["num_classes"] == cfg.model.num_classes), None)
     full = cost.estimate(cfg, images, accelerator=cfg.scaling.accelerator or "H100") if images else None
     print("rehearsal: " + ("; ".join(changes) or "the configured settings, unchanged"), flush=True)
-    # One step beyond the saved one: the restart and the resize each take it from the same checkpoint.
-    trained = small.replace(optim=dict(total_steps=steps + 1), stop_at_step=steps)
+    # One step beyond the saved one: the restart and the resize each take it from the same checkpoint. The train
+    # phase's workers fail on purpose after the save; Ray Train's one allowed restart is the restart phase.
+    trained = small.replace(optim=dict(total_steps=steps + 1), storage=dict(checkpoint_every=steps), max_failures=1)
+    print(f"rehearsal: after step {steps} is saved the workers fail on purpose; Ray Train restarts them from it",
+          flush=True)
     summary = launch.run(trained, False, embedded, timeline, hooks=Rehearsal("train"))
-    again = trained.replace(storage=dict(run_name=summary["run"].rsplit("/", 1)[1]), stop_at_step=0)
-    print(f"rehearsal: restarting from {summary['checkpoint']} on {small.scaling.num_workers} new workers", flush=True)
-    launch.run(again, True, embedded, hooks=Rehearsal("restart"))
+    again = trained.replace(storage=dict(run_name=summary["run"].rsplit("/", 1)[1]), max_failures=0)
     skipped = resize_refused(again, host)
     if skipped is None:
         print(f"rehearsal: resizing to {small.scaling.num_workers - 1} worker(s), as an elastic restart does", flush=True)
