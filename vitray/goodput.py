@@ -75,26 +75,30 @@ class Goodput:
             return 1.0 - self.lost(0.0)["restarts"]  # never fails: no save is worth its stall
         return max(0.0, 1.0 - sum(self.lost(interval).values()))
 
-    def to_dict(self, step_s: float | None = None, configured_every: int = 0) -> dict:
-        best = self.best_interval_s
+    def to_dict(self, step_s: float | None = None, configured_every: int = 0, run_s: float | None = None) -> dict:
+        """`run_s`: the run's wall-clock, beyond which no interval means anything but the final save."""
+        best = self.best_interval_s if not run_s else min(self.best_interval_s, run_s)
         out = {"save_stall_s": self.save.seconds, "save_stall_source": self.save.source,
                "restart_s": self.restart.seconds, "restart_source": self.restart.source,
                "job_mtbf_s": self.mtbf_s, "mtbf_source": self.mtbf_source, "best_interval_s": best,
-               "best_every_steps": every_steps(best, step_s), "goodput": self.goodput(),
-               "lost": self.lost(0.0 if math.isinf(best) else best)}
+               "best_every_steps": every_steps(best, step_s), "goodput": self.goodput(best),
+               "lost": self.lost(0.0 if math.isinf(best) else best), "longer_than_run": bool(run_s) and best == run_s}
         if configured_every and step_s:
             out.update(configured_every_steps=configured_every,
                        configured_goodput=self.goodput(configured_every * step_s),
                        configured_lost=self.lost(configured_every * step_s))
         return out
 
-    def lines(self, step_s: float | None = None, configured_every: int = 0) -> list[tuple[str, str]]:
+    def lines(self, step_s: float | None = None, configured_every: int = 0,
+              run_s: float | None = None) -> list[tuple[str, str]]:
         """(row name, text) for a plan's table or a rehearsal's report: the goodput, then each figure's source."""
-        d = self.to_dict(step_s, configured_every)
+        d = self.to_dict(step_s, configured_every, run_s)
         parts = ", ".join(f"{k} {v:.1%}" for k, v in d["lost"].items())
         steps = d["best_every_steps"]
-        at = ("no checkpoint is worth its stall (no failures)" if math.isinf(d["best_interval_s"]) else
-              f"saving every {_duration(d['best_interval_s'])}" + (f" (storage.checkpoint_every ≈ {steps:,})" if steps else ""))
+        if math.isinf(d["best_interval_s"]) or d["longer_than_run"]:
+            at = "no checkpoint but the last is worth its stall (failures are rarer than the run is long)"
+        else:
+            at = f"saving every {_duration(d['best_interval_s'])}" + (f" (storage.checkpoint_every ≈ {steps:,})" if steps else "")
         rows = [("goodput", f"{d['goodput']:.1%} at best, {at}; lost to {parts}")]
         if "configured_goodput" in d:
             rows.append(("", f"{d['configured_goodput']:.1%} at the configured storage.checkpoint_every="

@@ -196,9 +196,10 @@ def report(cfg: Config, rehearsal_cfg: Config, changes: list[str], plan: cost.Es
                            "wall_clock_days": full.wall_clock_days, "mfu": full.mfu}
         figures = goodput.measured(row, summary["run"])
         g = goodput.for_run(full.checkpoint_bytes, full.nodes, figures, elastic=bool(cfg.scaling.min_workers))
-        step_s = full.wall_clock_days * 86400 / full.steps if full.wall_clock_days and full.steps else None
-        row["goodput"] = g.to_dict(step_s, cfg.storage.checkpoint_every)
-        row["goodput_lines"] = [(k, v) for k, v in g.lines(step_s, cfg.storage.checkpoint_every)]
+        run_s = full.wall_clock_days * 86400 if full.wall_clock_days else None
+        step_s = run_s / full.steps if run_s and full.steps else None
+        row["goodput"] = g.to_dict(step_s, cfg.storage.checkpoint_every, run_s)
+        row["goodput_lines"] = g.lines(step_s, cfg.storage.checkpoint_every, run_s)
     print("\n".join(_lines(cfg, rehearsal_cfg, row, plan, full, r)), flush=True)
     row.pop("goodput_lines", None)
     return row
