@@ -70,6 +70,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     from vitray.data.spec import ReadSpec
     from vitray.tasks import make_task
     from vitray.train.loop import train_loop_per_worker
+    from vitray.train.universal import InBackground
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     d = cfg.data
@@ -85,9 +86,10 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     # Read by Ray Train's controller, which takes it from the driver's environment.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(s.group_start_timeout_s)
     fs, runs_path = storage.resolve(plan.run_uri.rsplit("/", 1)[0], plan.endpoint)  # Ray adds the run name
+    fit_called = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "hooks": hooks, "timeline": {**(timeline or {}), "fit_called": time.time()}},
+        train_loop_config={"plan": plan, "hooks": hooks, "timeline": {**(timeline or {}), "fit_called": fit_called}},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         # Elastic (scaling.min_workers): Ray Train runs as many workers as the cluster has room for, between the two,
         # restarting the group from the latest checkpoint when a node is lost and, at its next resize check, when
@@ -108,7 +110,9 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
         datasets=datasets,
         dataset_config=stream_splits_config(),
     )
-    return trainer.fit()
+    # Elastic: each checkpoint's universal form is made beside training, not when a resize needs it.
+    with InBackground(plan.run_uri, plan.endpoint, fit_called) if s.min_workers else contextlib.nullcontext():
+        return trainer.fit()
 
 
 def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None = None, timeline: dict | None = None,

@@ -53,7 +53,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Data first: Ray Data starts its read and decode tasks while DeepSpeed builds the engine. A restarted, resumed
     # or resized run continues every data partition from its position in the newest complete checkpoint.
-    start = resume.find(plan, rank, world)
+    start = resume.find(plan, rank, world, timeline["fit_called"])
     task = make_task(cfg, list(plan.classes), plan.run_uri, plan.endpoint)
     train_data = TrainStream(d.train_uri, plan.endpoint, ReadSpec.from_config(d, cfg.seed, task.decoder()),
                              d.partitions, o.micro_batch, d.shuffle_buffer, manifest=plan.train_manifest)

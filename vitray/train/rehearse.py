@@ -20,7 +20,7 @@ import time
 from vitray import cost, goodput, storage
 from vitray.config.jobs import TrainingFailed, rehearsal_data
 from vitray.config.schema import Config, ConfigError
-from vitray.train import launch
+from vitray.train import launch, universal
 from vitray.train.attached import Attached
 from vitray.train.phases import Rehearsal, read_measured
 
@@ -120,12 +120,16 @@ def run(cfg: Config, steps: int, embedded=None, timeline: dict | None = None, re
           flush=True)
     summary = launch.run(trained, False, embedded, timeline, hooks=Rehearsal("train"))
     again = trained.replace(storage=dict(run_name=summary["run"].rsplit("/", 1)[1]), max_failures=0)
-    skipped = resize_refused(again, host)
+    skipped, converted = resize_refused(again, host), None
     if skipped is None:
-        print(f"rehearsal: resizing to {small.scaling.num_workers - 1} worker(s), as an elastic restart does", flush=True)
+        # What an elastic run's driver does beside training after each save (`train/universal.py`), timed here
+        # alone: the resize then finds the universal form made, as it does when it comes later than this.
+        _, converted = universal.convert_newest(summary["run"], endpoint)
+        print(f"rehearsal: universal form made in {converted:.1f} s; resizing to {small.scaling.num_workers - 1}"
+              " worker(s), as an elastic restart does", flush=True)
         launch.run(again.replace(scaling=dict(num_workers=small.scaling.num_workers - 1)), True, embedded,
                    hooks=Rehearsal("resize"), elastic=True)
-    row = report(cfg, small, changes, planned, summary, full, endpoint, skipped)
+    row = report(cfg, small, changes, planned, summary, full, endpoint, skipped, converted)
     write(row, summary["run"], endpoint)
     return {**summary, "rehearsal": row}
 
@@ -155,7 +159,8 @@ def checkpoint_bytes(uri: str, endpoint) -> int:
 
 
 def report(cfg: Config, rehearsal_cfg: Config, changes: list[str], plan: cost.Estimate, summary: dict,
-           full: cost.Estimate | None, endpoint, resize_skipped: str | None = None) -> dict:
+           full: cost.Estimate | None, endpoint, resize_skipped: str | None = None,
+           converted_s: float | None = None) -> dict:
     """What a user needs before launching the real run, printed and returned (and written by the caller)."""
     from vitray.checkpoints import read_meta
 
@@ -186,7 +191,8 @@ def report(cfg: Config, rehearsal_cfg: Config, changes: list[str], plan: cost.Es
         # the restart's parts under the names rows had before the restart phase (benchmarks/rehearsals.py reads them)
         "restore_s": back["restore_s"], "rebuild_s": back["group_start_s"] + back["engine_s"],
         "optimizer_state_identical": back["identical"],
-        "restart": _phase_row(back), "resize": _phase_row(resize) if resize else {"skipped": resize_skipped},
+        "restart": _phase_row(back),
+        "resize": {**_phase_row(resize), "universal_background_s": converted_s} if resize else {"skipped": resize_skipped},
         "full_run": None, "machine": cost.machine(),
     }
     if full is not None:
@@ -226,7 +232,7 @@ def _phase_row(m: dict) -> dict:
 
 
 def _parts(p: dict) -> str:
-    universal = f"universal conversion {p['universal_s']:.1f} s, " if p["resharded"] else ""
+    universal = f"waiting for the universal form {p['universal_s']:.1f} s, " if p["resharded"] else ""
     return (f"{p['to_first_step_s']:.1f} s to the first step (worker group {p['group_start_s']:.1f} s, {universal}engine"
             f" {p['engine_s']:.1f} s, restore {p['restore_s']:.1f} s, first step {p['first_step_s']:.1f} s), peak"
             f" {p['peak_gib']:.2f} GiB per worker"
@@ -250,8 +256,10 @@ def _lines(cfg, rehearsal_cfg, row: dict, plan, full, r: dict) -> list[str]:
         f" in {row['save_s']:.1f} s",
         f"  restart on {workers} workers: {_parts(row['restart'])}"
         + (", optimizer state identical" if row["optimizer_state_identical"] else ""),
-        f"  resize to {workers - 1}: " + (f"skipped: {row['resize']['skipped']}" if "skipped" in row["resize"]
-                                          else _parts(row["resize"])),
+        f"  resize to {workers - 1}: " + (f"skipped: {row['resize']['skipped']}" if "skipped" in row["resize"] else
+                                          _parts(row["resize"]) + f"; its universal form was made in"
+                                          f" {row['resize']['universal_background_s']:.1f} s beside training, after the"
+                                          " save (a resize sooner than that waits for the rest)"),
     ]
     if full is not None and full.accelerator_days is not None:
         lines.append(f"  the configured run: {full.world} × {full.accelerator}, ZeRO-{full.zero_stage}, micro-batch"

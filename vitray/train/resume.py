@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from vitray import storage
-from vitray.train import checkpoint
+from vitray.train import checkpoint, universal
 from vitray.train.metrics import positions_json
 
 logger = logging.getLogger("vitray")
@@ -38,14 +38,17 @@ class Resume:
         return self.checkpoint is not None
 
 
-def find(plan, rank: int, world: int) -> Resume:
-    """The checkpoint this worker group starts from, and every partition's position in it."""
+def find(plan, rank: int, world: int, fit: float | None = None) -> Resume:
+    """The checkpoint this worker group starts from, and every partition's position in it. `fit`: when the driver
+    called fit (whose driver may be making the universal form already: `train/universal.py`)."""
     found = checkpoint.latest_complete(plan.run_uri, plan.endpoint)
     saved = checkpoint.read_commit(found) if found is not None else {}
     resharded = found is not None and saved["world_size"] != world
     converting = time.time()
-    if resharded and rank == 0:  # made by the driver for a --resume; here for an elastic restart
-        checkpoint.make_universal(storage.join(plan.run_uri, checkpoint.step_dir(saved["step"])), plan.endpoint)
+    if resharded and rank == 0:  # made by the driver for a --resume or beside an elastic run; else here
+        uri = storage.join(plan.run_uri, checkpoint.step_dir(saved["step"]))
+        universal.wait_for_background(uri, plan.endpoint, fit)
+        checkpoint.make_universal(uri, plan.endpoint)  # nothing to do when the driver made it
     if resharded:
         dist.barrier()  # every rank waits for rank 0's conversion: it is on the restart's critical path
     positions, rng = checkpoint.read_positions(found, plan.cfg.data.partitions, same_world=not resharded)
