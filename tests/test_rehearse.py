@@ -83,7 +83,7 @@ def test_rehearsal_of_a_small_model_reports_and_restores(tmp_path):
     assert resize["universal_background_s"] > 0 and resize["universal_s"] < resize["universal_background_s"]
     for p in (restart, resize):  # the parts add up to the whole, each one measured
         parts = ("group_start_s", "universal_s", "engine_s", "restore_s", "first_step_s")
-        assert all(p[k] > 0 for k in parts)
+        assert all(p[k] > 0 for k in parts if k != "universal_s" or p["resharded"])
         assert sum(p[k] for k in parts) == pytest.approx(p["to_first_step_s"], rel=0.02)
         assert p["phases_gib"]["first step"] > p["phases_gib"]["started"] > 0
     assert resize["optimizer_state_identical"]
