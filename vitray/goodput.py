@@ -93,7 +93,7 @@ class Goodput:
               run_s: float | None = None) -> list[tuple[str, str]]:
         """(row name, text) for a plan's table or a rehearsal's report: the goodput, then each figure's source."""
         d = self.to_dict(step_s, configured_every, run_s)
-        parts = ", ".join(f"{k} {v:.1%}" for k, v in d["lost"].items())
+        parts = ", ".join(f"{k} {_share(v)}" for k, v in d["lost"].items())
         steps = d["best_every_steps"]
         if math.isinf(d["best_interval_s"]) or d["longer_than_run"]:
             at = "no checkpoint but the last is worth its stall (failures are rarer than the run is long)"
@@ -102,7 +102,7 @@ class Goodput:
         rows = [("goodput", f"{d['goodput']:.1%} at best, {at}; lost to {parts}")]
         if "configured_goodput" in d:
             rows.append(("", f"{d['configured_goodput']:.1%} at the configured storage.checkpoint_every="
-                             f"{configured_every:,}; lost to " + ", ".join(f"{k} {v:.1%}" for k, v in d["configured_lost"].items())))
+                             f"{configured_every:,}; lost to " + ", ".join(f"{k} {_share(v)}" for k, v in d["configured_lost"].items())))
         rows += [("save stall", f"{self.save.seconds:,.1f} s per save — {self.save.source}"),
                  ("restart", f"{self.restart.seconds:,.1f} s to the first step — {self.restart.source}"),
                  ("failures", self.mtbf_source)]
@@ -113,6 +113,10 @@ def every_steps(interval_s: float, step_s: float | None) -> int | None:
     if not step_s or math.isinf(interval_s):
         return None
     return max(1, round(interval_s / step_s))
+
+
+def _share(v: float) -> str:
+    return "<0.1%" if 0 < v < 0.0005 else f"{v:.1%}"
 
 
 def _duration(seconds: float) -> str:
