@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-cpus", type=float, help="CPUs per accelerator node (default: the cloud instance that"
                    " carries 8 of --accelerator, e.g. 192 for H100)")
     p.add_argument("--data-cpus", type=float, default=0.0, help="CPUs on CPU-only data nodes (default 0)")
+    p.add_argument("--rehearsal", metavar="PATH", help="a rehearsal.json, or a rehearsals.jsonl whose newest row of the"
+                   " model and resolution is used, for the measured save stall, restart and resize (default: the"
+                   " newest such row beside the runs or in benchmarks/results/; 'none': modelled figures only)")
     args = p.parse_args(argv)
 
     from vitray import cost
@@ -66,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         estimate = cost.estimate(cfg, images, args.mfu, host=not cfg.scaling.use_gpu)
         rate, source = decode_rate(cfg, args.decode_rate)
         data = cost.data_plan(cfg, estimate, rate, source, args.node_cpus, args.data_cpus)
+        good = run_goodput(cfg, estimate, args.rehearsal)
         if args.json:
             print(json.dumps({**estimate.to_dict(), "accelerator_assumed": assumed,
-                              "data": data.to_dict() if data else None}))
+                              "data": data.to_dict() if data else None, "goodput": good.to_dict(*_timing(cfg, estimate))}))
         else:
-            print(table(estimate, data, assumed))
+            print(table(estimate, data, assumed, good, cfg))
         cost.check_fits(estimate)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -81,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 DEFAULT_ACCELERATOR = "H100"
 
 
-def table(est, data, assumed: bool) -> str:
+def table(est, data, assumed: bool, good=None, cfg=None) -> str:
     """The plan at a glance: one row per question a person asks before launching."""
-    from vitray.cost import CHECKPOINT_WRITE_GB_S, GIB, NODE_MTBF_HOURS
+    from vitray.cost import GIB
 
     cap = f" of {est.device_memory / GIB:.0f}" if est.device_memory else ""
     parts = ", ".join(f"{k} {v / GIB:.3g}" for k, v in est.memory.items())
@@ -98,11 +102,9 @@ def table(est, data, assumed: bool) -> str:
         rows.append(("wall-clock", f"{est.wall_clock_days:,.2f} days"))
     else:
         rows.append(("accelerator-days", "unknown: no peak FLOP/s for this accelerator (--accelerator)"))
-    if est.suggested_checkpoint_every is not None:
-        rows.append(("checkpoints", f"{est.checkpoint_bytes / 1e9:,.3g} GB each, ~{est.save_s:.0f} s to save at"
-                                    f" {CHECKPOINT_WRITE_GB_S:g} GB/s per node (modelled); storage.checkpoint_every ≈"
-                                    f" {est.suggested_checkpoint_every:,} steps (Young–Daly, a node failure per"
-                                    f" {NODE_MTBF_HOURS:,.0f} h)"))
+    if good is not None:
+        rows.append(("checkpoints", f"{est.checkpoint_bytes / 1e9:,.3g} GB each"))
+        rows += good.lines(*_timing(cfg, est))
     if data is not None:
         rows.append(("data CPUs", f"{data.cpus_needed:,.0f} needed to decode the {data.images_per_s:,.0f} img/s the"
                                   f" accelerators consume, at {data.decode_per_cpu:,.0f} img/s per CPU"
@@ -110,6 +112,52 @@ def table(est, data, assumed: bool) -> str:
                                   + (" — enough" if data.enough else " — short" + data.summary().split(" — short", 1)[1])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _timing(cfg, est) -> tuple[float | None, int, float | None]:
+    """(seconds per step, the configured checkpoint_every, the run's wall-clock seconds) for the goodput lines."""
+    run_s = est.wall_clock_days * 86400 if est.wall_clock_days else None
+    return (run_s / est.steps if run_s and est.steps else None), cfg.storage.checkpoint_every, run_s
+
+
+def run_goodput(cfg, est, rehearsal: str | None):
+    """The run's goodput, with the figures the newest matching rehearsal measured (`--rehearsal`, else beside the
+    runs or in benchmarks/results/) and modelled ones for the rest."""
+    from vitray import goodput
+
+    figures = {}
+    if rehearsal != "none":
+        found = find_rehearsal(cfg, rehearsal)
+        if found is not None:
+            figures = goodput.measured(*found)
+    return goodput.for_run(est.checkpoint_bytes, est.nodes, figures, elastic=bool(cfg.scaling.min_workers))
+
+
+def find_rehearsal(cfg, path: str | None) -> tuple[dict, str] | None:
+    """(row, where) of the newest rehearsal of the configured model and resolution; `path` names the file (an error
+    when it holds none), else the runs folder's rehearsals.jsonl and the source tree's are searched."""
+    from vitray.config import ConfigError
+    from vitray.goodput import matching
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [path] if path else [os.path.join(os.path.abspath(cfg.storage.runs_dir), "rehearsals.jsonl"),
+                                 os.path.join(here, "benchmarks", "results", "rehearsals.jsonl")]
+    found = []
+    for p in paths:
+        if not os.path.isfile(p):
+            if path:
+                raise ConfigError(f"--rehearsal: {p} does not exist")
+            continue
+        with open(p) as f:
+            text = f.read()
+        rows = [json.loads(text)] if p.endswith(".json") else [json.loads(line) for line in text.splitlines() if line.strip()]
+        row = matching(rows, cfg.model.name, cfg.data.image_size)
+        if row is not None:
+            shown = os.path.relpath(p)
+            found.append((row, p if shown.startswith("..") else shown))
+    if path and not found:
+        raise ConfigError(f"--rehearsal: {path} holds no rehearsal of {cfg.model.name} @ {cfg.data.image_size} px")
+    return max(found, key=lambda f: f[0].get("time", "")) if found else None
 
 
 def decode_rate(cfg, given: float | None) -> tuple[float, str]:

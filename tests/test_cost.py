@@ -248,3 +248,77 @@ def test_the_planner_names_what_helps_activations(capsys):
                       "--set", "scaling.num_workers=4", "--set", "optim.global_batch=4", "--accelerator", "TPUv3-core"]) == 2
     err = capsys.readouterr().err
     assert "deepspeed.zero_stage=2" in err and "ZeRO to partition across workers" in err and "H100" not in err
+
+
+def test_goodput_is_whole_without_failures_or_save_cost_and_its_best_interval_balances_the_two():
+    """Young's first-order model: saves cost δ/(τ+δ), failures (τ+δ)/2M of redone work, restarts R/M. The best
+    interval sqrt(2δM) grows with the MTBF and the save stall, and no other interval does better."""
+    import math
+
+    from vitray.goodput import Figure, Goodput
+
+    free = Goodput(Figure(0.0, "x"), Figure(0.0, "x"), math.inf, "never")
+    assert all(free.goodput(t) == 1.0 for t in (0.0, 60.0, 1e6)) and free.goodput() == 1.0
+    base = Goodput(Figure(20.0, "x"), Figure(90.0, "x"), 30 * 3600.0, "x")
+    lost = base.lost(600.0)
+    assert lost["saves"] == pytest.approx(20 / 620) and lost["restarts"] == pytest.approx(90 / (30 * 3600))
+    assert lost["failures"] == pytest.approx(620 / (2 * 30 * 3600))
+    assert base.goodput(600.0) == pytest.approx(1 - sum(lost.values()))
+    best = base.best_interval_s
+    assert all(base.goodput(best) >= base.goodput(best * f) for f in (0.25, 0.5, 0.9, 1.1, 2, 4))
+    rarer = Goodput(base.save, base.restart, 4 * base.mtbf_s, "x")
+    slower = Goodput(Figure(80.0, "x"), base.restart, base.mtbf_s, "x")
+    assert rarer.best_interval_s == pytest.approx(2 * best) and slower.best_interval_s == pytest.approx(2 * best)
+    assert rarer.goodput() > base.goodput() > slower.goodput()
+    costlier = Goodput(base.save, Figure(900.0, "x"), base.mtbf_s, "x")  # a restart moves goodput, not the interval
+    assert costlier.best_interval_s == best and costlier.goodput() < base.goodput()
+    with pytest.raises(ValueError):
+        Figure(float("nan"), "x")
+
+
+def test_measured_figures_replace_modelled_ones_and_say_where_they_come_from():
+    from vitray import goodput
+
+    est = cost.estimate(preset("h14_jft").replace(scaling=dict(accelerator="H100")), 303e6)
+    modelled = goodput.for_run(est.checkpoint_bytes, est.nodes)
+    assert modelled.save.seconds == pytest.approx(est.save_s) and modelled.save.source.startswith("modelled")
+    assert modelled.mtbf_s == pytest.approx(cost.NODE_MTBF_HOURS * 3600 / est.nodes)
+    assert modelled.best_interval_s == pytest.approx(est.checkpoint_interval_s)  # the planner's Young–Daly, as before
+    row = {"model": "vit_h14", "image_size": 224, "time": "2026-12-06T00:00:00Z", "machine": {"cpu": "EPYC"},
+           "rehearsed": {"workers": 2, "gpu": False}, "save_stall_s": 2.5, "save_s": 30.0,
+           "restart": {"to_first_step_s": 70.0}, "resize": {"to_first_step_s": 95.0}}
+    figures = goodput.measured(row, "r.json")
+    fixed = goodput.for_run(est.checkpoint_bytes, est.nodes, figures)
+    assert (fixed.save.seconds, fixed.restart.seconds) == (2.5, 70.0)  # the stall, not the whole save
+    assert fixed.save.source.startswith("measured: rehearsal of vit_h14 @ 224 px") and "r.json" in fixed.save.source
+    elastic = goodput.for_run(est.checkpoint_bytes, est.nodes, figures, elastic=True)
+    assert elastic.restart.seconds == 2 * 95.0 and "two resizes" in elastic.restart.source
+    old = {k: v for k, v in row.items() if k not in ("save_stall_s", "restart", "resize")}  # synchronous saves
+    assert set(goodput.measured(old)) == {"save"} and goodput.measured(old)["save"].seconds == 30.0
+    assert goodput.matching([row, {**row, "time": "later", "save_stall_s": 1.0}, {**row, "model": "vit_l16"}],
+                            "vit_h14", 224)["save_stall_s"] == 1.0  # the newest of the model's rows
+
+
+def test_the_plan_prints_goodput_with_the_rehearsal_it_was_given(tmp_path, capsys):
+    import json
+
+    plan = _job("plan")
+    row = {"model": "vit_h14", "image_size": 224, "time": "2026-12-06T00:00:00Z", "machine": {"cpu": "EPYC"},
+           "rehearsed": {"workers": 2, "gpu": False}, "save_stall_s": 3.0, "save_s": 29.0,
+           "restart": {"to_first_step_s": 120.0}, "resize": {"skipped": "one worker"}}
+    (tmp_path / "rehearsal.json").write_text(json.dumps(row))
+    assert plan.main(["--rehearsal", str(tmp_path / "rehearsal.json")]) == 0
+    rows = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines())
+    assert rows["save stall"].strip().startswith("3.0 s per save — measured: rehearsal of vit_h14")
+    assert rows["restart"].strip().startswith("120.0 s to the first step — measured")
+    assert "Llama 3" in rows["failures"] and "% at best, saving every" in rows["goodput"]
+    assert plan.main(["--rehearsal", str(tmp_path / "rehearsal.json"), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)["goodput"]
+    assert plan.main(["--rehearsal", "none", "--json"]) == 0
+    modelled = json.loads(capsys.readouterr().out)["goodput"]
+    assert measured["save_stall_s"] == 3.0 and measured["restart_s"] == 120.0
+    assert modelled["save_stall_source"].startswith("modelled") and modelled["restart_source"].startswith("modelled")
+    # a longer stall than modelled saves less often; a costlier restart loses more
+    assert measured["best_interval_s"] > modelled["best_interval_s"] and measured["goodput"] < modelled["goodput"]
+    assert plan.main(["--rehearsal", str(tmp_path / "rehearsal.json"), "--model", "vit_l16"]) == 2
+    assert "holds no rehearsal of vit_l16 @ 224 px" in capsys.readouterr().err

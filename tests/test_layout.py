@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A module may import vitray modules of its own top-level part or of a lower rank, never of a higher one.
 RANK = {
     "models": 0, "storage": 0, "ray_logs": 0, "faults": 0,
-    "config": 1, "accounting": 1, "data": 1,
+    "config": 1, "accounting": 1, "data": 1, "goodput": 1,
     "checkpoints": 2, "session": 2,
     "tasks": 3, "runs": 3,
     "cost": 4, "eval": 4,

@@ -56,9 +56,10 @@ def test_a_gpu_host_keeps_the_micro_batch_that_fits():
 
 @pytest.mark.e2e
 def test_rehearsal_of_a_small_model_reports_and_restores(tmp_path):
-    """The whole path a user takes: the job, adapted to 2 CPU workers, trained, saved, restored into a fresh
-    engine with the same optimizer state, and reported beside its plan in rehearsal.json and on the terminal. Run
-    from the checkout, as a user would: the source tree is left as it was (the row goes beside the runs only)."""
+    """The whole path a user takes: the job, adapted to 2 CPU workers, trained and saved; restarted on 2 new workers
+    with the same optimizer state, and resized to 1 through the universal conversion, each to its first step; reported
+    beside its plan and the goodput it implies in rehearsal.json and on the terminal. Run from the checkout, as a
+    user would: the source tree is left as it was (the row goes beside the runs only)."""
     job = os.path.join(ROOT, "jobs", "pretrain_vit_h14.py")
     status = ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=all"]
     before = subprocess.run(status, capture_output=True, text=True).stdout
@@ -75,6 +76,23 @@ def test_rehearsal_of_a_small_model_reports_and_restores(tmp_path):
     assert row["rehearsed"] == {"workers": 2, "gpu": False, "zero_stage": 1, "micro_batch": 1,
                                 "offload_optimizer": False, "steps": 2}
     assert row["optimizer_state_identical"] and row["checkpoint_gb"] > 0 and row["save_s"] > 0
+    assert 0 < row["save_stall_s"] <= row["save_s"]
+    restart, resize = row["restart"], row["resize"]
+    assert not restart["resharded"] and restart["universal_s"] == 0 and resize["resharded"]
+    # made after the save, beside training: the resize only checks that it is there
+    assert resize["universal_background_s"] > 0 and resize["universal_s"] < resize["universal_background_s"]
+    for p in (restart, resize):  # the parts add up to the whole, each one measured
+        parts = ("group_start_s", "universal_s", "engine_s", "restore_s", "first_step_s")
+        assert all(p[k] > 0 for k in parts if k != "universal_s" or p["resharded"])
+        assert sum(p[k] for k in parts) == pytest.approx(p["to_first_step_s"], rel=0.02)
+        assert p["phases_gib"]["first step"] > p["phases_gib"]["started"] > 0
+    assert resize["optimizer_state_identical"]
+    assert resize["phases_gib"]["engine"] > restart["phases_gib"]["engine"]  # one worker holds what two shared
+    assert "restart on 2 workers: " in proc.stdout and "resize to 1: " in proc.stdout and "universal form was made in" in proc.stdout
+    g = row["goodput"]
+    assert g["save_stall_s"] == row["save_stall_s"] and g["save_stall_source"].startswith("measured: rehearsal of vit_ti16")
+    assert g["restart_s"] == restart["to_first_step_s"] and 0 < g["goodput"] < 1
+    assert f"goodput: {g['goodput']:.1%} at best" in proc.stdout and "save stall: " in proc.stdout
     assert row["peak_memory_per_worker_gib"] > row["phases_gib"]["started"] > 0
     assert set(row["planned"]) >= {"parameters", "gradients", "optimizer", "activations", "process"}
     assert row["full_run"]["accelerator"] == "H100" and row["full_run"]["accelerator_days"] > 0
@@ -95,3 +113,41 @@ def test_a_cpu_run_that_would_exhaust_this_machine_is_refused_before_ray(tmp_pat
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "GiB per CPU worker" in proc.stderr and "try deepspeed.zero_stage=" in proc.stderr, proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_an_elastic_drivers_background_conversion_is_waited_for_only_by_its_own_fit(tmp_path, monkeypatch):
+    """The driver makes the newest committed checkpoint's universal form once, beside training; a resized group's
+    rank 0 waits while that fit's conversion runs, and not on a marker a gone driver left."""
+    import threading
+    import time
+
+    from vitray import storage
+    from vitray.train import universal
+
+    run = tmp_path / "run"
+    for step, committed in ((2, True), (4, True), (6, False)):  # step 6: a save still under way
+        (run / f"step_{step:08d}").mkdir(parents=True)
+        if committed:
+            (run / f"step_{step:08d}" / "COMMIT").write_text("{}")
+    release, calls = threading.Event(), []
+
+    def fake_make_universal(uri, endpoint):
+        calls.append(uri)
+        release.wait(10)
+        storage.write_bytes(storage.join(uri, universal.UNIVERSAL, "COMMIT"), b"{}", endpoint)
+
+    monkeypatch.setattr(universal, "make_universal", fake_make_universal)
+    newest = str(run / "step_00000004")
+    with universal.InBackground(str(run), None, fit=1.0, poll_s=0.05) as background:
+        deadline = time.time() + 10
+        while not calls and time.time() < deadline:
+            time.sleep(0.01)
+        assert calls == [newest]
+        started = time.time()
+        universal.wait_for_background(newest, None, fit=2.0)  # another fit's driver: no wait
+        assert time.time() - started < 0.5
+        threading.Timer(0.5, release.set).start()
+        universal.wait_for_background(newest, None, fit=1.0, poll_s=0.05)  # this fit's: until it is made
+        assert time.time() - started >= 0.45 and (run / "step_00000004" / "universal" / "COMMIT").exists()
+        time.sleep(0.3)
+    assert calls == [newest] and set(background.made) == {4}  # once, and never the uncommitted step 6

@@ -12,16 +12,12 @@ import dataclasses
 import math
 
 from vitray import accounting
+from vitray.goodput import CHECKPOINT_WRITE_GB_S, NODE_MTBF_HOURS  # noqa: F401  (the planner's stated rates)
 from vitray.config.schema import Config, ConfigError
 
 GIB = 2**30
 
-# Long runs lose nodes; checkpoints and restart budgets are planned with a node failure rate that is stated, not
-# measured here. Llama 3's pretraining (Dubey et al. 2024, Sec. 3.3.4) saw 419 unexpected interruptions in 54 days
-# on 2,048 nodes of 8 GPUs: one per node every ~6,300 hours.
-NODE_MTBF_HOURS = 6300.0
 GPUS_PER_NODE = 8
-CHECKPOINT_WRITE_GB_S = 1.0  # per node, into object storage (modelled)
 
 # DeepSpeed's buffers, as vitray sizes them (`vitray.train.engine` passes these). DeepSpeed's own defaults (5e8
 # elements per bucket, 1e9 live parameters) are 2–4 GB each in fp32: more than ViT-B's whole model state.

@@ -70,6 +70,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     from vitray.data.spec import ReadSpec
     from vitray.tasks import make_task
     from vitray.train.loop import train_loop_per_worker
+    from vitray.train.universal import InBackground
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     d = cfg.data
@@ -85,9 +86,10 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     # Read by Ray Train's controller, which takes it from the driver's environment.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(s.group_start_timeout_s)
     fs, runs_path = storage.resolve(plan.run_uri.rsplit("/", 1)[0], plan.endpoint)  # Ray adds the run name
+    fit_called = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "hooks": hooks, "timeline": {**(timeline or {}), "fit_called": time.time()}},
+        train_loop_config={"plan": plan, "hooks": hooks, "timeline": {**(timeline or {}), "fit_called": fit_called}},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         # Elastic (scaling.min_workers): Ray Train runs as many workers as the cluster has room for, between the two,
         # restarting the group from the latest checkpoint when a node is lost and, at its next resize check, when
@@ -108,15 +110,17 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
         datasets=datasets,
         dataset_config=stream_splits_config(),
     )
-    return trainer.fit()
+    # Elastic: each checkpoint's universal form is made beside training, not when a resize needs it.
+    with InBackground(plan.run_uri, plan.endpoint, fit_called) if s.min_workers else contextlib.nullcontext():
+        return trainer.fit()
 
 
 def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None = None, timeline: dict | None = None,
-        callbacks: list | None = None, hooks: RunHooks | None = None, restore_only: bool = False) -> dict:
+        callbacks: list | None = None, hooks: RunHooks | None = None, elastic: bool = False) -> dict:
     """The driver's whole sequence: plan (no Ray) → the cost plan → join or start Ray → check the cluster → fit.
     Returns the run's summary: run URI, final step, loss, held-out metrics, final checkpoint URI, the plan's
-    figures. `hooks`/`restore_only`: a rehearsal's (`train/rehearse.py`)."""
-    cfg, plan = prepare(cfg, resume, embedded, restore_only=restore_only)
+    figures. `hooks`/`elastic`: a rehearsal's (`train/rehearse.py`; `elastic`: see `prepare`)."""
+    cfg, plan = prepare(cfg, resume, embedded, elastic=elastic)
     print(f"run {plan.run_name}: {plan.train_samples} training images, {plan.total_steps} steps → {plan.run_uri}", flush=True)
     estimate = _cost_plan(cfg, plan)
     import ray
@@ -140,7 +144,7 @@ def run(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None =
     except Exception as e:  # Ray Train V2 raises the workers' error (e.g. a non-finite loss) from fit()
         runs.write_state(plan.run_uri, plan.endpoint, classify(e), error=str(e)[-4000:])
         raise TrainingFailed(f"run {plan.run_uri} failed: {e}") from e
-    return _summary(cfg, plan, result, estimate, restore_only)
+    return _summary(cfg, plan, result, estimate)
 
 
 def _cost_plan(cfg: Config, plan: Plan) -> cost.Estimate:
@@ -156,7 +160,7 @@ def _cost_plan(cfg: Config, plan: Plan) -> cost.Estimate:
     return estimate
 
 
-def _summary(cfg: Config, plan: Plan, result, estimate: cost.Estimate, restore_only: bool) -> dict:
+def _summary(cfg: Config, plan: Plan, result, estimate: cost.Estimate) -> dict:
     """The run's record (finished or stopped), its cost row, and the summary a job prints."""
     from vitray.train.metrics import DATA_BOUND, data_bound_message, restart_totals
 
@@ -165,7 +169,7 @@ def _summary(cfg: Config, plan: Plan, result, estimate: cost.Estimate, restore_o
     if storage.exists(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint):
         text = storage.read_bytes(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint).decode()
         m.update(restart_totals(text.splitlines()))
-    runs.write_state(plan.run_uri, plan.endpoint, "finished" if m.get("step") == plan.total_steps or restore_only else "stopped")
+    runs.write_state(plan.run_uri, plan.endpoint, "finished" if m.get("step") == plan.total_steps else "stopped")
     summary = {"run": plan.run_uri, "data": {"train_uri": cfg.data.train_uri, "val_uri": cfg.data.val_uri},
                "step": m.get("step"), "loss": m.get("loss"),
                **({k: v for k, v in m.items() if k.startswith("val_")} or {"val_top1": None}),

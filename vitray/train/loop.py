@@ -53,7 +53,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Data first: Ray Data starts its read and decode tasks while DeepSpeed builds the engine. A restarted, resumed
     # or resized run continues every data partition from its position in the newest complete checkpoint.
-    start = resume.find(plan, rank, world)
+    start = resume.find(plan, rank, world, timeline["fit_called"])
     task = make_task(cfg, list(plan.classes), plan.run_uri, plan.endpoint)
     train_data = TrainStream(d.train_uri, plan.endpoint, ReadSpec.from_config(d, cfg.seed, task.decoder()),
                              d.partitions, o.micro_batch, d.shuffle_buffer, manifest=plan.train_manifest)
@@ -65,7 +65,8 @@ def train_loop_per_worker(config: dict) -> None:
     engine, ema = _build(cfg, plan, task, start, world, device, hooks, timeline)
     restoring = time.time()
     step = resume.restore(start, engine, ema, rank, world)
-    if hooks.restored(plan, start.step, start.digest, timeline, restoring):
+    timeline["restored"] = time.time()
+    if hooks.restored(plan, start, timeline, restoring):
         return
     log = _metrics_log(cfg, plan, world, device, step, rank)
     if start.found:
@@ -99,6 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
             ema.update_parameters(engine.module)
         if "first_step" not in timeline:
             _first_step(step, timeline, waits, hooks, log)
+            if hooks.stepped(plan, start, timeline):  # a rehearsal's restart or resize ends at its first step
+                return
         # Checked at every log and before every save (one host sync each, not one per step): a diverged run stops
         # with the step named, and no checkpoint ever holds non-finite weights.
         if log.due(step) or saves.due(step):
@@ -109,7 +112,9 @@ def train_loop_per_worker(config: dict) -> None:
                        epoch=min(pos.epoch for pos in positions.values()), **skipped)
         if saves.due(step) and step < plan.last_step:
             log.flush()  # first: a committed checkpoint always has its metrics history in storage
+            saving = time.time()
             log.event(step, "checkpoint", save_s=saves.save(step, positions, {"loss": loss.last}))
+            hooks.saved(plan, step, start, timeline, saving, stalled=time.time() - saving)
 
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
     timeline["last_step"] = time.time()
@@ -121,9 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
             logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
     log.final(step, results)
     log.flush()
-    saving = time.time()
     saves.save(step, positions, results)
-    hooks.saved_final(plan, step, start.step, timeline, saving)
 
 
 def _device(cfg) -> tuple[torch.device, torch.dtype]:

@@ -1,8 +1,10 @@
 """The worker loop's calls out, and what a rehearsal measures with them.
 
 `RunHooks` are what the loop tells whoever launched it at each phase of a worker's run; a real run's hooks do
-nothing. `Rehearsal` (`--rehearse`, `train/rehearse.py`) records memory after each phase (`Phases`) and what each
-half measured: the steps and the save ("train"), then fresh workers restoring that checkpoint ("restore").
+nothing. `Rehearsal` (`--rehearse`, `train/rehearse.py`) records memory after each phase (`Phases`) and the times
+of the three phases a real run pays for: "train" (the steps and the save: the stall the loop saw and the save's
+total), "restart" (Ray Train's new worker group after a failure, on as many workers, restoring the checkpoint, to
+its first step) and "resize" (one worker fewer, through the elastic path's universal conversion, to its first step).
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import os
 import time
 
 from vitray import storage
-
 
 class RunHooks:
     """A real run: nothing to record, held-out evaluation at the end."""
@@ -24,22 +25,33 @@ class RunHooks:
     def phase(self, name: str) -> None:
         pass
 
-    def restored(self, plan, step: int | None, digest: float | None, timeline: dict, restoring: float) -> bool:
-        """After the engine restored its checkpoint; True stops the worker there."""
+    def restored(self, plan, start, timeline: dict, restoring: float) -> bool:
+        """After the engine restored its checkpoint (`start`: a resume.Resume); True stops the worker there."""
         return False
 
-    def saved_final(self, plan, step: int, restored_step: int | None, timeline: dict, saving: float) -> None:
-        pass
+    def stepped(self, plan, start, timeline: dict) -> bool:
+        """After this worker group's first step; True stops the worker there (no save)."""
+        return False
+
+    def saved(self, plan, step: int, start, timeline: dict, saving: float, stalled: float) -> None:
+        """After a periodic save returned (`stalled`: the seconds the loop stood still for it since `saving`)."""
+
+
+class RehearsedFailure(RuntimeError):
+    """Raised by every worker of a rehearsal once its save is committed, so that Ray Train restarts the group within
+    the same fit (`FailureConfig`), exactly as after a lost node: what the "restart" phase measures."""
 
 
 class Rehearsal(RunHooks):
-    """--rehearse: `half` "train" measures the steps and the save; "restore" stops once fresh workers restored it."""
+    """--rehearse: `phase` "train" measures the steps and the save, then fails on purpose; the group Ray Train starts
+    in its place is the "restart" phase. A "resize" (a fit of its own on fewer workers) is the elastic path. Both
+    stop at their first step after the restore, so the checkpoint they restored stays the newest."""
 
     evaluates = False  # a rehearsal has no held-out set
 
-    def __init__(self, half: str):
-        assert half in ("train", "restore"), half
-        self.half, self.phases = half, None
+    def __init__(self, phase: str):
+        assert phase in ("train", "resize"), phase  # "restart" is what a "train" group becomes when restarted
+        self.half, self.phases = phase, None
 
     def start(self, device) -> None:
         self.phases = Phases(device)
@@ -48,32 +60,67 @@ class Rehearsal(RunHooks):
     def phase(self, name: str) -> None:
         self.phases.mark(name)
 
-    def restored(self, plan, step, digest, timeline, restoring) -> bool:
-        if self.half != "restore":
+    def restored(self, plan, start, timeline, restoring) -> bool:
+        if start.found:
+            self.half = "restart" if self.half == "train" else self.half
+            self.phases.mark("restored")
+        return False
+
+    def stepped(self, plan, start, timeline) -> bool:
+        if self.half == "train":
             return False
-        self.phases.mark("restored")
         memory = self.phases.over_ranks()
-        if _rank() == 0:
-            write_measured(plan.run_uri, plan.endpoint, "restore", {
-                "rebuild_s": restoring - timeline["worker_start"], "restore_s": time.time() - restoring,
-                "step": step, "optimizer_digest": digest, "memory": memory})
+        if _rank() == 0:  # the restart's parts, in the order a restarted run pays them
+            t = timeline
+            # A restart counts from the failure (Ray Train notices it, stops the group, starts another); a resize,
+            # a fit of its own here, from the fit's start.
+            began = read_measured(plan.run_uri, plan.endpoint, "train")["failed_at"] if self.half == "restart" else t["fit_called"]
+            write_measured(plan.run_uri, plan.endpoint, self.half, {
+                "group_start_s": t["worker_start"] - began, "universal_s": start.universal_s,
+                "engine_s": t["engine_ready"] - t["worker_start"] - start.universal_s,
+                "restore_s": t["restored"] - t["engine_ready"], "first_step_s": t["first_step"] - t["restored"],
+                "to_first_step_s": t["first_step"] - began, "resharded": start.resharded,
+                "step": start.step, "optimizer_digest": start.digest, "memory": memory})
         return True
 
-    def saved_final(self, plan, step, restored_step, timeline, saving) -> None:
+    def saved(self, plan, step, start, timeline, saving, stalled) -> None:
         self.phases.mark("saved")
-        first, saved = timeline["first_step"] - timeline["engine_ready"], time.time() - saving
-        steps = step - (restored_step or 0)
+        trained = step - (start.step or 0)
+        first = timeline["first_step"] - timeline["engine_ready"]
+        committed = _committed(plan, step) if _rank() == 0 else 0.0  # an asynchronous save commits after the stall
         memory = self.phases.over_ranks()
         if _rank() == 0:
             write_measured(plan.run_uri, plan.endpoint, "train", {
-                "save_s": saved, "first_step_s": first, "memory": memory,
-                "step_s": (timeline["last_step"] - timeline["first_step"]) / (steps - 1) if steps > 1 else first})
+                "save_stall_s": stalled, "save_s": committed - saving, "first_step_s": first, "memory": memory,
+                "step_s": (saving - timeline["first_step"]) / (trained - 1) if trained > 1 else first,
+                "failed_at": time.time()})
+        _barrier()  # the record is in storage before any rank fails
+        raise RehearsedFailure(f"rehearsal: step {step} saved; failing on purpose so that Ray Train restarts the"
+                               " workers from it (the restart phase)")
+
+
+def _committed(plan, step: int, timeout_s: float = 3600.0) -> float:
+    """When the checkpoint of `step` got its commit marker (polled: the save may still be uploading)."""
+    from vitray.checkpoints import COMMIT, step_dir
+
+    marker, deadline = storage.join(plan.run_uri, step_dir(step), COMMIT), time.time() + timeout_s
+    while not storage.exists(marker, plan.endpoint):
+        if time.time() > deadline:
+            raise TimeoutError(f"rehearsal: {marker} not written {timeout_s:.0f} s after the save began")
+        time.sleep(0.05)
+    return time.time()
 
 
 def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _rss() -> tuple[float, float]:
@@ -114,7 +161,7 @@ class Phases:
 
 
 def write_measured(run_uri: str, endpoint, half: str, measured: dict) -> None:
-    """Rank 0's record of one half ("train": steps and save; "restore": fresh workers loading the checkpoint)."""
+    """Rank 0's record of one phase ("train": steps and save; "restart", "resize": a new group to its first step)."""
     storage.write_bytes(storage.join(run_uri, f"rehearsal-{half}.json"), json.dumps(measured).encode(), endpoint)
 
 

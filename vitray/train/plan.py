@@ -40,9 +40,9 @@ class Plan:
 
 
 def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | None = None,
-            restore_only: bool = False) -> tuple[Config, Plan]:
-    """The run's plan (and its resolved config, `plan.cfg`). `restore_only`: resume a finished run only to restore
-    it (--rehearse's second half)."""
+            elastic: bool = False) -> tuple[Config, Plan]:
+    """The run's plan (and its resolved config, `plan.cfg`). `elastic`: a resume on another number of workers leaves
+    the universal conversion to rank 0 (`resume.find`), as an elastic restart does (--rehearse's resize)."""
     validate(cfg)
     endpoint, root, runs_root = _storage(cfg, embedded)
     name, run_uri = runfolder.locate(cfg, runs_root, endpoint)
@@ -61,13 +61,13 @@ def prepare(cfg: Config, resume: bool = False, embedded: storage.EmbeddedS3 | No
             " (jobs/write_shards.py --shard-samples)"
         )
     total = total_steps(cfg, manifest.num_samples)
-    if saved and saved["step"] >= min(total, cfg.stop_at_step or total) and not restore_only:
+    if saved and saved["step"] >= min(total, cfg.stop_at_step or total):
         raise ConfigError(f"optim.total_steps: run {name!r} already reached step {saved['step']} of {total}; raise"
                           " optim.total_steps (or optim.epochs) to train it further")
     earlier = None if resume else runfolder.check_new_name(name, run_uri, endpoint)
 
     # Checked: now the two actions on the run folder.
-    if saved and saved["world_size"] != cfg.scaling.num_workers:
+    if saved and saved["world_size"] != cfg.scaling.num_workers and not elastic:
         runfolder.add_universal(saved, cfg.scaling.num_workers, endpoint)
     if earlier is not None:
         runfolder.move_aside(name, run_uri, endpoint, earlier)

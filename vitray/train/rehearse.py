@@ -1,25 +1,29 @@
 """Rehearse a run before paying for it: the configured model, resolution, precision and optimizer for a few steps on
-whatever is attached, one checkpoint saved and restored into a fresh engine, measured beside the plan.
+whatever is attached, and the three things a real run pays besides its steps — a save, a restart and a resize —
+each timed and its memory measured, beside the plan and the goodput they imply.
 
     python jobs/pretrain_vit_h14.py --rehearse          # the default ViT-H/14 recipe, 3 steps, on this machine
 
 Driver side (`run`): `adapt` turns the configured run into one that fits what is attached, saying what it changed
-and what the configured setting would need; the run trains and saves, then a fresh worker group restores the
-checkpoint, as a restart would; `report` prints what was measured beside the plan and `write` keeps it
-(`<run>/rehearsal.json` and a row of `<runs>/rehearsals.jsonl`). Worker side: the hooks of `train/phases.py`
-(`Rehearsal`) record memory after each phase and what each half measured.
+and what the configured setting would need. Then three phases, each a worker group of its own: "train" trains and
+saves; "restart" starts a new group on as many workers, restores that checkpoint and takes one step, as Ray Train's
+restart after a failure does; "resize" does the same on one worker fewer through the elastic path (rank 0 converts
+the checkpoint to DeepSpeed's universal form first). `report` prints what was measured beside the plan and the
+goodput of the configured run with these figures (`vitray/goodput.py`); `write` keeps it (`<run>/rehearsal.json`
+and a row of `<runs>/rehearsals.jsonl`). Worker side: the hooks of `train/phases.py` (`Rehearsal`).
 """
 from __future__ import annotations
 
 import json
 import time
 
-from vitray import cost, storage
+from vitray import cost, goodput, storage
 from vitray.config.jobs import TrainingFailed, rehearsal_data
 from vitray.config.schema import Config, ConfigError
-from vitray.train import launch
+from vitray.train import launch, universal
 from vitray.train.attached import Attached
 from vitray.train.phases import Rehearsal, read_measured
+
 
 def adapt(cfg: Config, steps: int, host: Attached) -> tuple[Config, list[str], cost.Estimate]:
     """The rehearsal's config: the configured model, resolution and optimizer on `host`. Returns it, the changes
@@ -83,8 +87,9 @@ def adapt(cfg: Config, steps: int, host: Attached) -> tuple[Config, list[str], c
 
 
 def run(cfg: Config, steps: int, embedded=None, timeline: dict | None = None, resume: bool = False) -> dict:
-    """The driver's sequence: adapt, train and save (`launch.run` with the "train" half's hooks), restore in fresh
-    workers (the "restore" half), report beside the plan and keep the row beside the runs."""
+    """The driver's sequence: adapt; train and save (the "train" phase); a new worker group on as many workers
+    restores it and takes one step ("restart"); then on one worker fewer through the elastic path ("resize");
+    report beside the plan and keep the row beside the runs."""
     from vitray.config.recipes import DATASETS
     from vitray.config.checks import validate
     from vitray.data.catalog import read_manifest
@@ -96,7 +101,8 @@ def run(cfg: Config, steps: int, embedded=None, timeline: dict | None = None, re
         raise ConfigError("--rehearse: a rehearsal is a fresh run of its own; drop --resume")
     if steps < 1:
         raise ConfigError(f"--rehearse: give a positive number of steps, got {steps}")
-    small, changes, planned = adapt(cfg, steps, Attached.here())
+    host = Attached.here()
+    small, changes, planned = adapt(cfg, steps, host)
     endpoint = Endpoint(url=cfg.storage.endpoint_url or None, region=cfg.storage.region) if cfg.storage.uri else None
     if cfg.data.train_uri:
         try:
@@ -107,13 +113,41 @@ def run(cfg: Config, steps: int, embedded=None, timeline: dict | None = None, re
         images = next((d["num_images"] for d in DATASETS.values() if d["num_classes"] == cfg.model.num_classes), None)
     full = cost.estimate(cfg, images, accelerator=cfg.scaling.accelerator or "H100") if images else None
     print("rehearsal: " + ("; ".join(changes) or "the configured settings, unchanged"), flush=True)
-    summary = launch.run(small, False, embedded, timeline, hooks=Rehearsal("train"))
-    print(f"rehearsal: restoring {summary['checkpoint']} into a fresh worker group, as a restart would", flush=True)
-    launch.run(small.replace(storage=dict(run_name=summary["run"].rsplit("/", 1)[1])), True, embedded,
-               hooks=Rehearsal("restore"), restore_only=True)
-    row = report(cfg, small, changes, planned, summary, full, endpoint)
+    # One step beyond the saved one: the restart and the resize each take it from the same checkpoint. The train
+    # phase's workers fail on purpose after the save; Ray Train's one allowed restart is the restart phase.
+    trained = small.replace(optim=dict(total_steps=steps + 1), storage=dict(checkpoint_every=steps), max_failures=1)
+    print(f"rehearsal: after step {steps} is saved the workers fail on purpose; Ray Train restarts them from it",
+          flush=True)
+    summary = launch.run(trained, False, embedded, timeline, hooks=Rehearsal("train"))
+    again = trained.replace(storage=dict(run_name=summary["run"].rsplit("/", 1)[1]), max_failures=0)
+    skipped, converted = resize_refused(again, host), None
+    if skipped is None:
+        # What an elastic run's driver does beside training after each save (`train/universal.py`), timed here
+        # alone: the resize then finds the universal form made, as it does when it comes later than this.
+        _, converted = universal.convert_newest(summary["run"], endpoint)
+        print(f"rehearsal: universal form made in {converted:.1f} s; resizing to {small.scaling.num_workers - 1}"
+              " worker(s), as an elastic restart does", flush=True)
+        launch.run(again.replace(scaling=dict(num_workers=small.scaling.num_workers - 1)), True, embedded,
+                   hooks=Rehearsal("resize"), elastic=True)
+    row = report(cfg, small, changes, planned, summary, full, endpoint, skipped, converted)
     write(row, summary["run"], endpoint)
     return {**summary, "rehearsal": row}
+
+
+def resize_refused(cfg: Config, host: Attached) -> str | None:
+    """Why the resize phase cannot run here (None: it can): one worker fewer must exist, fit, and be able to load
+    the checkpoint (DeepSpeed's universal form carries Adam's moments only)."""
+    workers = cfg.scaling.num_workers - 1
+    if workers < 1:
+        return "one worker attached: nothing to resize to"
+    if cfg.optim.optimizer != "adam":
+        return f"optim.optimizer={cfg.optim.optimizer}: DeepSpeed's universal checkpoint carries Adam's moments only"
+    one = cost.estimate(cfg.replace(scaling=dict(num_workers=workers)), 1, host=not host.gpus)
+    budget = host.budget(workers, cfg.scaling.accelerator)
+    if one.memory_total > budget:
+        return (f"{workers} worker(s) would need {one.memory_total / cost.GIB:.1f} GiB each, {budget / cost.GIB:.1f}"
+                " GiB here")
+    return None
 
 
 def checkpoint_bytes(uri: str, endpoint) -> int:
@@ -125,18 +159,19 @@ def checkpoint_bytes(uri: str, endpoint) -> int:
 
 
 def report(cfg: Config, rehearsal_cfg: Config, changes: list[str], plan: cost.Estimate, summary: dict,
-           full: cost.Estimate | None, endpoint) -> dict:
+           full: cost.Estimate | None, endpoint, resize_skipped: str | None = None,
+           converted_s: float | None = None) -> dict:
     """What a user needs before launching the real run, printed and returned (and written by the caller)."""
     from vitray.checkpoints import read_meta
 
-    r, back = read_measured(summary["run"], endpoint, "train"), read_measured(summary["run"], endpoint, "restore")
+    r = read_measured(summary["run"], endpoint, "train")
     saved = read_meta(summary["checkpoint"], endpoint)
-    identical = back["step"] == saved["step"] and abs(back["optimizer_digest"] - saved["optimizer_digest"]) <= 1e-9 * max(1.0, abs(saved["optimizer_digest"]))
-    if not identical:
-        raise TrainingFailed(f"rehearsal: {summary['checkpoint']} restored as step {back['step']} with optimizer digest"
-                           f" {back['optimizer_digest']!r}; it was saved at step {saved['step']} with {saved['optimizer_digest']!r}")
-    measured = max(r["memory"]["peak"]["saved"], back["memory"]["peak"]["restored"])
+    back = _restarted(read_measured(summary["run"], endpoint, "restart"), saved, summary["checkpoint"], strict=True)
+    resize = None if resize_skipped else _restarted(read_measured(summary["run"], endpoint, "resize"), saved,
+                                                    summary["checkpoint"], strict=False)
+    measured = max(r["memory"]["peak"]["saved"], back["memory"]["peak"]["first step"])
     ckpt = checkpoint_bytes(summary["checkpoint"], endpoint) if summary.get("checkpoint") else 0
+    gib = cost.GIB
     row = {
         "model": cfg.model.name, "image_size": cfg.data.image_size, "run": summary["run"],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -145,43 +180,95 @@ def report(cfg: Config, rehearsal_cfg: Config, changes: list[str], plan: cost.Es
                       "offload_optimizer": rehearsal_cfg.deepspeed.offload_optimizer, "steps": summary["step"]},
         "changes": changes,
         "step_s": r["step_s"], "first_step_s": r["first_step_s"],
-        "peak_memory_per_worker_gib": measured / cost.GIB, "planned_gib": plan.memory_total / cost.GIB,
+        "peak_memory_per_worker_gib": measured / gib, "planned_gib": plan.memory_total / gib,
         "plan_error": plan.memory_total / measured - 1,
-        "planned": {k: v / cost.GIB for k, v in plan.memory.items()},
-        "phases_gib": {k: v / cost.GIB for k, v in r["memory"]["now"].items()},
-        "restore_phases_gib": {k: v / cost.GIB for k, v in back["memory"]["now"].items()},
-        "train_peak_gib": r["memory"]["peak"]["saved"] / cost.GIB,
-        "restore_peak_gib": back["memory"]["peak"]["restored"] / cost.GIB,
-        "checkpoint_gb": ckpt / 1e9, "save_s": r["save_s"], "restore_s": back["restore_s"],
-        "rebuild_s": back["rebuild_s"], "optimizer_state_identical": identical,
+        "planned": {k: v / gib for k, v in plan.memory.items()},
+        "phases_gib": {k: v / gib for k, v in r["memory"]["now"].items()},
+        "restore_phases_gib": {k: v / gib for k, v in back["memory"]["now"].items()},
+        "train_peak_gib": r["memory"]["peak"]["saved"] / gib,
+        "restore_peak_gib": back["memory"]["peak"]["restored"] / gib,
+        "checkpoint_gb": ckpt / 1e9, "save_stall_s": r["save_stall_s"], "save_s": r["save_s"],
+        # the restart's parts under the names rows had before the restart phase (benchmarks/rehearsals.py reads them)
+        "restore_s": back["restore_s"], "rebuild_s": back["group_start_s"] + back["engine_s"],
+        "optimizer_state_identical": back["identical"],
+        "restart": _phase_row(back),
+        "resize": {**_phase_row(resize), "universal_background_s": converted_s} if resize else {"skipped": resize_skipped},
         "full_run": None, "machine": cost.machine(),
     }
     if full is not None:
         row["full_run"] = {"workers": full.world, "accelerator": full.accelerator, "zero_stage": full.zero_stage,
-                           "micro_batch": full.micro_batch, "memory_per_device_gib": full.memory_total / cost.GIB,
+                           "micro_batch": full.micro_batch, "memory_per_device_gib": full.memory_total / gib,
                            "fits": full.fits, "accelerator_days": full.accelerator_days,
                            "wall_clock_days": full.wall_clock_days, "mfu": full.mfu}
+        figures = goodput.measured(row, summary["run"])
+        g = goodput.for_run(full.checkpoint_bytes, full.nodes, figures, elastic=bool(cfg.scaling.min_workers))
+        run_s = full.wall_clock_days * 86400 if full.wall_clock_days else None
+        step_s = run_s / full.steps if run_s and full.steps else None
+        row["goodput"] = g.to_dict(step_s, cfg.storage.checkpoint_every, run_s)
+        row["goodput_lines"] = g.lines(step_s, cfg.storage.checkpoint_every, run_s)
+    print("\n".join(_lines(cfg, rehearsal_cfg, row, plan, full, r)), flush=True)
+    row.pop("goodput_lines", None)
+    return row
+
+
+def _restarted(m: dict, saved: dict, where: str, strict: bool) -> dict:
+    """A restart or resize phase's record, with whether it restored the saved optimizer state; a restart on the
+    same workers that did not is an error (a resize's is reported: resharding is what it checks)."""
+    same = m["step"] == saved["step"] and abs(m["optimizer_digest"] - saved["optimizer_digest"]) <= 1e-6 * max(
+        1.0, abs(saved["optimizer_digest"]))
+    if strict and not same:
+        raise TrainingFailed(f"rehearsal: {where} restored as step {m['step']} with optimizer digest"
+                             f" {m['optimizer_digest']!r}; it was saved at step {saved['step']} with"
+                             f" {saved['optimizer_digest']!r}")
+    return {**m, "identical": same}
+
+
+def _phase_row(m: dict) -> dict:
+    gib = cost.GIB
+    keep = ("group_start_s", "universal_s", "engine_s", "restore_s", "first_step_s", "to_first_step_s", "resharded")
+    return {**{k: m[k] for k in keep}, "optimizer_state_identical": m["identical"],
+            "phases_gib": {k: v / gib for k, v in m["memory"]["now"].items()},
+            "peak_gib": max(m["memory"]["peak"].values()) / gib}
+
+
+def _parts(p: dict) -> str:
+    universal = f"waiting for the universal form {p['universal_s']:.1f} s, " if p["resharded"] else ""
+    return (f"{p['to_first_step_s']:.1f} s to the first step (worker group {p['group_start_s']:.1f} s, {universal}engine"
+            f" {p['engine_s']:.1f} s, restore {p['restore_s']:.1f} s, first step {p['first_step_s']:.1f} s), peak"
+            f" {p['peak_gib']:.2f} GiB per worker"
+            + ("" if p["optimizer_state_identical"] else ", optimizer state NOT identical"))
+
+
+def _lines(cfg, rehearsal_cfg, row: dict, plan, full, r: dict) -> list[str]:
+    gib, workers = cost.GIB, rehearsal_cfg.scaling.num_workers
     lines = [f"rehearsal of {cfg.model.name} @ {cfg.data.image_size} px: {row['rehearsed']['steps']} steps on"
-             f" {rehearsal_cfg.scaling.num_workers} {'GPU' if rehearsal_cfg.scaling.use_gpu else 'CPU'} workers,"
+             f" {workers} {'GPU' if rehearsal_cfg.scaling.use_gpu else 'CPU'} workers,"
              f" ZeRO-{rehearsal_cfg.deepspeed.zero_stage}, micro-batch {rehearsal_cfg.optim.micro_batch}"]
-    lines += [f"  changed {c}" for c in changes]
+    lines += [f"  changed {c}" for c in row["changes"]]
     lines += [
         f"  step time {r['step_s']:.1f} s (first step {r['first_step_s']:.1f} s)",
-        f"  peak memory per worker {measured / cost.GIB:.2f} GiB measured (training {row['train_peak_gib']:.2f},"
-        f" restoring {row['restore_peak_gib']:.2f}), {plan.memory_total / cost.GIB:.2f} GiB planned"
+        f"  peak memory per worker {row['peak_memory_per_worker_gib']:.2f} GiB measured (training"
+        f" {row['train_peak_gib']:.2f}, restoring {row['restore_peak_gib']:.2f}), {row['planned_gib']:.2f} GiB planned"
         f" ({row['plan_error']:+.0%}): " + ", ".join(f"{k} {v:.2f}" for k, v in row["planned"].items()),
         "  after each phase (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in row["phases_gib"].items())
-        + "; restoring: " + ", ".join(f"{k} {v:.2f}" for k, v in row["restore_phases_gib"].items()),
-        f"  checkpoint {ckpt / 1e9:.2f} GB: saved in {r['save_s']:.1f} s; fresh workers built their engine in"
-        f" {back['rebuild_s']:.1f} s and restored it in {back['restore_s']:.1f} s, optimizer state identical",
+        + "; restarted: " + ", ".join(f"{k} {v:.2f}" for k, v in row["restore_phases_gib"].items()),
+        f"  checkpoint {row['checkpoint_gb']:.2f} GB: training stalled {row['save_stall_s']:.1f} s by the save, saved"
+        f" in {row['save_s']:.1f} s",
+        f"  restart on {workers} workers: {_parts(row['restart'])}"
+        + (", optimizer state identical" if row["optimizer_state_identical"] else ""),
+        f"  resize to {workers - 1}: " + (f"skipped: {row['resize']['skipped']}" if "skipped" in row["resize"] else
+                                          _parts(row["resize"]) + f"; its universal form was made in"
+                                          f" {row['resize']['universal_background_s']:.1f} s beside training, after the"
+                                          " save (a resize sooner than that waits for the rest)"),
     ]
     if full is not None and full.accelerator_days is not None:
         lines.append(f"  the configured run: {full.world} × {full.accelerator}, ZeRO-{full.zero_stage}, micro-batch"
-                     f" {full.micro_batch}: {full.memory_total / cost.GIB:.1f} GiB per device"
+                     f" {full.micro_batch}: {full.memory_total / gib:.1f} GiB per device"
                      f"{'' if full.fits else ' — does NOT fit'}; {full.accelerator_days:,.1f} {full.accelerator}-days,"
                      f" {full.wall_clock_days:,.2f} days wall-clock at MFU {full.mfu:.0%}")
-    print("\n".join(lines), flush=True)
-    return row
+    if "goodput_lines" in row:
+        lines += [f"  {k + ':' if k else ' ' * 9} {v}" for k, v in row["goodput_lines"]]
+    return lines
 
 
 def write(row: dict, run_uri: str, endpoint) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from vitray import storage
-from vitray.train import checkpoint
+from vitray.train import checkpoint, universal
 from vitray.train.metrics import positions_json
 
 logger = logging.getLogger("vitray")
@@ -31,23 +31,28 @@ class Resume:
     rng_state: torch.Tensor | None  # this rank's torch RNG state (same worker count only)
     step: int | None = None  # the restored step, after `restore`
     digest: float | None = None  # the restored optimizer state's digest, after `restore`
+    universal_s: float = 0.0  # seconds this group waited for the universal conversion (an elastic resize pays it)
 
     @property
     def found(self) -> bool:
         return self.checkpoint is not None
 
 
-def find(plan, rank: int, world: int) -> Resume:
-    """The checkpoint this worker group starts from, and every partition's position in it."""
+def find(plan, rank: int, world: int, fit: float | None = None) -> Resume:
+    """The checkpoint this worker group starts from, and every partition's position in it. `fit`: when the driver
+    called fit (whose driver may be making the universal form already: `train/universal.py`)."""
     found = checkpoint.latest_complete(plan.run_uri, plan.endpoint)
     saved = checkpoint.read_commit(found) if found is not None else {}
     resharded = found is not None and saved["world_size"] != world
-    if resharded and rank == 0:  # made by the driver for a --resume; here for an elastic restart
-        checkpoint.make_universal(storage.join(plan.run_uri, checkpoint.step_dir(saved["step"])), plan.endpoint)
+    converting = time.time()
+    if resharded and rank == 0:  # made by the driver for a --resume or beside an elastic run; else here
+        uri = storage.join(plan.run_uri, checkpoint.step_dir(saved["step"]))
+        universal.wait_for_background(uri, plan.endpoint, fit)
+        checkpoint.make_universal(uri, plan.endpoint)  # nothing to do when the driver made it
     if resharded:
-        dist.barrier()
+        dist.barrier()  # every rank waits for rank 0's conversion: it is on the restart's critical path
     positions, rng = checkpoint.read_positions(found, plan.cfg.data.partitions, same_world=not resharded)
-    return Resume(found, saved, resharded, positions, rng)
+    return Resume(found, saved, resharded, positions, rng, universal_s=time.time() - converting if resharded else 0.0)
 
 
 def restore(resume: Resume, engine, ema, rank: int, world: int) -> int:
