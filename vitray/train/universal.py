@@ -48,6 +48,8 @@ def convert_newest(run_uri: str, endpoint, fit: float | None = None) -> tuple[in
 class InBackground:
     """The driver's thread: the newest committed checkpoint's universal form, made once, while training goes on."""
 
+    DUTY = 4.0  # wait this many times a conversion's length before the next
+
     def __init__(self, run_uri: str, endpoint, fit: float, poll_s: float = 2.0):
         self.run_uri, self.endpoint, self.fit, self.poll_s = run_uri, endpoint, fit, poll_s
         self.made: dict[int, float] = {}  # step → seconds its conversion took
@@ -63,12 +65,17 @@ class InBackground:
         self._thread.join(timeout=self.poll_s)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        pause = self.poll_s
+        while not self._stop.wait(pause):
             try:
                 step, seconds = convert_newest(self.run_uri, self.endpoint, self.fit)
             except Exception as e:  # e.g. Ray Train removed an old checkpoint mid-conversion: the next one will do
                 logger.warning(f"universal checkpoint in the background: {e}")
                 continue
+            # At most a fifth of the driver's time converting: with frequent saves, converting every one would keep
+            # a core busy (the elastic test's saves come every ~3 s and each conversion takes ~5 s here), and a
+            # resize whose checkpoint missed its turn converts it itself, as before.
+            pause = max(self.poll_s, self.DUTY * seconds)
             if step is not None and seconds:
                 self.made[step] = seconds
                 logger.info(f"{step_dir(step)}: universal form made in the background in {seconds:.1f} s")
