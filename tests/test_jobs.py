@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -181,15 +182,18 @@ def test_no_credential_reaches_logs_checkpoints_or_results(s3, digits):
 
     key, secret = "AKIAVITRAYFAKE0000042", "vitrayFakeSecret/DoNotLog+0123456789abcdef"
     token = "vitrayfakeraytoken" + "0123456789abcdef" * 2
+    # Its own Ray temp folder, so the logs read below are this job's session's and no other's (a short path: Ray's
+    # sockets live there). Found by the driver's pid, an earlier session's driver may have had the same pid.
+    ray_tmp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": token}
+           "RAY_AUTH_TOKEN": token, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
+    proc = subprocess.run(
         [sys.executable, JOB, "--preset", "smoke", "--set", "optim.total_steps=4", "--set", "data.builtin=",
          "--set", f"data.train_uri={digits['train']}", "--set", f"data.val_uri={digits['val']}",
          "--set", f"storage.uri=s3://{s3.bucket}/runs-secrets", "--set", f"storage.endpoint_url={s3.endpoint.url}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    stdout, stderr = proc.communicate(timeout=600)  # Popen, not run: its pid names its Ray session below
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, (stdout + stderr)[-3000:]
     written = {}
     client = boto3.client("s3", endpoint_url=s3.endpoint.url, region_name="us-east-1")
@@ -197,10 +201,9 @@ def test_no_credential_reaches_logs_checkpoints_or_results(s3, digits):
         for obj in page.get("Contents", []):
             written[obj["Key"]] = client.get_object(Bucket=s3.bucket, Key=obj["Key"])["Body"].read()
     assert any(k.endswith("vitray.json") for k in written) and any(k.endswith("accelerator_days.jsonl") for k in written)
-    # This job's own Ray session (another test's Ray may have started since): the one whose driver had its pid.
-    (session,) = {os.path.dirname(os.path.dirname(log))
-                  for log in glob.glob(f"/tmp/ray/session_*/logs/python-core-driver-*_{proc.pid}.log")}
-    for path in glob.glob(os.path.join(session, "logs", "**", "*"), recursive=True):
+    logs = glob.glob(os.path.join(ray_tmp, "**", "session_*", "logs", "**", "*"), recursive=True)
+    assert any("python-core-driver" in path for path in logs), f"no Ray session logs under {ray_tmp}"
+    for path in logs:
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 written[path] = f.read()
