@@ -1,6 +1,7 @@
 """The entry scripts as users run them: bad input stops before Ray with one clear error; `ray job submit` works."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,42 +81,80 @@ def _free_port():
 
 
 @pytest.mark.e2e
-def test_ray_job_submit_smoke_against_a_started_head():
-    """`ray start --head`, then `ray job submit -- python jobs/pretrain_vit_h14.py --preset smoke`, as the README says."""
+def test_ray_job_submit_smoke_against_a_started_head_leaks_no_credential(s3):
+    """`ray start --head`, then `ray job submit -- python jobs/pretrain_vit_h14.py --preset smoke`, as the README says,
+    with checkpoints into S3. The head has recognisable fake AWS credentials (moto accepts any) and a recognisable
+    Ray token: neither the job's output, nor any object it wrote (checkpoints, configs, metrics, accelerator-days
+    rows), nor the head's Ray session logs contain them. (One run for both: each costs a minute of Ray Train.)"""
+    import glob
+
+    key, secret = "AKIAVITRAYFAKE0000042", "vitrayFakeSecret/DoNotLog+0123456789abcdef"
+    token = "vitrayfakeraytoken" + "0123456789abcdef" * 2
     bin_dir = os.path.dirname(sys.executable)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    env.pop("RAY_ADDRESS", None)
+    ray_tmp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")  # the head's own session logs, read below (a short path:
+    port, dash = _free_port(), _free_port()  # Ray's sockets live there)
     head = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--num-cpus=4", "--object-store-memory=1000000000", "--block",
+         f"--temp-dir={ray_tmp}",
          # its own agent port: another Ray on this machine (the tests' session cluster) may hold the default one
          f"--dashboard-agent-listen-port={_free_port()}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while subprocess.run([os.path.join(bin_dir, "ray"), "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
-            assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
-            time.sleep(2)
-        for _ in range(30):  # the job agent can come up a little after the dashboard answers
-            proc = subprocess.run(
-                [os.path.join(bin_dir, "ray"), "job", "submit", "--address", address, "--working-dir", ROOT, "--",
-                 "python", "jobs/pretrain_vit_h14.py", "--preset", "smoke", "--set", "optim.epochs=4"],
-                env=env, capture_output=True, text=True, timeout=600,
-            )
-            if "No available agent to submit job" not in proc.stderr:
-                break
-            time.sleep(2)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out[-3000:]
+        out = _submit(f"http://127.0.0.1:{dash}", head, env, "--preset", "smoke", "--set", "optim.epochs=4",
+                      "--set", f"storage.uri=s3://{s3.bucket}/runs-secrets", "--set",
+                      f"storage.endpoint_url={s3.endpoint.url}")
         summary = json.loads(next(line for line in out.splitlines() if line.startswith('{"run"')))
         assert summary["val_top1"] > 0.35, summary  # measured 0.52 after these 4 epochs; chance is 0.1
         assert summary["checkpoint"].endswith("step_00000093")
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=90)
+    written = _objects(s3, "runs-secrets/")
+    assert any(k.endswith("vitray.json") for k in written) and any(k.endswith("accelerator_days.jsonl") for k in written)
+    logs = [p for p in glob.glob(os.path.join(ray_tmp, "**", "session_*", "logs", "**", "*"), recursive=True)
+            if os.path.isfile(p)]
+    assert any("job-driver" in p for p in logs), f"no job driver log under {ray_tmp}"
+    for path in logs:
+        with open(path, "rb") as f:
+            written[path] = f.read()
+    written["ray job submit's output"] = out.encode()
+    for needle in (key, secret, token):
+        leaks = [name for name, data in written.items() if needle.encode() in data]
+        assert not leaks, f"{needle[:8]}… found in {leaks}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _submit(address: str, head, env: dict, *job_args: str) -> str:
+    """`ray job submit` of the training job once the head's job agent answers; its output."""
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    deadline = time.time() + 120
+    while subprocess.run([ray, "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
+        assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
+        time.sleep(2)
+    for _ in range(30):  # the job agent can come up a little after the dashboard answers
+        proc = subprocess.run([ray, "job", "submit", "--address", address, "--working-dir", ROOT, "--", "python",
+                               "jobs/pretrain_vit_h14.py", *job_args], env=env, capture_output=True, text=True,
+                              timeout=600)
+        if "No available agent to submit job" not in proc.stderr:
+            break
+        time.sleep(2)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _objects(s3, prefix: str) -> dict[str, bytes]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint.url, region_name="us-east-1")
+    return {obj["Key"]: client.get_object(Bucket=s3.bucket, Key=obj["Key"])["Body"].read()
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])}
 
 
 def test_gpu_recipe_on_a_cluster_without_gpus(tmp_path):
@@ -171,43 +210,3 @@ def test_planner_job_and_training_job_refuse_what_cannot_fit(s3, digits):
     _assert_clean_error(proc, "needs", "but has 80 GiB")
 
 
-@pytest.mark.e2e
-def test_no_credential_reaches_logs_checkpoints_or_results(s3, digits):
-    """The smoke job with recognisable fake AWS credentials (moto accepts any) and a recognisable Ray token: neither
-    its output, nor any object it wrote (checkpoints, configs, metrics, accelerator-days rows), nor its Ray
-    session's logs contain them."""
-    import glob
-
-    import boto3
-
-    key, secret = "AKIAVITRAYFAKE0000042", "vitrayFakeSecret/DoNotLog+0123456789abcdef"
-    token = "vitrayfakeraytoken" + "0123456789abcdef" * 2
-    # Its own Ray temp folder, so the logs read below are this job's session's and no other's (a short path: Ray's
-    # sockets live there). Found by the driver's pid, an earlier session's driver may have had the same pid.
-    ray_tmp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": token, "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, JOB, "--preset", "smoke", "--set", "optim.total_steps=4", "--set", "data.builtin=",
-         "--set", f"data.train_uri={digits['train']}", "--set", f"data.val_uri={digits['val']}",
-         "--set", f"storage.uri=s3://{s3.bucket}/runs-secrets", "--set", f"storage.endpoint_url={s3.endpoint.url}"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    stdout, stderr = proc.stdout, proc.stderr
-    assert proc.returncode == 0, (stdout + stderr)[-3000:]
-    written = {}
-    client = boto3.client("s3", endpoint_url=s3.endpoint.url, region_name="us-east-1")
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix="runs-secrets/"):
-        for obj in page.get("Contents", []):
-            written[obj["Key"]] = client.get_object(Bucket=s3.bucket, Key=obj["Key"])["Body"].read()
-    assert any(k.endswith("vitray.json") for k in written) and any(k.endswith("accelerator_days.jsonl") for k in written)
-    logs = glob.glob(os.path.join(ray_tmp, "**", "session_*", "logs", "**", "*"), recursive=True)
-    assert any("python-core-driver" in path for path in logs), f"no Ray session logs under {ray_tmp}"
-    for path in logs:
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                written[path] = f.read()
-    written["stdout+stderr"] = (stdout + stderr).encode()
-    for needle in (key, secret, token):
-        leaks = [name for name, data in written.items() if needle.encode() in data]
-        assert not leaks, f"{needle[:8]}… found in {leaks}"
