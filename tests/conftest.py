@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-E2E_FIXTURES = {"ray_cluster", "smoke_chain"}
+E2E_FIXTURES = {"ray_cluster", "smoke_chain", "attached"}
 
 
 def pytest_configure(config):
@@ -69,7 +69,17 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def smoke_chain(s3):
+def attached(ray_cluster) -> dict:
+    """The environment for a job started as a subprocess that joins the session's Ray instead of starting its own:
+    measured 25 s against 35 s for a 2-step smoke job. For jobs whose test is not about how the job starts Ray."""
+    node = ray_cluster._private.worker.global_worker.node
+    env = {**os.environ, "RAY_ADDRESS": node.gcs_address}
+    env["RAY_API_SERVER_ADDRESS"] = "http://" + node.address_info["webui_url"].removeprefix("http://")
+    return env
+
+
+@pytest.fixture(scope="session")
+def smoke_chain(s3, attached):
     """`jobs/finetune.py --preset smoke` (pretrain the smoke ViT at 16 px, fine-tune at 24 px) into the session's S3,
     run once for every test that needs a trained model: {"pretrain": its summary, "finetune": the chain's summary}."""
     import json
@@ -78,7 +88,7 @@ def smoke_chain(s3):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "jobs", "finetune.py"), "--preset", "smoke",
          "--set", f"storage.uri=s3://{s3.bucket}/smoke-chain", "--set", f"storage.endpoint_url={s3.endpoint.url}"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT)
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env=attached)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {"pretrain": next(x["pretrain"] for x in lines if "pretrain" in x),

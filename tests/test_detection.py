@@ -245,7 +245,7 @@ def test_bad_detection_configs_stop_before_ray(tmp_path):
 
 
 @pytest.mark.e2e
-def test_detr_smoke_chain_on_two_workers_detects_digits_and_exports_coco(s3, tmp_path):
+def test_detr_smoke_chain_on_two_workers_detects_digits_and_exports_coco(s3, tmp_path, attached):
     """`jobs/train_detr.py --preset smoke` on a shorter schedule: the backbone pretrained as a digit classifier, then
     DETR on the canvases on 2 CPU workers (ZeRO-2) from the session's S3 for 5 epochs (312 steps, LR drop after
     208) instead of the preset's 20 — the least that tells a detector from an untrained one, 60 s shorter than the 8
@@ -263,7 +263,7 @@ def test_detr_smoke_chain_on_two_workers_detects_digits_and_exports_coco(s3, tmp
         [sys.executable, os.path.join(root, "jobs", "train_detr.py"), "--preset", "smoke",
          "--set", f"storage.uri=s3://{s3.bucket}/detr", "--set", f"storage.endpoint_url={s3.endpoint.url}",
          "--set", "optim.epochs=5"],
-        capture_output=True, text=True, timeout=1200, cwd=root)
+        capture_output=True, text=True, timeout=1200, cwd=root, env=attached)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     backbone = next(x["backbone"] for x in lines if "backbone" in x)

@@ -128,7 +128,7 @@ def test_palette_from_real_digit_pixels_reconstructs_them():
 
 
 @pytest.mark.e2e
-def test_igpt_smoke_job_learns_pixels_and_its_layers_beat_chance(s3):
+def test_igpt_smoke_job_learns_pixels_and_its_layers_beat_chance(s3, attached):
     """`jobs/pretrain_igpt.py --preset smoke` (4 of its 20 epochs) on 2 CPU workers from S3: held-out NLL well below
     the uniform palette's ln 16, a linear probe above chance at its best layer, a valid samples PNG."""
     import io
@@ -147,7 +147,7 @@ def test_igpt_smoke_job_learns_pixels_and_its_layers_beat_chance(s3):
         [sys.executable, os.path.join(root, "jobs", "pretrain_igpt.py"), "--preset", "smoke",
          "--set", f"storage.uri=s3://{s3.bucket}/igpt", "--set", f"storage.endpoint_url={s3.endpoint.url}",
          "--set", "optim.epochs=4"],
-        capture_output=True, text=True, timeout=900, cwd=root)
+        capture_output=True, text=True, timeout=900, cwd=root, env=attached)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"run"')))
     # Measured after these 4 epochs (93 steps): 1.54 nats per pixel, best probe 0.75; after 8: 1.47; the preset's

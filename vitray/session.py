@@ -69,7 +69,9 @@ def init_ray(**local: object) -> None:
     hook = {"worker_process_setup_hook": ray_logs.HOOK}  # merged with a submitted job's own runtime_env
     address = os.environ.get("RAY_ADDRESS", "local")
     if address != "local":
-        ray.init(address=address, logging_level="WARNING", runtime_env={**hook, "env_vars": MALLOC})
+        # A dashboard named to this driver is named to its workers too (the same cleaner's reason as below).
+        api = {"RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]} if "RAY_API_SERVER_ADDRESS" in os.environ else {}
+        ray.init(address=address, logging_level="WARNING", runtime_env={**hook, "env_vars": {**MALLOC, **api}})
         return
     port = storage.free_port()
     ray.init(address="local", logging_level="WARNING", include_dashboard=True, dashboard_port=port,
