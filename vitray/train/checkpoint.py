@@ -44,30 +44,19 @@ logger = logging.getLogger("vitray")
 
 def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_info: dict, run_uri: str, endpoint,
          ema=None) -> None:
-    """Collective: every rank must call it at the same step. `ema` (torch's AveragedModel) is saved by rank 0."""
+    """Collective: every rank must call it at the same step. `ema` (torch's AveragedModel) is saved by rank 0.
+    Synchronous: returns once the checkpoint is committed."""
     rank = ray.train.get_context().get_world_rank()
-    digest = optimizer_digest(engine)
-    weights = module_digest(engine.module)  # collective under ZeRO-3
+    described = describe(engine, positions, ema)
     whole = full_weights(engine)  # collective: every rank helps gather; rank 0 keeps them
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, positions)  # rank 0 writes them all in one file: one read on resume
     folder = tempfile.mkdtemp(prefix=f"vitray-ckpt-{step}-")
     try:
         engine.save_checkpoint(folder, tag=TAG, client_state={"step": step})
-        with open(os.path.join(folder, f"position-rank{rank:05d}.json"), "w") as f:
-            json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for p, pos in positions.items()},
-                       "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}, f)
+        write_small_files(folder, rank, step, positions, described, run_info)
         if rank == 0:
-            with open(os.path.join(folder, POSITIONS), "w") as f:
-                json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for part in everyone
-                                          for p, pos in sorted(part.items())}}, f)
-            extra = {"model_digest": weights}
             save_file(whole, os.path.join(folder, WEIGHTS))
             if ema is not None:
                 save_file(_plain(ema.state_dict()), os.path.join(folder, EMA_WEIGHTS))
-                extra["ema_digest"] = module_digest(ema.module)
-            with open(os.path.join(folder, META), "w") as f:
-                json.dump({"step": step, "optimizer_digest": digest, **extra, **run_info}, f, indent=1)
         ray.train.report(
             {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
             checkpoint_dir_name=f"step_{step:08d}",
@@ -76,30 +65,113 @@ def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_i
         shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()  # every rank's report has returned: its files are in storage
     if rank == 0:
-        _test_crash_point("before-commit", step, rank)
-        marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
-        storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
+        commit(run_uri, endpoint, step)
+
+
+def describe(engine, positions: dict[int, Position], ema=None) -> dict:
+    """What vitray.json and positions.json record besides the config: digests of the weights and optimizer state
+    (equal again after a restore) and every rank's data positions. Collective."""
+    described = {"optimizer_digest": optimizer_digest(engine), "model_digest": module_digest(engine.module)}
+    if ema is not None:
+        described["ema_digest"] = module_digest(ema.module)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, positions)  # rank 0 writes them all in one file: one read on resume
+    described["everyone"] = everyone
+    return described
+
+
+def write_small_files(folder: str, rank: int, step: int, positions: dict[int, Position], described: dict,
+                      run_info: dict) -> None:
+    """This rank's position file; on rank 0 also positions.json and vitray.json."""
+    with open(os.path.join(folder, f"position-rank{rank:05d}.json"), "w") as f:
+        json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for p, pos in positions.items()},
+                   "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}, f)
+    if rank != 0:
+        return
+    with open(os.path.join(folder, POSITIONS), "w") as f:
+        json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for part in described["everyone"]
+                                  for p, pos in sorted(part.items())}}, f)
+    digests = {k: v for k, v in described.items() if k != "everyone"}
+    with open(os.path.join(folder, META), "w") as f:
+        json.dump({"step": step, **digests, **run_info}, f, indent=1)
+
+
+def commit(run_uri: str, endpoint, step: int) -> None:
+    """Rank 0, once every rank's part of `step` is in storage: the marker that makes the checkpoint complete."""
+    _test_crash_point("before-commit", step, 0)
+    marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
+    storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
 
 
 class Checkpointer:
     """The run's saves: every `storage.checkpoint_every` steps and at the end, each committed only once every rank's
-    part is stored (`save`). Remembers the newest save, which a non-finite loss must not overwrite. Shaped so that
-    an asynchronous save can take its place: the loop asks `due`, calls `save`, and reads `last_good`."""
+    part is stored. Remembers the newest committed save (`last_good`), which a non-finite loss must not overwrite.
 
-    def __init__(self, engine, ema, plan, world: int, last_good: int | None):
-        self.engine, self.ema, self.plan, self.last_good = engine, ema, plan, last_good
+    With `storage.async_save` a periodic save only stalls training for the gather and the host copy
+    (`snapshot.begin`); its upload runs in Ray Train's upload thread, and `poll`, called every step, commits it once
+    every rank's upload is done. At most one save is in flight: the next one, the final one (synchronous) and a
+    stop for a non-finite loss first wait for it (`settle`)."""
+
+    POLL_S = 0.05  # between the ranks' checks while they wait for an upload
+
+    def __init__(self, engine, ema, plan, world: int, last_good: int | None, log=None):
+        self.engine, self.ema, self.plan, self.last_good, self.log = engine, ema, plan, last_good, log
         self.every = plan.cfg.storage.checkpoint_every
+        self.background = plan.cfg.storage.async_save
         self.run_info = {"world_size": world, "config": plan.cfg.to_dict(), "total_steps": plan.total_steps}
+        self.pending = None  # a snapshot.Snapshot whose upload is in flight
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def save(self, step: int, positions: dict, metrics: dict) -> float:
-        """Collective. Seconds the save took (training stood still for them)."""
+    def save(self, step: int, positions: dict, metrics: dict, final: bool = False) -> dict:
+        """Collective. The checkpoint event's figures: `save_stall_s`, the seconds training stood still for it
+        (for a synchronous save, its whole time, also given as `save_s`)."""
         start = time.time()
-        save(self.engine, step, positions, metrics, self.run_info, self.plan.run_uri, self.plan.endpoint, self.ema)
-        self.last_good = step
+        waited = self.settle()
+        if final or not self.background:
+            began = time.time()
+            save(self.engine, step, positions, metrics, self.run_info, self.plan.run_uri, self.plan.endpoint, self.ema)
+            self.last_good = step
+            return {"save_s": time.time() - began, "save_stall_s": time.time() - start, "save_wait_s": waited}
+        from vitray.train import snapshot
+
+        self.pending, figures = snapshot.begin(self.engine, step, positions, {**metrics, "step": step},
+                                               self.run_info, self.ema)
+        return {"save_stall_s": time.time() - start, "save_wait_s": waited, **figures}
+
+    def poll(self) -> None:
+        """Collective while a save is in flight (one small all_reduce a step; nothing otherwise): commits it when
+        every rank's upload is done."""
+        if self.pending is not None and self._uploaded():
+            self._commit()
+
+    def settle(self) -> float:
+        """Collective: wait for the save in flight, if any, and commit it. The seconds waited."""
+        start = time.time()
+        if self.pending is not None:
+            while not self._uploaded():
+                time.sleep(self.POLL_S)
+            self._commit()
         return time.time() - start
+
+    def _uploaded(self) -> bool:
+        state = torch.tensor(self.pending.state(), dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(state, op=dist.ReduceOp.MAX)
+        not_done, failed, upload_s = state.tolist()
+        if failed:
+            step, self.pending = self.pending.step, None
+            raise CheckpointError(f"{step_dir(step)}: a rank's upload failed; the checkpoint was not committed")
+        self.upload_s = upload_s
+        return not not_done
+
+    def _commit(self) -> None:
+        step, began = self.pending.step, self.pending.started
+        if dist.get_rank() == 0:
+            commit(self.plan.run_uri, self.plan.endpoint, step)
+        self.pending, self.last_good = None, step
+        if self.log is not None:  # `step`: the checkpoint's; save_s: from its start to its commit marker
+            self.log.event(step, "committed", upload_s=self.upload_s, save_s=time.time() - began)
 
 
 def full_weights(engine) -> dict[str, torch.Tensor]:

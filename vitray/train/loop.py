@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         torch.manual_seed(cfg.seed * 1_000_003 + rank + 1)
     engine.train()
-    saves, loss, waits = Checkpointer(engine, ema, plan, world, start.step), LossMeter(device), DataWait(waiting, device)
+    saves, loss, waits = Checkpointer(engine, ema, plan, world, start.step, log), LossMeter(device), DataWait(waiting, device)
     audit, positions = SampleAudit(d.audit_samples), start.positions
     while step < plan.last_step:
         for _ in range(accumulation):
@@ -102,10 +102,11 @@ def train_loop_per_worker(config: dict) -> None:
             _first_step(step, timeline, waits, hooks, log)
             if hooks.stepped(plan, start, timeline):  # a rehearsal's restart or resize ends at its first step
                 return
+        saves.poll()  # an asynchronous save in flight is committed once every rank's upload is done
         # Checked at every log and before every save (one host sync each, not one per step): a diverged run stops
         # with the step named, and no checkpoint ever holds non-finite weights.
         if log.due(step) or saves.due(step):
-            check_finite(loss.sum, step, saves.last_good, device)
+            check_finite(loss.sum, step, saves, device)
         if log.due(step):
             skipped = {"skipped_samples": collectives.sum_over_ranks(train_data.skipped, device)} if d.bad_samples == "skip" else {}
             log.record(step, loss.mean(), engine.get_lr()[0], data_wait_s=waits.window(),
@@ -113,8 +114,8 @@ def train_loop_per_worker(config: dict) -> None:
         if saves.due(step) and step < plan.last_step:
             log.flush()  # first: a committed checkpoint always has its metrics history in storage
             saving = time.time()
-            log.event(step, "checkpoint", save_s=saves.save(step, positions, {"loss": loss.last}))
-            hooks.saved(plan, step, start, timeline, saving, stalled=time.time() - saving)
+            log.event(step, "checkpoint", **saves.save(step, positions, {"loss": loss.last}))
+            hooks.saved(plan, step, start, timeline, saving, stalled=time.time() - saving, settle=saves.settle)
 
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
     timeline["last_step"] = time.time()
@@ -124,9 +125,10 @@ def train_loop_per_worker(config: dict) -> None:
         results.update(held_out(engine, ema, task, device, dtype, cfg, export=(plan.run_uri, plan.endpoint)))
         if rank == 0:
             logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
+    saves.settle()  # before the final line: the committed event of a periodic save in flight goes with it
     log.final(step, results)
     log.flush()
-    saves.save(step, positions, results)
+    saves.save(step, positions, results, final=True)
 
 
 def _device(cfg) -> tuple[torch.device, torch.dtype]:

@@ -1,0 +1,64 @@
+"""Asynchronous saves (`storage.async_save`) in process, on 2 gloo ranks under ZeRO-1 and ZeRO-3
+(tests/async_save_probe.py): no Ray, whose part — running the upload function in its thread — the probe stands in
+for. The end-to-end runs (tests/test_train.py, tests/test_reliability.py) save in the background through Ray."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vitray.config import Config, ConfigError
+from vitray.config.checks import validate
+
+STAGES = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    from vitray.storage import free_port
+
+    probe = os.path.join(os.path.dirname(__file__), "async_save_probe.py")
+    done = subprocess.run([sys.executable, probe, str(free_port()), str(tmp_path_factory.mktemp("saves")),
+                           *map(str, STAGES)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    return {(r["stage"], r["rank"]): r for r in rows}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_snapshot_writes_the_files_a_synchronous_save_writes_and_they_restore_the_same_state(probed, stage):
+    for rank in range(2):
+        row = probed[(stage, rank)]
+        files = row["same_files"]
+        assert files["async"] == files["sync"] and files["differ"] == []  # every file, byte for byte or tensor for tensor
+        assert any(f.startswith("state/") and f.endswith("model_states.pt") for f in files["async"])
+        assert "model.safetensors" in files["async"] and "state/zero_pp_rank_1_mp_rank_00_optim_states.pt" in files["async"]
+        # A fresh engine restores what the weights and Adam's moments were at the save, though the engine that
+        # saved had trained on (in place) before the files were written.
+        assert row["restored"] == row["digests"] and row["trained"]["module"] != row["digests"]["module"]
+        assert row["trained"]["optimizer"] != row["digests"]["optimizer"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_commit_waits_for_every_ranks_upload(probed, stage):
+    for rank in range(2):
+        row = probed[(stage, rank)]
+        assert row["held_back"] == [[False, None]] * 3  # rank 1's upload held back: no marker, last_good unchanged
+        assert row["committed"][1] == 2 and (row["committed"][0] or rank == 1)  # rank 0 writes the marker
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_save_event_says_what_training_waited_for(probed, stage):
+    row = probed[(stage, 0)]
+    figures = row["figures"]
+    assert set(figures) == {"save_stall_s", "save_wait_s", "gather_s", "state_s", "snapshot_bytes"}
+    assert figures["gather_s"] + figures["state_s"] <= figures["save_stall_s"]
+    assert figures["snapshot_bytes"] > probed[(stage, 1)]["figures"]["snapshot_bytes"] > 0  # rank 0 holds the weights
+    assert set(row["sync_figures"]) == {"save_s", "save_stall_s", "save_wait_s"}  # the synchronous path's, as before
+
+
+def test_async_save_is_a_bool_and_on_by_default():
+    assert Config().storage.async_save is True
+    with pytest.raises(ConfigError, match="storage.async_save"):
+        validate(Config().replace(storage=dict(async_save="no")))
