@@ -309,7 +309,7 @@ def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str 
         memory["optimizer"] = 0.0
     if host:
         memory["process"] = CPU_PROCESS_BYTES
-        if background_saves(cfg):
+        if cfg.storage.async_save and cfg.storage.checkpoint_every:  # periodic saves (the final one is synchronous)
             memory["snapshot"] = snapshot_bytes(params, world, cfg.deepspeed.zero_stage, mixed)
     flops = accounting.train_flops_per_image(accounting.forward_flops(
         spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
@@ -329,11 +329,6 @@ def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str 
     )
 
 
-def background_saves(cfg: Config) -> bool:
-    """Whether the run makes periodic saves in the background (the final one is synchronous)."""
-    return bool(cfg.storage.async_save and cfg.storage.checkpoint_every)
-
-
 def check_fits(est: Estimate) -> None:
     """One clear error, naming what to change, for a configuration whose model states and activations exceed a
     device's memory."""
@@ -342,9 +337,6 @@ def check_fits(est: Estimate) -> None:
     m = {k: v / GIB for k, v in est.memory.items()}
     hints = []
     snapshot = est.memory.get("snapshot", 0.0)
-    if snapshot and est.memory_total - snapshot <= est.device_memory:  # the one change that suffices
-        hints.append(f"--set storage.async_save=false (saves then stall training for their upload, but hold no"
-                     f" {snapshot / GIB:.1f} GiB host copy)")
     for stage in range(est.zero_stage + 1, 4):  # the lowest stage that fits, by the same figures
         memory = {**est.memory, **model_state_bytes(est.params, est.world, stage, est.mixed_precision),
                   "deepspeed buffers": deepspeed_buffer_bytes(est.params, est.world, stage, est.mixed_precision)}

@@ -1,11 +1,17 @@
 """Checkpoints: every rank's DeepSpeed state (ZeRO shards included) + where each data partition stood.
 
 Each rank saves into its own local folder and hands it to `ray.train.report`; Ray Train uploads all of them into
-one checkpoint folder in storage (local or s3://) and records it only once every rank has reported, keeping the
-last `storage.keep_checkpoints`. After a barrier — every rank's upload finished — rank 0 writes the commit
-marker `COMMIT` last. A folder without it is a save that was interrupted: resume skips it and says so, and
-`vitray.checkpoints.load_model` refuses it. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks'
-shards are stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
+one checkpoint folder in storage (local or s3://) and records it once every rank has reported, keeping the last
+`storage.keep_checkpoints`. Once every rank's upload has finished, rank 0 writes the commit marker `COMMIT` last. A
+folder without it is a save that was interrupted: resume skips it and says so, and `vitray.checkpoints.load_model`
+refuses it. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks' shards are
+stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
+
+Two ways to save (`Checkpointer`, the loop's one seam): synchronously (`save`: training waits for the upload, then a
+barrier, then the marker; the final save always, and every save with `storage.async_save=false`), or in the
+background (`snapshot.begin`): training waits only while the state is gathered and copied into host memory, Ray
+Train's asynchronous upload writes and uploads it, and the marker follows at the first step at which every rank says
+its upload is done. Either way a checkpoint counts (`last_good`) only from its marker on.
 
 Layout of `<run>/step_00001000/`:
     vitray.json                      step, world size, the run's config (no credentials: there are none in it)
