@@ -89,7 +89,8 @@ def train(engine, steps: int) -> None:
 
 def _stage(rank: int, root: str, stage: int, release: threading.Event) -> dict:
     from vitray.data.stream import Position
-    from vitray.train.checkpoint import Checkpointer, module_digest, optimizer_digest
+    from vitray.train.checkpoint import module_digest, optimizer_digest
+    from vitray.train.saves import Checkpointer
 
     cfg, engine = _engine(stage, 2)
     positions = {rank: Position(0, 4)}

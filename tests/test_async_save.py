@@ -58,6 +58,15 @@ def test_the_save_event_says_what_training_waited_for(probed, stage):
     assert set(row["sync_figures"]) == {"save_s", "save_stall_s", "save_wait_s"}  # the synchronous path's, as before
 
 
+def test_the_snapshot_engine_has_every_method_of_deepspeeds_checkpoint_engine():
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    from vitray.train.snapshot import SnapshotEngine
+
+    wanted = {name for name in vars(CheckpointEngine) if not name.startswith("_")}
+    assert wanted <= set(vars(SnapshotEngine)), wanted - set(vars(SnapshotEngine))
+
+
 def test_async_save_is_a_bool_and_on_by_default():
     assert Config().storage.async_save is True
     with pytest.raises(ConfigError, match="storage.async_save"):

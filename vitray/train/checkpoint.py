@@ -7,7 +7,7 @@ folder without it is a save that was interrupted: resume skips it and says so, a
 refuses it. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks' shards are
 stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
 
-Two ways to save (`Checkpointer`, the loop's one seam): synchronously (`save`: training waits for the upload, then a
+Two ways to save (`saves.Checkpointer`, the loop's one seam): synchronously (`save`: training waits for the upload, then a
 barrier, then the marker; the final save always, and every save with `storage.async_save=false`), or in the
 background (`snapshot.begin`): training waits only while the state is gathered and copied into host memory, Ray
 Train's asynchronous upload writes and uploads it, and the marker follows at the first step at which every rank says
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from vitray import storage
+from vitray import faults, storage
 from vitray.checkpoints import (COMMIT, EMA_WEIGHTS, META, TAG, WEIGHTS, CheckpointError, load_model,  # noqa: F401
                                 scan, step_dir)
 from vitray.data.stream import Position
@@ -104,80 +104,9 @@ def write_small_files(folder: str, rank: int, step: int, positions: dict[int, Po
 
 def commit(run_uri: str, endpoint, step: int) -> None:
     """Rank 0, once every rank's part of `step` is in storage: the marker that makes the checkpoint complete."""
-    _test_crash_point("before-commit", step, 0)
+    faults.crash_point("before-commit", step, 0)
     marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
     storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
-
-
-class Checkpointer:
-    """The run's saves: every `storage.checkpoint_every` steps and at the end, each committed only once every rank's
-    part is stored. Remembers the newest committed save (`last_good`), which a non-finite loss must not overwrite.
-
-    With `storage.async_save` a periodic save only stalls training for the gather and the host copy
-    (`snapshot.begin`); its upload runs in Ray Train's upload thread, and `poll`, called every step, commits it once
-    every rank's upload is done. At most one save is in flight: the next one, the final one (synchronous) and a
-    stop for a non-finite loss first wait for it (`settle`)."""
-
-    POLL_S = 0.05  # between the ranks' checks while they wait for an upload
-
-    def __init__(self, engine, ema, plan, world: int, last_good: int | None, log=None):
-        self.engine, self.ema, self.plan, self.last_good, self.log = engine, ema, plan, last_good, log
-        self.every = plan.cfg.storage.checkpoint_every
-        self.background = plan.cfg.storage.async_save
-        self.run_info = {"world_size": world, "config": plan.cfg.to_dict(), "total_steps": plan.total_steps}
-        self.pending = None  # a snapshot.Snapshot whose upload is in flight
-
-    def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
-
-    def save(self, step: int, positions: dict, metrics: dict, final: bool = False) -> dict:
-        """Collective. The checkpoint event's figures: `save_stall_s`, the seconds training stood still for it
-        (for a synchronous save, its whole time, also given as `save_s`)."""
-        start = time.time()
-        waited = self.settle()
-        if final or not self.background:
-            began = time.time()
-            save(self.engine, step, positions, metrics, self.run_info, self.plan.run_uri, self.plan.endpoint, self.ema)
-            self.last_good = step
-            return {"save_s": time.time() - began, "save_stall_s": time.time() - start, "save_wait_s": waited}
-        from vitray.train import snapshot
-
-        self.pending, figures = snapshot.begin(self.engine, step, positions, {**metrics, "step": step},
-                                               self.run_info, self.ema)
-        return {"save_stall_s": time.time() - start, "save_wait_s": waited, **figures}
-
-    def poll(self) -> None:
-        """Collective while a save is in flight (one small all_reduce a step; nothing otherwise): commits it when
-        every rank's upload is done."""
-        if self.pending is not None and self._uploaded():
-            self._commit()
-
-    def settle(self) -> float:
-        """Collective: wait for the save in flight, if any, and commit it. The seconds waited."""
-        start = time.time()
-        if self.pending is not None:
-            while not self._uploaded():
-                time.sleep(self.POLL_S)
-            self._commit()
-        return time.time() - start
-
-    def _uploaded(self) -> bool:
-        state = torch.tensor(self.pending.state(), dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(state, op=dist.ReduceOp.MAX)
-        not_done, failed, upload_s = state.tolist()
-        if failed:
-            step, self.pending = self.pending.step, None
-            raise CheckpointError(f"{step_dir(step)}: a rank's upload failed; the checkpoint was not committed")
-        self.upload_s = upload_s
-        return not not_done
-
-    def _commit(self) -> None:
-        step, began = self.pending.step, self.pending.started
-        if dist.get_rank() == 0:
-            commit(self.plan.run_uri, self.plan.endpoint, step)
-        self.pending, self.last_good = None, step
-        if self.log is not None:  # `step`: the checkpoint's; save_s: from its start to its commit marker
-            self.log.event(step, "committed", upload_s=self.upload_s, save_s=time.time() - began)
 
 
 def full_weights(engine) -> dict[str, torch.Tensor]:
@@ -209,18 +138,6 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
 def _plain(state: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
-
-def _test_crash_point(where: str, step: int, rank: int) -> None:
-    """Fault injection for the reliability tests: VITRAY_TEST_CRASH=<where>:<step>:<rank>:<flag file> makes that
-    rank die abruptly there, once (the flag file records that it happened). Unset in every real run."""
-    spec = os.environ.get("VITRAY_TEST_CRASH", "")
-    if not spec:
-        return
-    at, at_step, at_rank, flag = spec.split(":", 3)
-    if at != where or int(at_step) != step or int(at_rank) != rank or os.path.exists(flag):
-        return
-    open(flag, "w").close()
-    os._exit(17)
 
 def optimizer_digest(engine) -> float:
     """Sum of |x| over every optimizer-state tensor (moments, not step counters) on every rank: equal before a

@@ -3,7 +3,7 @@
     data stream → model → DeepSpeed engine → restore the latest checkpoint, if any →
     forward / backward / step (DeepSpeed accumulates to the global batch) → log → checkpoint → evaluate → report.
 
-Each concern lives in its own module: where a worker starts (`resume.py`), saving (`checkpoint.py`), the run's log
+Each concern lives in its own module: where a worker starts (`resume.py`), saving (`saves.py`, `checkpoint.py`), the run's log
 (`metrics.py`), held-out evaluation (`evaluating.py`), numbers every rank contributes to (`collectives.py`), and
 what a rehearsal measures (`phases.py`, through the hooks the driver passes in).
 
@@ -30,13 +30,13 @@ from vitray.data.stream import TrainStream
 from vitray.models.registry import get_spec
 from vitray.tasks import make_task
 from vitray.train import collectives, resume
-from vitray.train.checkpoint import Checkpointer
 from vitray.train.engine import build_engine, building, precision
 from vitray.train.evaluating import held_out
 from vitray.train.failures import check_finite
 from vitray.train.metrics import (DATA_BOUND, DataWait, LossMeter, MetricsLog, SampleAudit, data_bound_message,
                                   positions_json, restart_totals)
 from vitray.train.phases import RunHooks
+from vitray.train.saves import Checkpointer
 from vitray.train.waits import WaitWatch
 
 # Not print(): Ray Train tees worker prints to both stdout and its logger, so each line would show twice.

@@ -14,23 +14,28 @@ says it is done. The commit marker is not written here — only once every rank'
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 
 import pyarrow.fs as pafs
+import ray.train
 import torch
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 from safetensors.torch import save_file
 
-from vitray import storage
+from vitray import faults, storage
+from vitray.checkpoints import EMA_WEIGHTS, TAG, WEIGHTS
+from vitray.train.checkpoint import _plain, describe, full_weights, write_small_files
 
 
-class SnapshotEngine(CheckpointEngine):
-    """Holds each state dict DeepSpeed hands it (path → host copy) instead of writing it."""
+class SnapshotEngine:
+    """Holds each state dict DeepSpeed hands it (path → host copy) instead of writing it. DeepSpeed's
+    `CheckpointEngine` interface, method for method, without subclassing it: importing DeepSpeed here would come
+    before a worker has told it which accelerator to use (`loop._device`)."""
 
     def __init__(self, zipfile_serialization: bool = True):
-        super().__init__(None)
         self.name = "VitraySnapshotEngine"
         self.zipfile_serialization = zipfile_serialization
         self.held: list[tuple[str, object]] = []
@@ -38,6 +43,9 @@ class SnapshotEngine(CheckpointEngine):
 
     def create(self, info) -> None:
         pass
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
 
     def save(self, state_dict, path: str) -> None:
         self.held.append((path, self._host_copy(state_dict, {})))
@@ -47,6 +55,21 @@ class SnapshotEngine(CheckpointEngine):
 
     def commit(self, info) -> bool:
         return True
+
+    def is_data_parallel_writer(self, dp_rank: int) -> bool:
+        return dp_rank == 0
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def set_commit_info(self, info) -> None:
+        pass
+
+    def get_commit_info(self):
+        return None
+
+    def cleanup(self) -> None:
+        pass
 
     def preserves_storage_sharing(self) -> bool:
         # Each tensor is cloned on its own below, so DeepSpeed's extra clone (against pickling a whole shared
@@ -107,9 +130,6 @@ class Snapshot:
     def upload(self, checkpoint, dir_name: str):
         """Ray Train's `checkpoint_upload_fn`: write, then copy into the run's storage — DeepSpeed's state first, the
         small files after (a rank killed between the two leaves a torn save, which the missing COMMIT marks)."""
-        from vitray.train.checkpoint import _test_crash_point
-        import ray.train
-
         began = time.time()
         try:
             if self.held.held or self.weights:  # Ray retries a failed upload: the files are written once
@@ -124,7 +144,7 @@ class Snapshot:
                 storage.with_retries(lambda: pafs.copy_files(src, f"{dest}/{name}", source_filesystem=self._local,
                                                               destination_filesystem=fs, **options))
                 if i == 0:
-                    _test_crash_point("mid-upload", self.step, self.rank)
+                    faults.crash_point("mid-upload", self.step, self.rank)
         except BaseException:
             self.failed = True
             raise
@@ -141,14 +161,6 @@ def begin(engine, step: int, positions: dict, metrics: dict, run_info: dict, ema
     """Collective: the part of an asynchronous save that training waits for — digests and the gathered weights
     (`gather_s`), DeepSpeed's state copied to host memory (`state_s`), the small files — then hands the folder to
     Ray Train's asynchronous upload. The snapshot in flight and the checkpoint event's figures."""
-    import shutil
-    import tempfile
-
-    import ray.train
-
-    from vitray.checkpoints import EMA_WEIGHTS, TAG, WEIGHTS
-    from vitray.train.checkpoint import _plain, describe, full_weights, write_small_files
-
     rank = ray.train.get_context().get_world_rank()
     began = time.time()
     described = describe(engine, positions, ema)
@@ -176,6 +188,4 @@ def begin(engine, step: int, positions: dict, metrics: dict, run_info: dict, ema
 
 
 def _ray_storage():
-    import ray.train
-
     return ray.train.get_context().get_storage()
