@@ -71,3 +71,19 @@ def test_async_save_is_a_bool_and_on_by_default():
     assert Config().storage.async_save is True
     with pytest.raises(ConfigError, match="storage.async_save"):
         validate(Config().replace(storage=dict(async_save="no")))
+
+
+def test_resume_counts_a_committed_checkpoint_ray_has_not_registered(tmp_path):
+    """An asynchronous save is committed once every rank's upload is done, which can be before Ray Train's controller
+    registers it (its checkpoint_manager_snapshot.json): a run killed in between can still be resumed."""
+    from vitray.train import runfolder
+
+    run = tmp_path / "run"
+    (run / "step_00000004").mkdir(parents=True)  # an upload cut off: no marker
+    assert not runfolder.has_checkpoint(str(run), None)
+    (run / "step_00000002").mkdir()
+    (run / "step_00000002" / "COMMIT").write_text("{}")
+    assert runfolder.has_checkpoint(str(run), None)
+    (run / "step_00000002" / "COMMIT").unlink()
+    (run / runfolder.RAY_SNAPSHOT).write_text("{}")  # registered by Ray: as before
+    assert runfolder.has_checkpoint(str(run), None)

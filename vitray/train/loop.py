@@ -117,15 +117,16 @@ def train_loop_per_worker(config: dict) -> None:
             log.event(step, "checkpoint", **saves.save(step, positions, {"loss": loss.last}))
             hooks.saved(plan, step, start, timeline, saving, stalled=time.time() - saving, settle=saves.settle)
 
-    # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
+    # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost). A periodic
+    # save still uploading is committed first: held-out evaluation can take minutes, and the save is good now.
     timeline["last_step"] = time.time()
     hooks.phase("trained")
+    saves.settle()
     results = _results(step, loss.last, log, engine, positions, waits, train_data, timeline, device, cfg, rank)
     if cfg.data.val_uri and step == plan.total_steps and hooks.evaluates:
         results.update(held_out(engine, ema, task, device, dtype, cfg, export=(plan.run_uri, plan.endpoint)))
         if rank == 0:
             logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
-    saves.settle()  # before the final line: the committed event of a periodic save in flight goes with it
     log.final(step, results)
     log.flush()
     saves.save(step, positions, results, final=True)
