@@ -9,7 +9,7 @@ same names, so `engine.load_checkpoint`, `zero_to_fp32` and `ds_to_universal` re
 
 `Snapshot.upload` is the `checkpoint_upload_fn` of Ray Train's asynchronous upload (`ray.train.report(...,
 checkpoint_upload_mode=ASYNC)`): in Ray's upload thread it writes the files, copies them into the run's storage and
-says it is done. The commit marker is not written here — only once every rank's upload is done (`Checkpointer`).
+says it is done. The commit marker is not written here — only once every rank's upload is done (`saves.Checkpointer`).
 """
 from __future__ import annotations
 
