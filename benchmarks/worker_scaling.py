@@ -50,7 +50,7 @@ def run_size(n: int, steps: int, s3, train_uri: str, name: str = "") -> dict:
     rows = [json.loads(r) for r in storage.read_bytes(storage.join(run, "metrics.jsonl"), s3.endpoint).decode().splitlines()]
     startups = [r for r in rows if r.get("event") == "startup"]
     steps_rows = [r for r in rows if "loss" in r and "final" not in r]
-    saves = [r["save_s"] for r in rows if r.get("event") == "checkpoint"]
+    saves = [r["save_stall_s"] for r in rows if r.get("event") == "checkpoint"]  # what training waited for
     # Steady steps: not a fit's first, none whose wall time holds a checkpoint save (the step after a save).
     saved_at = {s for s in range(1, steps + 1) if s % every == 0 or s == half}
     steady = [r for r in steps_rows if r["step"] not in (1, half + 1) and r["step"] - 1 not in saved_at]
@@ -107,7 +107,7 @@ def plot(rows: list[dict], path: str) -> None:
               ("startup_beyond_cpu_s", "start-up beyond the workers' CPU share"),
               ("data_start_s", "data: worker start → first batch ready"),
               ("coordination_s", "coordination per step (wall − compute share)"),
-              ("checkpoint_commit_s", "checkpoint save + commit")]
+              ("checkpoint_commit_s", "checkpoint save stall")]
     fig, axes = plt.subplots(1, len(panels), figsize=(20, 3.6))
     xs = [r["workers"] for r in rows]
     for ax, (key, title) in zip(axes, panels):

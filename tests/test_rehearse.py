@@ -23,7 +23,7 @@ def _tried(cfg, stage: int, host: Attached) -> float:
 
 
 def test_the_default_h14_recipe_on_this_kind_of_machine_takes_the_lowest_zero_stage_that_fits():
-    cfg = preset("h14_jft").replace(data=dict(builtin="digits"))
+    cfg = preset("h14_jft").replace(data=dict(builtin="digits"), storage=dict(async_save=False))
     host = Attached(gpus=0, cpus=2, memory=23.4 * GIB)
     small, changes, plan = adapt(cfg, 3, host)
     budget = host.budget(2, "")
@@ -37,6 +37,20 @@ def test_the_default_h14_recipe_on_this_kind_of_machine_takes_the_lowest_zero_st
     assert "optim.micro_batch: 32 → 1" in text and "scaling.num_workers: 64 → 2" in text and "fp32 on CPU" in text
     if s != cfg.deepspeed.zero_stage:  # the line says what the configured stage would need here
         assert f"deepspeed.zero_stage: 1 → {s} (ZeRO-1, micro-batch 1: " in text and " GiB here)" in text
+
+
+def test_an_asynchronous_saves_host_copy_is_planned_and_the_refusal_says_how_to_turn_it_off():
+    """On CPU workers the host copy an asynchronous save holds until its upload is done is the workers' own memory:
+    H/14's (7.3 GiB at ZeRO-3 on 2 workers) leaves no setting that fits this kind of machine."""
+    cfg = preset("h14_jft").replace(data=dict(builtin="digits"))
+    with pytest.raises(ConfigError) as e:
+        adapt(cfg, 3, Attached(gpus=0, cpus=2, memory=23.4 * GIB))
+    assert "host copy an asynchronous save holds: try --set storage.async_save=false" in str(e.value)
+    trial = cfg.replace(deepspeed=dict(zero_stage=3), optim=dict(micro_batch=1, global_batch=2),
+                        scaling=dict(num_workers=2, use_gpu=False))
+    assert 7 * GIB < cost.estimate(trial, 1, host=True).memory["snapshot"] < 7.5 * GIB  # the 7.87 GB it saves
+    assert "snapshot" not in cost.estimate(trial.replace(storage=dict(async_save=False)), 1, host=True).memory
+    assert "snapshot" not in cost.estimate(trial.replace(scaling=dict(use_gpu=True)), 1).memory  # host, not device
 
 
 def test_a_host_too_small_for_any_setting_is_refused_with_the_figures():

@@ -116,15 +116,16 @@ def _job(args, env, **kw):
 
 
 def test_job_killed_during_a_save_resumes_past_the_torn_checkpoint(s3, digits, reference, tmp_path):
-    """Rank 0 dies after every rank uploaded step 20 but before its commit marker, and the whole job (driver and its
-    local Ray) is killed. `--resume` skips step 20, names it, restarts from step 10 and replays exactly."""
+    """Rank 0 dies in the middle of uploading step 20 (a save made in the background: its DeepSpeed state stored,
+    its other files not), and the whole job (driver and its local Ray) is killed. `--resume` skips step 20, names
+    it, restarts from step 10 and replays exactly."""
     losses, position = reference
     sets = sum((["--set", o] for o in _overrides(s3, digits, "job-killed")), [])
     flag = tmp_path / "crashed"
-    env = {**os.environ, "VITRAY_TEST_CRASH": f"before-commit:{2 * EVERY}:0:{flag}", "PYTHONPATH": ROOT}
+    env = {**os.environ, "VITRAY_TEST_CRASH": f"mid-upload:{2 * EVERY}:0:{flag}", "PYTHONPATH": ROOT}
     job = _job(sets, env, start_new_session=True)
     try:
-        faults.wait_for(flag.exists, 300, what="the crash before the commit marker")
+        faults.wait_for(flag.exists, 300, what="the crash in the middle of the upload")
     finally:
         os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray processes it started
         job.wait()

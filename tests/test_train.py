@@ -27,7 +27,9 @@ def _metrics(plan):
 
 
 def _zero_run(s3, digits, zero):
-    cfg, plan = launch.prepare(_config(s3, digits, f"zero{zero}", deepspeed=dict(zero_stage=zero)))
+    # A save at step 20 made in the background (storage.async_save, the default), the final one at 40.
+    cfg, plan = launch.prepare(_config(s3, digits, f"zero{zero}", deepspeed=dict(zero_stage=zero))
+                               .replace(storage=dict(checkpoint_every=20)))
     result = launch.fit(cfg, plan)
     assert result.error is None
     return plan, result
@@ -78,14 +80,23 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero, requ
 
     from vitray.checkpoints import load_model
 
-    final = storage.join(plan.run_uri, "step_00000040")
-    with tempfile.TemporaryDirectory() as local:
-        fs, path = storage.resolve(final, plan.endpoint)
-        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        rebuilt = get_fp32_state_dict_from_zero_checkpoint(local, tag="state")
-    model, meta = load_model(final, plan.endpoint)
-    assert meta["weights"] == "raw" and sorted(model.state_dict()) == sorted(rebuilt)
-    assert all(torch.equal(v, rebuilt[k]) for k, v in model.state_dict().items())
+    for step in (20, 40):  # written from host copies in the background, and synchronously at the end
+        final = storage.join(plan.run_uri, f"step_{step:08d}")
+        with tempfile.TemporaryDirectory() as local:
+            fs, path = storage.resolve(final, plan.endpoint)
+            pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            rebuilt = get_fp32_state_dict_from_zero_checkpoint(local, tag="state")
+        model, meta = load_model(final, plan.endpoint)
+        assert meta["weights"] == "raw" and sorted(model.state_dict()) == sorted(rebuilt)
+        assert all(torch.equal(v, rebuilt[k]) for k, v in model.state_dict().items())
+    # The background save: training stood still only for the gather and the host copy; the marker came after
+    # every rank's upload.
+    events = _metrics(plan)
+    (saved,) = [r for r in events if r.get("event") == "checkpoint"]
+    (committed,) = [r for r in events if r.get("event") == "committed"]
+    assert saved["step"] == committed["step"] == 20 and saved["snapshot_bytes"] > 0
+    assert saved["gather_s"] + saved["state_s"] <= saved["save_stall_s"] < committed["save_s"]
+    assert committed["upload_s"] > 0
 
     if zero == 3:  # saved by 2 workers, resumed on 1: DeepSpeed's universal checkpoint reshards ZeRO-3 too
         saved = json.loads(storage.read_bytes(storage.join(plan.run_uri, "step_00000040", "vitray.json"), plan.endpoint))

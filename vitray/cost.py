@@ -77,6 +77,15 @@ def model_state_bytes(params: int, world: int, zero_stage: int, mixed_precision:
     }
 
 
+def snapshot_bytes(params: int, world: int, zero_stage: int, mixed_precision: bool) -> float:
+    """Host memory that rank 0 (which holds the most) keeps for an asynchronous save (`storage.async_save`) until its
+    upload is done: DeepSpeed's module state (whole, or a slice under ZeRO-3), its optimizer partition (fp32 master,
+    m, v) and the gathered fp32 weights of `model.safetensors`. On CPU workers that is the device's own memory."""
+    n = max(world, 1)
+    module = params * (2 if mixed_precision else 4) / (n if zero_stage >= 3 else 1)
+    return module + params * 12 / (n if zero_stage >= 1 else 1) + params * 4
+
+
 def deepspeed_buffer_bytes(params: int, world: int, zero_stage: int, mixed_precision: bool) -> float:
     """What DeepSpeed allocates beside the model states: gradient-reduction buckets (two: one fills while the
     other is reduced), the all-gather bucket; under ZeRO-3 the gathered parameters it keeps alive and prefetches,
@@ -300,6 +309,8 @@ def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str 
         memory["optimizer"] = 0.0
     if host:
         memory["process"] = CPU_PROCESS_BYTES
+        if cfg.storage.async_save and cfg.storage.checkpoint_every:  # periodic saves (the final one is synchronous)
+            memory["snapshot"] = snapshot_bytes(params, world, cfg.deepspeed.zero_stage, mixed)
     flops = accounting.train_flops_per_image(accounting.forward_flops(
         spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
     images = cfg.optim.total_steps * cfg.optim.global_batch if cfg.optim.total_steps else cfg.optim.epochs * num_images
@@ -325,11 +336,18 @@ def check_fits(est: Estimate) -> None:
         return
     m = {k: v / GIB for k, v in est.memory.items()}
     hints = []
+    snapshot = est.memory.get("snapshot", 0.0)
     for stage in range(est.zero_stage + 1, 4):  # the lowest stage that fits, by the same figures
         memory = {**est.memory, **model_state_bytes(est.params, est.world, stage, est.mixed_precision),
                   "deepspeed buffers": deepspeed_buffer_bytes(est.params, est.world, stage, est.mixed_precision)}
+        if snapshot:
+            memory["snapshot"] = snapshot_bytes(est.params, est.world, stage, est.mixed_precision)
         if sum(memory.values()) <= est.device_memory:
             hints.append(f"deepspeed.zero_stage={stage} ({sum(memory.values()) / GIB:.1f} GiB)")
+            break
+        if snapshot and sum(memory.values()) - memory["snapshot"] <= est.device_memory:
+            hints.append(f"deepspeed.zero_stage={stage} with --set storage.async_save=false"
+                         f" ({(sum(memory.values()) - memory['snapshot']) / GIB:.1f} GiB)")
             break
     if est.micro_batch > 1:
         hints.append(f"a smaller optim.micro_batch (activations are {m['activations']:.1f} GiB at {est.micro_batch};"
@@ -339,6 +357,8 @@ def check_fits(est: Estimate) -> None:
     states = sum(v for k, v in est.memory.items() if k in ("parameters", "gradients", "optimizer"))
     if est.memory_total - states < est.device_memory:
         hints.append("more scaling.num_workers" if est.zero_stage >= 1 else "ZeRO to partition across workers")
+    if snapshot and not any("storage.async_save" in h for h in hints):
+        hints.append(f"--set storage.async_save=false (the host copy of an asynchronous save is {snapshot / GIB:.1f} GiB)")
     where = ("CPU worker" if est.accelerator == "CPU" else est.accelerator)
     has = (f"{est.device_memory / GIB:.1f} GiB (its share of this machine below Ray's OOM threshold)"
            if est.accelerator == "CPU" else f"{est.device_memory / GIB:.0f} GiB")

@@ -17,6 +17,20 @@ import time
 TRAIN_WORKER = "ray::RayTrainWorker"  # the process title Ray gives each Train worker
 
 
+def crash_point(where: str, step: int, rank: int) -> None:
+    """For the reliability tests: VITRAY_TEST_CRASH=<where>:<step>:<rank>:<flag file> makes that rank die abruptly
+    at the point `where` of the save of `step` ("mid-upload", "before-commit"), once (the flag file records that it
+    happened). Unset in every real run."""
+    spec = os.environ.get("VITRAY_TEST_CRASH", "")
+    if not spec:
+        return
+    at, at_step, at_rank, flag = spec.split(":", 3)
+    if at != where or int(at_step) != step or int(at_rank) != rank or os.path.exists(flag):
+        return
+    open(flag, "w").close()
+    os._exit(17)
+
+
 def train_worker_pids() -> list[int]:
     import psutil
 

@@ -90,6 +90,7 @@ class StorageConfig:
     run_name: str = ""  # "" = <model>-<UTC time>; reuse it with --resume
     keep_checkpoints: int = 3
     checkpoint_every: int = 1000  # optimizer steps; 0 = only at the end
+    async_save: bool = True  # periodic saves held in host memory and uploaded beside training (docs/elastic.md)
     cost_log: str = ""  # accelerator-days rows are appended here; "" = <uri>/accelerator_days.jsonl, "none" = off
 
 

@@ -1,11 +1,17 @@
 """Checkpoints: every rank's DeepSpeed state (ZeRO shards included) + where each data partition stood.
 
 Each rank saves into its own local folder and hands it to `ray.train.report`; Ray Train uploads all of them into
-one checkpoint folder in storage (local or s3://) and records it only once every rank has reported, keeping the
-last `storage.keep_checkpoints`. After a barrier — every rank's upload finished — rank 0 writes the commit
-marker `COMMIT` last. A folder without it is a save that was interrupted: resume skips it and says so, and
-`vitray.checkpoints.load_model` refuses it. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks'
-shards are stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
+one checkpoint folder in storage (local or s3://) and records it once every rank has reported, keeping the last
+`storage.keep_checkpoints`. Once every rank's upload has finished, rank 0 writes the commit marker `COMMIT` last. A
+folder without it is a save that was interrupted: resume skips it and says so, and `vitray.checkpoints.load_model`
+refuses it. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks' shards are
+stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
+
+Two ways to save (`saves.Checkpointer`, the loop's one seam): synchronously (`save`: training waits for the upload, then a
+barrier, then the marker; the final save always, and every save with `storage.async_save=false`), or in the
+background (`snapshot.begin`): training waits only while the state is gathered and copied into host memory, Ray
+Train's asynchronous upload writes and uploads it, and the marker follows at the first step at which every rank says
+its upload is done. Either way a checkpoint counts (`last_good`) only from its marker on.
 
 Layout of `<run>/step_00001000/`:
     vitray.json                      step, world size, the run's config (no credentials: there are none in it)
@@ -32,7 +38,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from vitray import storage
+from vitray import faults, storage
 from vitray.checkpoints import (COMMIT, EMA_WEIGHTS, META, TAG, WEIGHTS, CheckpointError, load_model,  # noqa: F401
                                 scan, step_dir)
 from vitray.data.stream import Position
@@ -44,30 +50,19 @@ logger = logging.getLogger("vitray")
 
 def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_info: dict, run_uri: str, endpoint,
          ema=None) -> None:
-    """Collective: every rank must call it at the same step. `ema` (torch's AveragedModel) is saved by rank 0."""
+    """Collective: every rank must call it at the same step. `ema` (torch's AveragedModel) is saved by rank 0.
+    Synchronous: returns once the checkpoint is committed."""
     rank = ray.train.get_context().get_world_rank()
-    digest = optimizer_digest(engine)
-    weights = module_digest(engine.module)  # collective under ZeRO-3
+    described = describe(engine, positions, ema)
     whole = full_weights(engine)  # collective: every rank helps gather; rank 0 keeps them
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, positions)  # rank 0 writes them all in one file: one read on resume
     folder = tempfile.mkdtemp(prefix=f"vitray-ckpt-{step}-")
     try:
         engine.save_checkpoint(folder, tag=TAG, client_state={"step": step})
-        with open(os.path.join(folder, f"position-rank{rank:05d}.json"), "w") as f:
-            json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for p, pos in positions.items()},
-                       "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}, f)
+        write_small_files(folder, rank, step, positions, described, run_info)
         if rank == 0:
-            with open(os.path.join(folder, POSITIONS), "w") as f:
-                json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for part in everyone
-                                          for p, pos in sorted(part.items())}}, f)
-            extra = {"model_digest": weights}
             save_file(whole, os.path.join(folder, WEIGHTS))
             if ema is not None:
                 save_file(_plain(ema.state_dict()), os.path.join(folder, EMA_WEIGHTS))
-                extra["ema_digest"] = module_digest(ema.module)
-            with open(os.path.join(folder, META), "w") as f:
-                json.dump({"step": step, "optimizer_digest": digest, **extra, **run_info}, f, indent=1)
         ray.train.report(
             {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
             checkpoint_dir_name=f"step_{step:08d}",
@@ -76,30 +71,42 @@ def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_i
         shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()  # every rank's report has returned: its files are in storage
     if rank == 0:
-        _test_crash_point("before-commit", step, rank)
-        marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
-        storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
+        commit(run_uri, endpoint, step)
 
 
-class Checkpointer:
-    """The run's saves: every `storage.checkpoint_every` steps and at the end, each committed only once every rank's
-    part is stored (`save`). Remembers the newest save, which a non-finite loss must not overwrite. Shaped so that
-    an asynchronous save can take its place: the loop asks `due`, calls `save`, and reads `last_good`."""
+def describe(engine, positions: dict[int, Position], ema=None) -> dict:
+    """What vitray.json and positions.json record besides the config: digests of the weights and optimizer state
+    (equal again after a restore) and every rank's data positions. Collective."""
+    described = {"optimizer_digest": optimizer_digest(engine), "model_digest": module_digest(engine.module)}
+    if ema is not None:
+        described["ema_digest"] = module_digest(ema.module)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, positions)  # rank 0 writes them all in one file: one read on resume
+    described["everyone"] = everyone
+    return described
 
-    def __init__(self, engine, ema, plan, world: int, last_good: int | None):
-        self.engine, self.ema, self.plan, self.last_good = engine, ema, plan, last_good
-        self.every = plan.cfg.storage.checkpoint_every
-        self.run_info = {"world_size": world, "config": plan.cfg.to_dict(), "total_steps": plan.total_steps}
 
-    def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
+def write_small_files(folder: str, rank: int, step: int, positions: dict[int, Position], described: dict,
+                      run_info: dict) -> None:
+    """This rank's position file; on rank 0 also positions.json and vitray.json."""
+    with open(os.path.join(folder, f"position-rank{rank:05d}.json"), "w") as f:
+        json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for p, pos in positions.items()},
+                   "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}, f)
+    if rank != 0:
+        return
+    with open(os.path.join(folder, POSITIONS), "w") as f:
+        json.dump({"partitions": {str(p): [pos.epoch, pos.consumed] for part in described["everyone"]
+                                  for p, pos in sorted(part.items())}}, f)
+    digests = {k: v for k, v in described.items() if k != "everyone"}
+    with open(os.path.join(folder, META), "w") as f:
+        json.dump({"step": step, **digests, **run_info}, f, indent=1)
 
-    def save(self, step: int, positions: dict, metrics: dict) -> float:
-        """Collective. Seconds the save took (training stood still for them)."""
-        start = time.time()
-        save(self.engine, step, positions, metrics, self.run_info, self.plan.run_uri, self.plan.endpoint, self.ema)
-        self.last_good = step
-        return time.time() - start
+
+def commit(run_uri: str, endpoint, step: int) -> None:
+    """Rank 0, once every rank's part of `step` is in storage: the marker that makes the checkpoint complete."""
+    faults.crash_point("before-commit", step, 0)
+    marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
+    storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
 
 
 def full_weights(engine) -> dict[str, torch.Tensor]:
@@ -131,18 +138,6 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
 def _plain(state: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
-
-def _test_crash_point(where: str, step: int, rank: int) -> None:
-    """Fault injection for the reliability tests: VITRAY_TEST_CRASH=<where>:<step>:<rank>:<flag file> makes that
-    rank die abruptly there, once (the flag file records that it happened). Unset in every real run."""
-    spec = os.environ.get("VITRAY_TEST_CRASH", "")
-    if not spec:
-        return
-    at, at_step, at_rank, flag = spec.split(":", 3)
-    if at != where or int(at_step) != step or int(at_rank) != rank or os.path.exists(flag):
-        return
-    open(flag, "w").close()
-    os._exit(17)
 
 def optimizer_digest(engine) -> float:
     """Sum of |x| over every optimizer-state tensor (moments, not step counters) on every rank: equal before a

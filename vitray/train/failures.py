@@ -22,14 +22,17 @@ def classify(error: BaseException) -> str:
     return "failed"
 
 
-def check_finite(loss_sum, step: int, last_good: int | None, device) -> None:
+def check_finite(loss_sum, step: int, saves, device) -> None:
     """Collective: stop every rank together when any rank's running loss is NaN or infinite, before anything is
-    saved, so no checkpoint ever holds non-finite weights."""
+    saved, so no checkpoint ever holds non-finite weights. A save still uploading (`saves`: the loop's
+    `Checkpointer`) is committed first: it was taken from the finite weights of an earlier step."""
     import torch
 
     from vitray.train.collectives import any_rank
 
     if any_rank(not torch.isfinite(loss_sum).item(), device):
+        saves.settle()
+        last_good = saves.last_good
         kept = f"the latest checkpoint (step {last_good}) is kept as it was" if last_good else "no checkpoint was written"
         raise NonFiniteLoss(f"non-finite training loss by step {step}; stopping without saving: {kept}. Lower "
                             "optim.lr, raise optim.warmup_steps or check the data")

@@ -3,7 +3,7 @@
     data stream → model → DeepSpeed engine → restore the latest checkpoint, if any →
     forward / backward / step (DeepSpeed accumulates to the global batch) → log → checkpoint → evaluate → report.
 
-Each concern lives in its own module: where a worker starts (`resume.py`), saving (`checkpoint.py`), the run's log
+Each concern lives in its own module: where a worker starts (`resume.py`), saving (`saves.py`, `checkpoint.py`), the run's log
 (`metrics.py`), held-out evaluation (`evaluating.py`), numbers every rank contributes to (`collectives.py`), and
 what a rehearsal measures (`phases.py`, through the hooks the driver passes in).
 
@@ -30,13 +30,13 @@ from vitray.data.stream import TrainStream
 from vitray.models.registry import get_spec
 from vitray.tasks import make_task
 from vitray.train import collectives, resume
-from vitray.train.checkpoint import Checkpointer
 from vitray.train.engine import build_engine, building, precision
 from vitray.train.evaluating import held_out
 from vitray.train.failures import check_finite
 from vitray.train.metrics import (DATA_BOUND, DataWait, LossMeter, MetricsLog, SampleAudit, data_bound_message,
                                   positions_json, restart_totals)
 from vitray.train.phases import RunHooks
+from vitray.train.saves import Checkpointer
 from vitray.train.waits import WaitWatch
 
 # Not print(): Ray Train tees worker prints to both stdout and its logger, so each line would show twice.
@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         torch.manual_seed(cfg.seed * 1_000_003 + rank + 1)
     engine.train()
-    saves, loss, waits = Checkpointer(engine, ema, plan, world, start.step), LossMeter(device), DataWait(waiting, device)
+    saves, loss, waits = Checkpointer(engine, ema, plan, world, start.step, log), LossMeter(device), DataWait(waiting, device)
     audit, positions = SampleAudit(d.audit_samples), start.positions
     while step < plan.last_step:
         for _ in range(accumulation):
@@ -102,10 +102,11 @@ def train_loop_per_worker(config: dict) -> None:
             _first_step(step, timeline, waits, hooks, log)
             if hooks.stepped(plan, start, timeline):  # a rehearsal's restart or resize ends at its first step
                 return
+        saves.poll()  # an asynchronous save in flight is committed once every rank's upload is done
         # Checked at every log and before every save (one host sync each, not one per step): a diverged run stops
         # with the step named, and no checkpoint ever holds non-finite weights.
         if log.due(step) or saves.due(step):
-            check_finite(loss.sum, step, saves.last_good, device)
+            check_finite(loss.sum, step, saves, device)
         if log.due(step):
             skipped = {"skipped_samples": collectives.sum_over_ranks(train_data.skipped, device)} if d.bad_samples == "skip" else {}
             log.record(step, loss.mean(), engine.get_lr()[0], data_wait_s=waits.window(),
@@ -113,12 +114,14 @@ def train_loop_per_worker(config: dict) -> None:
         if saves.due(step) and step < plan.last_step:
             log.flush()  # first: a committed checkpoint always has its metrics history in storage
             saving = time.time()
-            log.event(step, "checkpoint", save_s=saves.save(step, positions, {"loss": loss.last}))
-            hooks.saved(plan, step, start, timeline, saving, stalled=time.time() - saving)
+            log.event(step, "checkpoint", **saves.save(step, positions, {"loss": loss.last}))
+            hooks.saved(plan, step, start, timeline, saving, stalled=time.time() - saving, settle=saves.settle)
 
-    # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost).
+    # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost). A periodic
+    # save still uploading is committed first: held-out evaluation can take minutes, and the save is good now.
     timeline["last_step"] = time.time()
     hooks.phase("trained")
+    saves.settle()
     results = _results(step, loss.last, log, engine, positions, waits, train_data, timeline, device, cfg, rank)
     if cfg.data.val_uri and step == plan.total_steps and hooks.evaluates:
         results.update(held_out(engine, ema, task, device, dtype, cfg, export=(plan.run_uri, plan.endpoint)))
@@ -126,7 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
             logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
     log.final(step, results)
     log.flush()
-    saves.save(step, positions, results)
+    saves.save(step, positions, results, final=True)
 
 
 def _device(cfg) -> tuple[torch.device, torch.dtype]:

@@ -33,8 +33,9 @@ class RunHooks:
         """After this worker group's first step; True stops the worker there (no save)."""
         return False
 
-    def saved(self, plan, step: int, start, timeline: dict, saving: float, stalled: float) -> None:
-        """After a periodic save returned (`stalled`: the seconds the loop stood still for it since `saving`)."""
+    def saved(self, plan, step: int, start, timeline: dict, saving: float, stalled: float, settle=None) -> None:
+        """After a periodic save returned (`stalled`: the seconds the loop stood still for it since `saving`;
+        `settle`, collective, waits until it is committed: an asynchronous save is still uploading)."""
 
 
 class RehearsedFailure(RuntimeError):
@@ -83,10 +84,12 @@ class Rehearsal(RunHooks):
                 "step": start.step, "optimizer_digest": start.digest, "memory": memory})
         return True
 
-    def saved(self, plan, step, start, timeline, saving, stalled) -> None:
+    def saved(self, plan, step, start, timeline, saving, stalled, settle=None) -> None:
         self.phases.mark("saved")
         trained = step - (start.step or 0)
         first = timeline["first_step"] - timeline["engine_ready"]
+        if settle is not None:  # every rank: the commit needs each rank's word that its upload is done
+            settle()
         committed = _committed(plan, step) if _rank() == 0 else 0.0  # an asynchronous save commits after the stall
         memory = self.phases.over_ranks()
         if _rank() == 0:

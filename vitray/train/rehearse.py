@@ -43,7 +43,8 @@ def adapt(cfg: Config, steps: int, host: Attached) -> tuple[Config, list[str], c
         scaling=dict(num_workers=workers, use_gpu=bool(host.gpus), cpus_per_worker=cpus, autoscale=False),
         optim=dict(total_steps=steps, warmup_steps=min(cfg.optim.warmup_steps, 1)),
         data=dict(val_uri="", **({} if cfg.data.train_uri else {"builtin": rehearsal_data(cfg)})),
-        storage=dict(checkpoint_every=0, keep_checkpoints=1, cost_log="none",
+        # The save the "train" phase makes at `steps` (`run`), here too: an asynchronous one holds a host copy.
+        storage=dict(checkpoint_every=steps, keep_checkpoints=1, cost_log="none",
                      run_name=cfg.storage.run_name or f"rehearse-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"),
         log_every=1, max_failures=0,
     )
@@ -62,8 +63,11 @@ def adapt(cfg: Config, steps: int, host: Attached) -> tuple[Config, list[str], c
             continue
         break
     else:
+        held = est.memory.get("snapshot", 0.0)
+        hint = (f"; each includes the {held / cost.GIB:.1f} GiB host copy an asynchronous save holds: try --set"
+                " storage.async_save=false" if held else "")
         raise ConfigError(f"--rehearse: {cfg.model.name} @ {cfg.data.image_size} px fits none of the settings tried on"
-                          f" {workers} {on} workers with {budget / cost.GIB:.1f} GiB each ({'; '.join(tried)})")
+                          f" {workers} {on} workers with {budget / cost.GIB:.1f} GiB each ({'; '.join(tried)}){hint}")
 
     def note(field: str, old, new, why: str) -> None:
         if old != new:

@@ -30,9 +30,13 @@ def locate(cfg: Config, runs_root: str, endpoint: Endpoint) -> tuple[str, str]:
 
 
 def has_checkpoint(run_uri: str, endpoint: Endpoint) -> bool:
-    """Whether Ray Train registered any checkpoint of the run (what `--resume` needs at least)."""
+    """Whether the run has a checkpoint to resume from (what `--resume` needs at least): one Ray Train registered,
+    or a committed one. An asynchronous save is committed once every rank's upload is done, which may be before
+    Ray Train's controller registers it: a run killed in between has a complete checkpoint and no snapshot."""
+    from vitray.checkpoints import scan
+
     try:
-        return storage.exists(storage.join(run_uri, RAY_SNAPSHOT), endpoint)
+        return storage.exists(storage.join(run_uri, RAY_SNAPSHOT), endpoint) or bool(scan(run_uri, endpoint)[0])
     except storage.StorageError as e:
         raise ConfigError(f"storage.uri: {e}") from None
 
