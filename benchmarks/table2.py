@@ -11,7 +11,7 @@ import os
 
 from common import ROOT
 
-from vitray import cost
+from vitray import paper_cost
 
 
 def main() -> None:
@@ -19,16 +19,16 @@ def main() -> None:
 
     print("| model | data | paper TPUv3-core-days | epochs | vitray EFLOPs | implied utilisation |")
     print("|---|---|---|---|---|---|")
-    for (model, dataset), (days, epochs_options) in cost.TABLE2_CORE_DAYS.items():
+    for (model, dataset), (days, epochs_options) in paper_cost.TABLE2_CORE_DAYS.items():
         for epochs in epochs_options:
-            ef = cost.paper_exaflops(model, epochs, DATASETS[dataset]["num_images"],
+            ef = paper_cost.paper_exaflops(model, epochs, DATASETS[dataset]["num_images"],
                                      num_classes=DATASETS[dataset]["num_classes"])
-            print(f"| {model} | {dataset} | {days:,} | {epochs} | {ef:,.0f} | {cost.utilisation(ef, days):.0%} |")
+            print(f"| {model} | {dataset} | {days:,} | {epochs} | {ef:,.0f} | {paper_cost.utilisation(ef, days):.0%} |")
     print()
     print("| model | EFLOPs (Table 6) | vitray, counted as the paper (XLA) | ratio | as vitray computes it | ratio |")
     print("|---|---|---|---|---|---|")
-    for (model, epochs), ef in cost.TABLE6_EXAFLOPS.items():
-        mine, dense = cost.paper_exaflops(model, epochs), cost.paper_exaflops(model, epochs, paper=False)
+    for (model, epochs), ef in paper_cost.TABLE6_EXAFLOPS.items():
+        mine, dense = paper_cost.paper_exaflops(model, epochs), paper_cost.paper_exaflops(model, epochs, paper=False)
         print(f"| {model} {epochs} ep | {ef:,} | {mine:,.1f} | {mine / ef:.3f} | {dense:,.1f} | {dense / ef:.3f} |")
     log = os.path.join(ROOT, "benchmarks", "results", "accelerator_days.jsonl")
     if not os.path.exists(log):

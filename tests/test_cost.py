@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitray import accounting, cost
+from vitray import accounting, cost, paper_cost
 from vitray.config import ConfigError, preset
 from vitray.models.registry import MODELS, build_model, get_spec
 
@@ -49,10 +49,10 @@ def test_hybrid_parameter_count_and_tokens():
     assert tokens.shape == (1, 24 * 24 + 1, 768)  # output stride 16: one token per 16×16 pixels, as ViT-B/16
 
 
-@pytest.mark.parametrize("key", list(cost.TABLE6_EXAFLOPS))
+@pytest.mark.parametrize("key", list(paper_cost.TABLE6_EXAFLOPS))
 def test_table6_exaflops(key):
     """Within 1 % of the paper, except BiT-R50x1's "50", printed to two figures, which we count as 50.7."""
-    assert cost.paper_exaflops(*key) == pytest.approx(cost.TABLE6_EXAFLOPS[key], rel=0.015 if key[0] == "bit_r50x1" else 0.01)
+    assert paper_cost.paper_exaflops(*key) == pytest.approx(paper_cost.TABLE6_EXAFLOPS[key], rel=0.015 if key[0] == "bit_r50x1" else 0.01)
 
 
 def test_paper_convention_differs_by_padding_taps_and_the_last_blocks_tokens():
@@ -68,7 +68,7 @@ def test_paper_convention_differs_by_padding_taps_and_the_last_blocks_tokens():
 
 
 def test_tpu_utilisation_of_vit_h14_is_32_percent():
-    assert cost.utilisation(cost.TABLE6_EXAFLOPS[("vit_h14", 14)], 2500) == pytest.approx(0.32, abs=0.005)
+    assert paper_cost.utilisation(paper_cost.TABLE6_EXAFLOPS[("vit_h14", 14)], 2500) == pytest.approx(0.32, abs=0.005)
     assert accounting.PEAK_FLOPS["TPUv3-core"] == 61.5e12 and accounting.PEAK_FLOPS["H100"] == 989e12
 
 
@@ -94,7 +94,7 @@ def test_planner_refuses_what_cannot_fit_and_names_the_fix():
     assert ok.fits, ok.summary()
     # 14 epochs of JFT in A100-days at 40 % MFU: compute / (peak × MFU), the paper's 4262 EF less the ~2 % that
     # vitray's class-token-only last block does not compute (1 block of 32, most of it)
-    computed = cost.paper_exaflops("vit_h14", 14, paper=False)
+    computed = paper_cost.paper_exaflops("vit_h14", 14, paper=False)
     assert 0.97 * 4262 < computed < 0.99 * 4262
     assert ok.accelerator_days == pytest.approx(computed * 1e18 / (312e12 * 0.4) / 86400, rel=0.001)
 

@@ -12,7 +12,7 @@ RANK = {
     "config": 1, "accounting": 1, "data": 1, "goodput": 1,
     "checkpoints": 2, "session": 2,
     "tasks": 3, "runs": 3,
-    "cost": 4, "eval": 4,
+    "cost": 4, "paper_cost": 4, "eval": 4,
     "train": 5,
     "tune": 6,
 }

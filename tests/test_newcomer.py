@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -268,30 +269,56 @@ def test_failed_run_records_why_and_its_name_can_be_used_again(ray_cluster, s3, 
 
 
 @pytest.mark.e2e
-def test_laptop_run_is_kept_in_local_runs_and_its_terminal_shows_vitray_lines(tmp_path):
+def test_laptop_run_interrupted_then_resumed_as_printed_is_kept_in_local_runs(tmp_path):
     """The README's first command with a short schedule, from a fresh folder: data from the embedded S3 server, the
-    run in ./runs (it outlives the server), a terminal free of Ray Data's execution plans and Ray Train's internal
-    PreemptionWatcher error; then the tools work on the printed checkpoint at once."""
+    run in ./runs (it outlives the server). Ctrl-C (SIGINT to the job's process group: the driver and the local Ray
+    it started) after the first checkpoint: exit 130, run.json says `interrupted` with the step to resume from and
+    one line says how; the same command again is refused, pointing at --resume; the printed resume finishes the run
+    with a terminal free of Ray Data's execution plans and Ray Train's internal PreemptionWatcher error; then the
+    tools work on the printed checkpoint at once."""
+    from vitray import faults, runs
+    from vitray.checkpoints import scan
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    job = lambda name, *a: subprocess.run([sys.executable, os.path.join(ROOT, "jobs", name), *a], cwd=tmp_path,  # noqa: E731
-                                          capture_output=True, text=True, timeout=600, env=env)
-    proc = job("pretrain_vit_h14.py", "--preset", "smoke", "--set", "optim.total_steps=40", "--run-name", "laptop")
+    command = [sys.executable, os.path.join(ROOT, "jobs", "pretrain_vit_h14.py"), "--preset", "smoke",
+               "--set", "optim.total_steps=60", "--set", "storage.checkpoint_every=10", "--run-name", "laptop"]
+    job = lambda *a: subprocess.run([*a], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)  # noqa: E731
+    tool = lambda name, *a: job(sys.executable, os.path.join(ROOT, "jobs", name), *a)  # noqa: E731
+    run = tmp_path / "runs" / "laptop"
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        faults.wait_for(lambda: list(run.glob("step_*/COMMIT")), 300, what="the first checkpoint")
+        os.killpg(first.pid, signal.SIGINT)
+        out, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 130, out[-3000:]
+    record = runs.read_state(str(run), None)
+    assert record["state"] == "interrupted" and record["committed_step"] in scan(str(run), None)[0]
+    assert (f"stopped: run 'laptop' interrupted (Ctrl-C); its last committed checkpoint is step"
+            f" {record['committed_step']}: resume it with the same command plus --resume --run-name laptop") in out
+
+    again = job(*command)
+    assert again.returncode == 2 and "run 'laptop' was interrupted" in again.stdout + again.stderr, again.stderr[-3000:]
+    assert "pass --resume" in again.stdout + again.stderr
+    proc = job(*command, "--resume")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"run"')))
-    run = tmp_path / "runs" / "laptop"
-    assert summary["run"] == str(run) and summary["checkpoint"] == str(run / "step_00000040")
-    assert (run / "step_00000040" / "COMMIT").exists() and (tmp_path / "runs" / "accelerator_days.jsonl").exists()
+    assert summary["run"] == str(run) and summary["checkpoint"] == str(run / "step_00000060")
+    assert (run / "step_00000060" / "COMMIT").exists() and (tmp_path / "runs" / "accelerator_days.jsonl").exists()
     for noise in ("Execution plan of Dataset", "Starting execution of Dataset", "PreemptionWatcher",
                   "Progress bars disabled", "all_gather_into_tensor"):
         assert noise not in out, noise
-    assert "step 40/40 loss" in out and "held-out top1" in out
+    assert "step 60/60 loss" in out and "held-out top1" in out
 
-    evaluated = job("evaluate.py", "--checkpoint", summary["checkpoint"], "--eval", "top1")
+    evaluated = tool("evaluate.py", "--checkpoint", summary["checkpoint"], "--eval", "top1")
     assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-3000:]
     top1 = json.loads(next(x for x in evaluated.stdout.splitlines() if x.startswith('{"checkpoint"')))["top1"]
     assert top1["samples"] == 297 and abs(top1["accuracy"] - summary["val_top1"]) <= 1 / 297
 
-    listed = job("runs.py", "--json")
+    listed = tool("runs.py", "--json")
     (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
     assert row["name"] == "laptop" and row["state"] == "finished" and row["best"] == pytest.approx(summary["val_top1"])

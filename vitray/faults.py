@@ -18,17 +18,23 @@ TRAIN_WORKER = "ray::RayTrainWorker"  # the process title Ray gives each Train w
 
 
 def crash_point(where: str, step: int, rank: int) -> None:
-    """For the reliability tests: VITRAY_TEST_CRASH=<where>:<step>:<rank>:<flag file> makes that rank die abruptly
-    at the point `where` of the save of `step` ("mid-upload", "before-commit"), once (the flag file records that it
-    happened). Unset in every real run."""
-    spec = os.environ.get("VITRAY_TEST_CRASH", "")
-    if not spec:
-        return
-    at, at_step, at_rank, flag = spec.split(":", 3)
-    if at != where or int(at_step) != step or int(at_rank) != rank or os.path.exists(flag):
-        return
-    open(flag, "w").close()
-    os._exit(17)
+    """For the reliability tests: VITRAY_TEST_CRASH=<where>:<step>:<rank>:<flag file>[,<another>...] makes that rank
+    die abruptly at the point `where` of the save of `step` ("mid-upload", "before-commit"), once each (the flag
+    file records that it happened). Unset in every real run."""
+    for spec in filter(None, os.environ.get("VITRAY_TEST_CRASH", "").split(",")):
+        at, at_step, at_rank, flag = spec.split(":", 3)
+        if at == where and int(at_step) == step and int(at_rank) == rank and not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(17)
+
+
+def hold_point() -> None:
+    """For the elastic test: while the file VITRAY_TEST_HOLD names exists, every rank waits before its next step.
+    A run on a real cluster is still training when Ray Train grows it back (a step takes seconds); the tiny model
+    here could finish all its steps first. Unset in every real run."""
+    flag = os.environ.get("VITRAY_TEST_HOLD", "")
+    while flag and os.path.exists(flag):
+        time.sleep(0.1)
 
 
 def train_worker_pids() -> list[int]:

@@ -1,10 +1,11 @@
 """Checkpoints: every rank's DeepSpeed state (ZeRO shards included) + where each data partition stood.
 
 Each rank saves into its own local folder and hands it to `ray.train.report`; Ray Train uploads all of them into
-one checkpoint folder in storage (local or s3://) and records it once every rank has reported, keeping the last
-`storage.keep_checkpoints`. Once every rank's upload has finished, rank 0 writes the commit marker `COMMIT` last. A
-folder without it is a save that was interrupted: resume skips it and says so, and `vitray.checkpoints.load_model`
-refuses it. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks' shards are
+one checkpoint folder in storage (local or s3://) and records it once every rank has reported. Once every rank's
+upload has finished, rank 0 writes the commit marker `COMMIT` last, and then keeps the newest
+`storage.keep_checkpoints` committed folders (`commit`: vitray's retention, not Ray's). A folder without the marker
+is a save that was interrupted: resume skips it and says so, `vitray.checkpoints.load_model` refuses it, and the
+next worker group deletes it before it saves that step again. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks' shards are
 stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
 
 Two ways to save (`saves.Checkpointer`, the loop's one seam): synchronously (`save`: training waits for the upload, then a
@@ -48,10 +49,9 @@ UNIVERSAL = "universal"  # DeepSpeed's universal checkpoint of the same state, m
 logger = logging.getLogger("vitray")
 
 
-def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_info: dict, run_uri: str, endpoint,
-         ema=None) -> None:
+def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_info: dict, ema=None) -> None:
     """Collective: every rank must call it at the same step. `ema` (torch's AveragedModel) is saved by rank 0.
-    Synchronous: returns once the checkpoint is committed."""
+    Synchronous: returns once every rank's files are in storage (then `commit`)."""
     rank = ray.train.get_context().get_world_rank()
     described = describe(engine, positions, ema)
     whole = full_weights(engine)  # collective: every rank helps gather; rank 0 keeps them
@@ -69,9 +69,7 @@ def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_i
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    dist.barrier()  # every rank's report has returned: its files are in storage
-    if rank == 0:
-        commit(run_uri, endpoint, step)
+    dist.barrier()  # every rank's report has returned: its files are in storage; the caller commits
 
 
 def describe(engine, positions: dict[int, Position], ema=None) -> dict:
@@ -102,11 +100,36 @@ def write_small_files(folder: str, rank: int, step: int, positions: dict[int, Po
         json.dump({"step": step, **digests, **run_info}, f, indent=1)
 
 
-def commit(run_uri: str, endpoint, step: int) -> None:
-    """Rank 0, once every rank's part of `step` is in storage: the marker that makes the checkpoint complete."""
+def commit(run_uri: str, endpoint, step: int, keep: int) -> None:
+    """Rank 0, once every rank's part of `step` is in storage: the marker that makes the checkpoint complete; then
+    only the newest `keep` committed checkpoints stay, and no save older than this one that never committed.
+
+    vitray keeps checkpoints by their markers, not Ray Train (`num_to_keep` is off in `launch.fit`): Ray counts what
+    it registered, which includes a save torn before its marker, and when restarted workers save that step again,
+    the same folder twice. Its retention would then delete a committed checkpoint, or one folder twice (the fit
+    fails with "Path not found")."""
     faults.crash_point("before-commit", step, 0)
     marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
     storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
+    complete, incomplete = scan(run_uri, endpoint)
+    _remove(run_uri, endpoint, complete[:-keep] + [s for s in incomplete if s < step])
+
+
+def remove_torn(run_uri: str, endpoint, resumed: int | None) -> None:
+    """Rank 0, when a worker group starts: the saves newer than the checkpoint it resumes from never committed (an
+    earlier group was stopped during them). This group saves those steps again, into folders that must not keep
+    the torn saves' files (another world size writes other shard files)."""
+    _, incomplete = scan(run_uri, endpoint)
+    _remove(run_uri, endpoint, [s for s in incomplete if resumed is None or s > resumed])
+
+
+def _remove(run_uri: str, endpoint, steps: list[int]) -> None:
+    fs, path = storage.resolve(run_uri, endpoint)
+    for s in steps:
+        try:
+            storage.with_retries(lambda: fs.delete_dir(f"{path}/{step_dir(s)}"))
+        except OSError as e:  # storage it cannot clean costs space, not the run
+            logger.warning(f"{storage.join(run_uri, step_dir(s))}: could not delete ({e}); delete it by hand")
 
 
 def full_weights(engine) -> dict[str, torch.Tensor]:
@@ -157,16 +180,13 @@ def latest_complete(run_uri: str, endpoint) -> "ray.train.Checkpoint | None":
     may offer one step too few (registration still pending) or one too many (registered, marker never written).
     Rank 0 logs every checkpoint it skips."""
     complete, incomplete = scan(run_uri, endpoint)
-    if not complete:
-        if incomplete:
-            raise CheckpointError(f"{run_uri}: no complete checkpoint to resume from (none holds a {COMMIT} marker;"
-                                  f" incomplete: {', '.join(map(step_dir, incomplete))})")
-        return None
-    chosen = complete[-1]
-    skipped = [s for s in incomplete if s > chosen]
+    chosen = complete[-1] if complete else None
+    skipped = [s for s in incomplete if chosen is None or s > chosen]
     if skipped and ray.train.get_context().get_world_rank() == 0:
         logger.warning(f"skipped incomplete checkpoint {', '.join(map(step_dir, skipped))} (no {COMMIT} marker: a"
-                       f" save was interrupted); resuming from {step_dir(chosen)}")
+                       f" save was interrupted); {f'resuming from {step_dir(chosen)}' if complete else 'starting afresh'}")
+    if chosen is None:  # a first save torn: Ray Train restarted the workers before any checkpoint committed
+        return None
     fs, path = storage.resolve(storage.join(run_uri, step_dir(chosen)), endpoint)
     return ray.train.Checkpoint(path, filesystem=fs)
 

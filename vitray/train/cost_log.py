@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from vitray import cost, storage
+from vitray import cost, paper_cost, storage
 from vitray.config.schema import Config
 from vitray.storage import Endpoint
 
@@ -29,7 +29,7 @@ def cost_row(cfg: Config, plan, metrics: dict, estimate) -> dict:
         "planned_memory_per_device_gib": estimate.memory_total / cost.GIB,
         "projected_accelerator_days": {
             f"{name}_{epochs}ep": epochs * d["num_images"] / per_accel / 86400
-            for name, d in DATASETS.items() for epochs in cost.SCHEDULES[name]},
+            for name, d in DATASETS.items() for epochs in paper_cost.SCHEDULES[name]},
         "machine": cost.machine(),
     }
 

@@ -2,9 +2,13 @@
 trained weights — and, when the run keeps a Polyak average, of the averaged ones too."""
 from __future__ import annotations
 
+import logging
+
 import ray.train
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("vitray")
 
 
 def held_out(engine, ema, task, device, dtype, cfg, export: tuple) -> dict[str, float]:
@@ -17,6 +21,8 @@ def held_out(engine, ema, task, device, dtype, cfg, export: tuple) -> dict[str, 
         results.update({f"{k}_raw": v for k, v in raw.items()})
     results.update(evaluate(ema.module if ema else engine, task, ray.train.get_dataset_shard("val"), device, dtype,
                             cfg, export=export))
+    if ray.train.get_context().get_world_rank() == 0:
+        logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
     return results
 
 

@@ -103,7 +103,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
             name=plan.run_name,
             storage_path=runs_path,
             storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # vitray keeps them by marker: checkpoint.commit
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks,
         ),

@@ -22,7 +22,7 @@ import ray.train.torch
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from vitray import accounting, cost
+from vitray import accounting, cost, faults
 from vitray.data import partitions
 from vitray.data.batching import start_early
 from vitray.data.spec import ReadSpec
@@ -70,21 +70,17 @@ def train_loop_per_worker(config: dict) -> None:
         return
     log = _metrics_log(cfg, plan, world, device, step, rank)
     if start.found:
-        resume.record(start, log, engine, ema, timeline["fit_called"], rank, world)
+        resume.record(start, log, engine, ema, timeline["fit_called"], rank, world, plan.last_step)
         if step >= plan.last_step:  # Ray Train restarted the workers after the final checkpoint: it holds the results
-            if rank == 0:
-                logger.info(f"step {step}: the run was already complete when Ray Train restarted its workers")
             return
 
     # Train. Dropout draws differ per rank and continue where the checkpoint left them.
-    if start.rng_state is not None:
-        torch.set_rng_state(start.rng_state)
-    else:
-        torch.manual_seed(cfg.seed * 1_000_003 + rank + 1)
+    resume.seed(start, cfg.seed, rank)
     engine.train()
     saves, loss, waits = Checkpointer(engine, ema, plan, world, start.step, log), LossMeter(device), DataWait(waiting, device)
     audit, positions = SampleAudit(d.audit_samples), start.positions
     while step < plan.last_step:
+        faults.hold_point()  # the elastic test only (unset otherwise)
         for _ in range(accumulation):
             with waiting:
                 micro = next(stream)
@@ -125,8 +121,6 @@ def train_loop_per_worker(config: dict) -> None:
     results = _results(step, loss.last, log, engine, positions, waits, train_data, timeline, device, cfg, rank)
     if cfg.data.val_uri and step == plan.total_steps and hooks.evaluates:
         results.update(held_out(engine, ema, task, device, dtype, cfg, export=(plan.run_uri, plan.endpoint)))
-        if rank == 0:
-            logger.info(f"held-out {task.metric.removeprefix('val_')}: {results[task.metric]:.4f}")
     log.final(step, results)
     log.flush()
     saves.save(step, positions, results, final=True)

@@ -43,6 +43,8 @@ def find(plan, rank: int, world: int, fit: float | None = None) -> Resume:
     called fit (whose driver may be making the universal form already: `train/universal.py`)."""
     found = checkpoint.latest_complete(plan.run_uri, plan.endpoint)
     saved = checkpoint.read_commit(found) if found is not None else {}
+    if rank == 0:  # before any rank can save (a training step, a collective, comes first)
+        checkpoint.remove_torn(plan.run_uri, plan.endpoint, saved.get("step"))
     resharded = found is not None and saved["world_size"] != world
     converting = time.time()
     if resharded and rank == 0:  # made by the driver for a --resume or beside an elastic run; else here
@@ -68,10 +70,20 @@ def restore(resume: Resume, engine, ema, rank: int, world: int) -> int:
     return resume.step
 
 
-def record(resume: Resume, log, engine, ema, fit_called: float, rank: int, world: int) -> None:
+def seed(resume: Resume, seed: int, rank: int) -> None:
+    """This rank's RNG (dropout draws): where the checkpoint left it, else its own seed."""
+    if resume.rng_state is not None:
+        torch.set_rng_state(resume.rng_state)
+    else:
+        torch.manual_seed(seed * 1_000_003 + rank + 1)
+
+
+def record(resume: Resume, log, engine, ema, fit_called: float, rank: int, world: int, last_step: int) -> None:
     """The run log's `resumed` line (digests a test compares with the save's), and a `restart` line with what the
     restart cost when this fit() saved the checkpoint, i.e. Ray Train restarted the workers."""
     step = resume.step
+    if step >= last_step and rank == 0:
+        logger.info(f"step {step}: the run was already complete when Ray Train restarted its workers")
     log.event(step, "resumed", optimizer_digest=resume.digest, positions=positions_json(resume.positions),
               resharded=resume.resharded, model_digest=checkpoint.module_digest(engine.module),
               **({"ema_digest": checkpoint.module_digest(ema.module)} if ema else {}))

@@ -26,7 +26,7 @@ class Checkpointer:
 
     def __init__(self, engine, ema, plan, world: int, last_good: int | None, log=None):
         self.engine, self.ema, self.plan, self.last_good, self.log = engine, ema, plan, last_good, log
-        self.every = plan.cfg.storage.checkpoint_every
+        self.every, self.keep = plan.cfg.storage.checkpoint_every, plan.cfg.storage.keep_checkpoints
         # Not in an elastic run: a resize tears the workers down mid-upload, and the regrown group redoes and saves
         # again a step Ray Train has already registered; its retention then deletes that folder twice and the fit
         # fails ("Path not found", seen in the elastic test). Elastic runs save synchronously, as before.
@@ -44,7 +44,9 @@ class Checkpointer:
         waited = self.settle()
         if final or not self.background:
             began = time.time()
-            save(self.engine, step, positions, metrics, self.run_info, self.plan.run_uri, self.plan.endpoint, self.ema)
+            save(self.engine, step, positions, metrics, self.run_info, self.ema)
+            if dist.get_rank() == 0:
+                commit(self.plan.run_uri, self.plan.endpoint, step, self.keep)
             self.last_good = step
             return {"save_s": time.time() - began, "save_stall_s": time.time() - start, "save_wait_s": waited}
         self.pending, figures = snapshot.begin(self.engine, step, positions, {**metrics, "step": step},
@@ -79,7 +81,7 @@ class Checkpointer:
     def _commit(self) -> None:
         step, began = self.pending.step, self.pending.started
         if dist.get_rank() == 0:
-            commit(self.plan.run_uri, self.plan.endpoint, step)
+            commit(self.plan.run_uri, self.plan.endpoint, step, self.keep)
         self.pending, self.last_good = None, step
         if self.log is not None:  # `step`: the checkpoint's; save_s: from its start to its commit marker
             self.log.event(step, "committed", upload_s=self.upload_s, save_s=time.time() - began)
