@@ -123,6 +123,8 @@ def lose_and_return(cluster, spot: list, driver: Driver, run_uri: str, endpoint)
     from vitray.checkpoints import scan
 
     driver.wait_for(lambda line: (step_of(line) or 0) >= REMOVE_AT)
+    # Saves upload in the background: the node goes once the first has committed, so the shrink has one to resume.
+    faults.wait_for(lambda: scan(run_uri, endpoint)[0], 300, what="the first committed checkpoint")
     lost_at = time.time()
     cluster.remove_node(spot.pop())
     shrunk_at, line = driver.wait_for(lambda line: "restarted at step" in line and " on 1 workers" in line)

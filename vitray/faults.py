@@ -17,15 +17,28 @@ import time
 TRAIN_WORKER = "ray::RayTrainWorker"  # the process title Ray gives each Train worker
 
 
-def crash_point(where: str, step: int, rank: int) -> None:
+def crash_point(where: str, step: int, rank: int, ready=None) -> None:
     """For the reliability tests: VITRAY_TEST_CRASH=<where>:<step>:<rank>:<flag file>[,<another>...] makes that rank
     die abruptly at the point `where` of the save of `step` ("mid-upload", "before-commit"), once each (the flag
-    file records that it happened). Unset in every real run."""
+    file records that it happened), as soon as `ready()` holds (e.g. Ray Train has registered the save). Unset in
+    every real run."""
     for spec in filter(None, os.environ.get("VITRAY_TEST_CRASH", "").split(",")):
         at, at_step, at_rank, flag = spec.split(":", 3)
         if at == where and int(at_step) == step and int(at_rank) == rank and not os.path.exists(flag):
+            if ready is not None:
+                wait_for(ready, 120, what=f"the crash point {where} of step {step}")
             open(flag, "w").close()
             os._exit(17)
+
+
+def ray_registered(run_uri: str, endpoint, folder: str) -> bool:
+    """Whether Ray Train's list of the run's checkpoints (its run snapshot) names `folder`."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    from vitray import storage
+
+    uri = storage.join(run_uri, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    return storage.exists(uri, endpoint) and folder in storage.read_bytes(uri, endpoint).decode()
 
 
 def hold_point() -> None:

@@ -5,8 +5,8 @@ one checkpoint folder in storage (local or s3://) and records it once every rank
 upload has finished, rank 0 writes the commit marker `COMMIT` last, and then keeps the newest
 `storage.keep_checkpoints` committed folders (`commit`: vitray's retention, not Ray's). A folder without the marker
 is a save that was interrupted: resume skips it and says so, `vitray.checkpoints.load_model` refuses it, and the
-next worker group deletes it before it saves that step again. (DeepSpeed's own `latest` file cannot serve: rank 0 writes it before the other ranks' shards are
-stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
+next worker group deletes it before it saves that step again. (DeepSpeed's own `latest` file cannot serve: rank 0
+writes it before the other ranks' shards are stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
 
 Two ways to save (`saves.Checkpointer`, the loop's one seam): synchronously (`save`: training waits for the upload, then a
 barrier, then the marker; the final save always, and every save with `storage.async_save=false`), or in the
@@ -107,8 +107,9 @@ def commit(run_uri: str, endpoint, step: int, keep: int) -> None:
     vitray keeps checkpoints by their markers, not Ray Train (`num_to_keep` is off in `launch.fit`): Ray counts what
     it registered, which includes a save torn before its marker, and when restarted workers save that step again,
     the same folder twice. Its retention would then delete a committed checkpoint, or one folder twice (the fit
-    fails with "Path not found")."""
-    faults.crash_point("before-commit", step, 0)
+    fails with "Path not found"). Ray's own list of the run's checkpoints is dropped before the next fit in the same
+    folder (`forget_rays_record`)."""
+    faults.crash_point("before-commit", step, 0, ready=lambda: faults.ray_registered(run_uri, endpoint, step_dir(step)))
     marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
     storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
     complete, incomplete = scan(run_uri, endpoint)
@@ -121,6 +122,18 @@ def remove_torn(run_uri: str, endpoint, resumed: int | None) -> None:
     the torn saves' files (another world size writes other shard files)."""
     _, incomplete = scan(run_uri, endpoint)
     _remove(run_uri, endpoint, [s for s in incomplete if resumed is None or s > resumed])
+
+
+def forget_rays_record(run_uri: str, endpoint) -> None:
+    """The driver, before a fit in a run folder that has one: Ray Train's own list of the run's checkpoints
+    (`checkpoint_manager_snapshot.json`). Ray refuses to start a fit whose list names a folder that is gone, and
+    vitray's retention deletes folders Ray registered. vitray never reads that list (resume goes by the markers);
+    without it, Ray starts its bookkeeping afresh."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    fs, path = storage.resolve(storage.join(run_uri, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME), endpoint)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        storage.with_retries(lambda: fs.delete_file(path))
 
 
 def _remove(run_uri: str, endpoint, steps: list[int]) -> None:

@@ -69,6 +69,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     from vitray.data.reading import build_dataset, stream_splits_config
     from vitray.data.spec import ReadSpec
     from vitray.tasks import make_task
+    from vitray.train import checkpoint
     from vitray.train.loop import train_loop_per_worker
     from vitray.train.universal import InBackground
 
@@ -86,6 +87,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     # Read by Ray Train's controller, which takes it from the driver's environment.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(s.group_start_timeout_s)
     fs, runs_path = storage.resolve(plan.run_uri.rsplit("/", 1)[0], plan.endpoint)  # Ray adds the run name
+    checkpoint.forget_rays_record(plan.run_uri, plan.endpoint)  # a resumed run: it may name folders vitray deleted
     fit_called = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -79,39 +79,41 @@ def train_loop_per_worker(config: dict) -> None:
     engine.train()
     saves, loss, waits = Checkpointer(engine, ema, plan, world, start.step, log), LossMeter(device), DataWait(waiting, device)
     audit, positions = SampleAudit(d.audit_samples), start.positions
-    while step < plan.last_step:
-        faults.hold_point()  # the elastic test only (unset otherwise)
-        for _ in range(accumulation):
-            with waiting:
-                micro = next(stream)
-            timeline.setdefault("first_batch", time.time())
-            micro_loss, _ = task.loss(engine, task.to_tensors(micro.batch, device, dtype))
-            engine.backward(micro_loss * partitions.loss_weight(micro.samples, o.global_batch, world, accumulation))
-            engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
-            loss.add(micro_loss, micro.samples)
-            audit.add(micro)
-        positions, step = micro.positions, step + 1
-        audit.flush(step, log)
-        if ema is not None:
-            ema.update_parameters(engine.module)
-        if "first_step" not in timeline:
-            _first_step(step, timeline, waits, hooks, log)
-            if hooks.stepped(plan, start, timeline):  # a rehearsal's restart or resize ends at its first step
-                return
-        saves.poll()  # an asynchronous save in flight is committed once every rank's upload is done
-        # Checked at every log and before every save (one host sync each, not one per step): a diverged run stops
-        # with the step named, and no checkpoint ever holds non-finite weights.
-        if log.due(step) or saves.due(step):
-            check_finite(loss.sum, step, saves, device)
-        if log.due(step):
-            skipped = {"skipped_samples": collectives.sum_over_ranks(train_data.skipped, device)} if d.bad_samples == "skip" else {}
-            log.record(step, loss.mean(), engine.get_lr()[0], data_wait_s=waits.window(),
-                       epoch=min(pos.epoch for pos in positions.values()), **skipped)
-        if saves.due(step) and step < plan.last_step:
-            log.flush()  # first: a committed checkpoint always has its metrics history in storage
-            saving = time.time()
-            log.event(step, "checkpoint", **saves.save(step, positions, {"loss": loss.last}))
-            hooks.saved(plan, step, start, timeline, saving, stalled=time.time() - saving, settle=saves.settle)
+    with log.kept_on_error():  # a restart's steps_redone counts this group's steps past its checkpoint
+        while step < plan.last_step:
+            faults.hold_point()  # the elastic test only (unset otherwise)
+            for _ in range(accumulation):
+                with waiting:
+                    micro = next(stream)
+                timeline.setdefault("first_batch", time.time())
+                micro_loss, _ = task.loss(engine, task.to_tensors(micro.batch, device, dtype))
+                engine.backward(micro_loss * partitions.loss_weight(micro.samples, o.global_batch, world, accumulation))
+                engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
+                loss.add(micro_loss, micro.samples)
+                audit.add(micro)
+            positions, step = micro.positions, step + 1
+            audit.flush(step, log)
+            if ema is not None:
+                ema.update_parameters(engine.module)
+            if "first_step" not in timeline:
+                _first_step(step, timeline, waits, hooks, log)
+                if hooks.stepped(plan, start, timeline):  # a rehearsal's restart or resize ends at its first step
+                    return
+            saves.poll()  # an asynchronous save in flight is committed once every rank's upload is done
+            # Checked at every log and before every save (one host sync each, not one per step): a diverged run stops
+            # with the step named, and no checkpoint ever holds non-finite weights.
+            if log.due(step) or saves.due(step):
+                check_finite(loss.sum, step, saves, device)
+            if log.due(step):
+                skipped = ({"skipped_samples": collectives.sum_over_ranks(train_data.skipped, device)}
+                           if d.bad_samples == "skip" else {})
+                log.record(step, loss.mean(), engine.get_lr()[0], data_wait_s=waits.window(),
+                           epoch=min(pos.epoch for pos in positions.values()), **skipped)
+            if saves.due(step) and step < plan.last_step:
+                log.flush()  # first: a committed checkpoint always has its metrics history in storage
+                saving = time.time()
+                log.event(step, "checkpoint", **saves.save(step, positions, {"loss": loss.last}))
+                hooks.saved(plan, step, start, timeline, saving, stalled=time.time() - saving, settle=saves.settle)
 
     # Evaluate on held-out shards, then save the final checkpoint with the results (and the run's cost). A periodic
     # save still uploading is committed first: held-out evaluation can take minutes, and the save is good now.

@@ -7,6 +7,7 @@ have no append, and a reader never sees a torn file. A resumed run starts a new 
 the files of one folder)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -126,6 +127,20 @@ class MetricsLog:
         """The run's last line (held-out metrics, totals) in both logs."""
         self.lines.append(json.dumps({"step": step, "final": True, **results}))
         self.scalars(step, {f"val/{k.removeprefix('val_')}": v for k, v in results.items() if k.startswith("val_")})
+
+    @contextlib.contextmanager
+    def kept_on_error(self):
+        """Writes the log out when training raises (a worker lost, the group torn down for a resize): the next
+        group counts the steps this one trained past its checkpoint from it (`rewound`, the restart's
+        `steps_redone`). Only what a surviving rank 0 logged: a lost rank 0 writes nothing more."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.flush()
+            except Exception as e:  # storage may be what failed; the training error is the one to raise
+                logger.warning(f"metrics.jsonl not written after the error: {e}")
+            raise
 
     def flush(self) -> None:
         """Rewrite `<run>/metrics.jsonl` and the event file whole: each upload is one atomic object."""

@@ -27,10 +27,7 @@ class Checkpointer:
     def __init__(self, engine, ema, plan, world: int, last_good: int | None, log=None):
         self.engine, self.ema, self.plan, self.last_good, self.log = engine, ema, plan, last_good, log
         self.every, self.keep = plan.cfg.storage.checkpoint_every, plan.cfg.storage.keep_checkpoints
-        # Not in an elastic run: a resize tears the workers down mid-upload, and the regrown group redoes and saves
-        # again a step Ray Train has already registered; its retention then deletes that folder twice and the fit
-        # fails ("Path not found", seen in the elastic test). Elastic runs save synchronously, as before.
-        self.background = plan.cfg.storage.async_save and not plan.cfg.scaling.min_workers
+        self.background = plan.cfg.storage.async_save
         self.run_info = {"world_size": world, "config": plan.cfg.to_dict(), "total_steps": plan.total_steps}
         self.pending = None  # a snapshot.Snapshot whose upload is in flight
 
