@@ -93,3 +93,32 @@ def smoke_chain(s3, attached):
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {"pretrain": next(x["pretrain"] for x in lines if "pretrain" in x),
             "finetune": next(x for x in lines if "pretrain_val_top1" in x)}
+
+
+def _no_ray(*args, **kwargs):
+    raise AssertionError("this job started Ray: it should have stopped before requesting any cluster resource")
+
+
+def run_job(script: str, *args: str):
+    """`python jobs/<script> args` for a run that must stop before Ray, in this process: the same main() and exit
+    code without a new interpreter's 2–5 s of imports. Any Ray start fails the test (`ray.init` raises)."""
+    import contextlib
+    import importlib.util
+    import io
+    import subprocess
+
+    import ray
+
+    path = os.path.join(ROOT, "jobs", script)
+    spec = importlib.util.spec_from_file_location(f"job_{script.removesuffix('.py')}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(ray, "init", _no_ray)
+        patch.chdir(ROOT)
+        try:
+            code = module.main(list(args))
+        except SystemExit as e:  # argparse's refusals
+            code = e.code
+    return subprocess.CompletedProcess([path, *args], code, out.getvalue(), err.getvalue())

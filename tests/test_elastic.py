@@ -29,8 +29,7 @@ def test_a_node_lost_and_returned_changes_neither_samples_nor_losses():
     assert checks["workers"] == [1, 2], restarts
     assert [r["from_workers"] for r in restarts] == [2, 1]
     assert result["summary"]["resizes"] == 2 and result["summary"]["time_lost_s"] > 0
-    # At most checkpoint_every, plus the steps beside a save still uploading when the group was torn down.
-    assert all(r["lost_s"] > 0 and 0 <= r["steps_redone"] <= 2 * 5 for r in restarts)
+    assert all(r["lost_s"] > 0 and 0 <= r["steps_redone"] <= 5 for r in restarts)  # at most checkpoint_every
 
     # The same samples in every step, every step logged once, and every sample once per completed epoch.
     first, last, count = checks["steps"]

@@ -10,13 +10,15 @@ import tempfile
 import time
 
 import pytest
+from conftest import run_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "pretrain_vit_h14.py")
 
 
-def _job(*args, timeout=120):
-    return subprocess.run([sys.executable, JOB, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def _job(*args):
+    """The training job, stopping before Ray (in this process: `conftest.run_job`)."""
+    return run_job("pretrain_vit_h14.py", *args)
 
 
 def _assert_clean_error(proc, *needles):
@@ -162,16 +164,18 @@ def test_gpu_recipe_on_a_cluster_without_gpus(tmp_path):
     from vitray.data.datasets import write_digits
 
     write_digits(str(tmp_path / "digits"))
-    proc = _job("--set", f"data.train_uri={tmp_path / 'digits' / 'train'}", "--set", f"storage.uri={tmp_path / 'runs'}",
-                "--set", "model.num_classes=10", "--set", "scaling.num_workers=2", "--set", "optim.global_batch=64")
+    sets = [f"data.train_uri={tmp_path / 'digits' / 'train'}", f"storage.uri={tmp_path / 'runs'}", "model.num_classes=10",
+            "scaling.num_workers=2", "optim.global_batch=64"]
+    # A process of its own: it starts a local Ray to look at the cluster (this test process has the session's).
+    proc = subprocess.run([sys.executable, JOB, *sum((["--set", s] for s in sets), [])], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "scaling.use_gpu: this recipe needs 2 GPU workers but the Ray cluster has no GPUs" in proc.stderr
     assert "--preset smoke" in proc.stderr
 
 
 def test_finetune_job_needs_weights_and_checks_them(tmp_path):
-    ft = os.path.join(ROOT, "jobs", "finetune.py")
-    run = lambda *a: subprocess.run([sys.executable, ft, *a], capture_output=True, text=True, timeout=120, cwd=ROOT)  # noqa: E731
+    run = lambda *a: run_job("finetune.py", *a)  # noqa: E731
     _assert_clean_error(run("--preset", "b16_cifar10", "--set", "data.train_uri=s3://b/p"), "transfer.init_from: fine-tuning needs")
     _assert_clean_error(run("--preset", "smoke", "--init-from", str(tmp_path / "nope"), "--set", f"storage.uri={tmp_path}"),
                         f"transfer.init_from: {tmp_path / 'nope'} not found")
@@ -197,8 +201,7 @@ def test_smoke_chain_pretrain_then_finetune_at_higher_resolution(smoke_chain):
 
 
 def test_planner_job_and_training_job_refuse_what_cannot_fit(s3, digits):
-    plan = os.path.join(ROOT, "jobs", "plan.py")
-    run = lambda *a: subprocess.run([sys.executable, plan, *a], capture_output=True, text=True, timeout=120, cwd=ROOT)  # noqa: E731
+    run = lambda *a: run_job("plan.py", *a)  # noqa: E731
     ok = run("--preset", "h14_jft", "--set", "scaling.num_workers=1024", "--set", "optim.micro_batch=4", "--accelerator", "H100")
     assert ok.returncode == 0 and "1024 × H100, ZeRO-1" in ok.stdout and "H100-days" in ok.stdout, ok.stderr
     too_big = ["--set", "scaling.num_workers=2", "--set", "deepspeed.zero_stage=0", "--set", "optim.micro_batch=256",

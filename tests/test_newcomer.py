@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_job
 import torch
 from PIL import Image
 
@@ -129,9 +130,8 @@ def test_finetune_checks_a_bad_npz_before_ray_starts(tmp_path):
     with np.load(io.BytesIO(save_npz(model))) as f:
         params = {k: f[k] for k in f.files if "encoderblock_1/MlpBlock_3/Dense_0" not in k}
     np.savez(tmp_path / "bad.npz", **params)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "jobs", "finetune.py"), "--preset", "smoke", "--init-from", str(tmp_path / "bad.npz"), "--set", f"storage.uri={tmp_path / 'store'}"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = run_job("finetune.py", "--preset", "smoke", "--init-from", str(tmp_path / "bad.npz"),
+                   "--set", f"storage.uri={tmp_path / 'store'}")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "transfer.init_from" in proc.stderr and "missing keys" in proc.stderr
     assert "encoderblock_1/MlpBlock_3/Dense_0/kernel" in proc.stderr

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_job
 
 from vitray import cost
 from vitray.config import ConfigError, preset
@@ -119,11 +120,9 @@ def test_a_cpu_run_that_would_exhaust_this_machine_is_refused_before_ray(tmp_pat
     host = Attached.here()
     if _tried(cfg, 1, host) <= host.budget(2, ""):
         pytest.skip("this machine has room for H/14 at ZeRO-1 on 2 CPU workers")
-    job = os.path.join(ROOT, "jobs", "pretrain_vit_h14.py")
-    proc = subprocess.run([sys.executable, job, "--set", "data.builtin=digits", "--set", "scaling.use_gpu=false",
-                           "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=0.5",
-                           "--set", "optim.global_batch=2", "--set", "optim.micro_batch=1",
-                           "--set", f"storage.runs_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    proc = run_job("pretrain_vit_h14.py", "--set", "data.builtin=digits", "--set", "scaling.use_gpu=false",
+                   "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=0.5",
+                   "--set", "optim.global_batch=2", "--set", "optim.micro_batch=1", "--set", f"storage.runs_dir={tmp_path}")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "GiB per CPU worker" in proc.stderr and "try deepspeed.zero_stage=" in proc.stderr, proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr

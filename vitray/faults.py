@@ -31,16 +31,6 @@ def crash_point(where: str, step: int, rank: int, ready=None) -> None:
             os._exit(17)
 
 
-def ray_registered(run_uri: str, endpoint, folder: str) -> bool:
-    """Whether Ray Train's list of the run's checkpoints (its run snapshot) names `folder`."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-
-    from vitray import storage
-
-    uri = storage.join(run_uri, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
-    return storage.exists(uri, endpoint) and folder in storage.read_bytes(uri, endpoint).decode()
-
-
 def hold_point() -> None:
     """For the elastic test: while the file VITRAY_TEST_HOLD names exists, every rank waits before its next step.
     A run on a real cluster is still training when Ray Train grows it back (a step takes seconds); the tiny model

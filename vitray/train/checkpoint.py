@@ -109,7 +109,7 @@ def commit(run_uri: str, endpoint, step: int, keep: int) -> None:
     the same folder twice. Its retention would then delete a committed checkpoint, or one folder twice (the fit
     fails with "Path not found"). Ray's own list of the run's checkpoints is dropped before the next fit in the same
     folder (`forget_rays_record`)."""
-    faults.crash_point("before-commit", step, 0, ready=lambda: faults.ray_registered(run_uri, endpoint, step_dir(step)))
+    faults.crash_point("before-commit", step, 0, ready=lambda: _ray_registered(run_uri, endpoint, step_dir(step)))
     marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
     storage.write_bytes(storage.join(run_uri, step_dir(step), COMMIT), json.dumps(marker).encode(), endpoint)
     complete, incomplete = scan(run_uri, endpoint)
@@ -122,6 +122,14 @@ def remove_torn(run_uri: str, endpoint, resumed: int | None) -> None:
     the torn saves' files (another world size writes other shard files)."""
     _, incomplete = scan(run_uri, endpoint)
     _remove(run_uri, endpoint, [s for s in incomplete if resumed is None or s > resumed])
+
+
+def _ray_registered(run_uri: str, endpoint, folder: str) -> bool:
+    """Whether Ray Train's list of the run's checkpoints names `folder` (for the crash test: Ray registered it)."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    uri = storage.join(run_uri, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    return storage.exists(uri, endpoint) and folder in storage.read_bytes(uri, endpoint).decode()
 
 
 def forget_rays_record(run_uri: str, endpoint) -> None:
