@@ -95,18 +95,15 @@ def train_loop_per_worker(config: dict) -> None:
             audit.flush(step, log)
             if ema is not None:
                 ema.update_parameters(engine.module)
-            if "first_step" not in timeline:
-                _first_step(step, timeline, waits, hooks, log)
-                if hooks.stepped(plan, start, timeline):  # a rehearsal's restart or resize ends at its first step
-                    return
+            if "first_step" not in timeline and _first_step(step, timeline, waits, hooks, log, plan, start):
+                return  # a rehearsal's restart or resize ends at its first step
             saves.poll()  # an asynchronous save in flight is committed once every rank's upload is done
             # Checked at every log and before every save (one host sync each, not one per step): a diverged run stops
             # with the step named, and no checkpoint ever holds non-finite weights.
             if log.due(step) or saves.due(step):
                 check_finite(loss.sum, step, saves, device)
             if log.due(step):
-                skipped = ({"skipped_samples": collectives.sum_over_ranks(train_data.skipped, device)}
-                           if d.bad_samples == "skip" else {})
+                skipped = {"skipped_samples": collectives.sum_over_ranks(train_data.skipped, device)} if d.bad_samples == "skip" else {}
                 log.record(step, loss.mean(), engine.get_lr()[0], data_wait_s=waits.window(),
                            epoch=min(pos.epoch for pos in positions.values()), **skipped)
             if saves.due(step) and step < plan.last_step:
@@ -170,13 +167,14 @@ def _metrics_log(cfg, plan, world: int, device, step: int, rank: int) -> Metrics
                       peak_source, step, rank == 0, log_every=cfg.log_every, last_step=plan.last_step)
 
 
-def _first_step(step: int, timeline: dict, waits: DataWait, hooks, log: MetricsLog) -> None:
+def _first_step(step: int, timeline: dict, waits: DataWait, hooks, log: MetricsLog, plan, start) -> bool:
     """The start-up timeline, once: the run's data wait counts from here (the first pull also waited for the
-    pipeline to start, which timeline["data_ready"] records)."""
+    pipeline to start, which timeline["data_ready"] records). Whether the hooks end the run here."""
     timeline["first_step"] = time.time()
     waits.first_step()
     hooks.phase("first step")
     log.event(step, "startup", **timeline)
+    return hooks.stepped(plan, start, timeline)
 
 
 def _results(step, last_loss, log, engine, positions, waits, train_data, timeline, device, cfg, rank) -> dict:
