@@ -6,7 +6,8 @@ upload has finished, rank 0 writes the commit marker `COMMIT` last, and then kee
 `storage.keep_checkpoints` committed folders (`commit`: vitray's retention, not Ray's). A folder without the marker
 is a save that was interrupted: resume skips it and says so, `vitray.checkpoints.load_model` refuses it, and the
 next worker group deletes it before it saves that step again. (DeepSpeed's own `latest` file cannot serve: rank 0
-writes it before the other ranks' shards are stored.) Resuming restores model, optimizer, LR schedule, step, data position and RNG state.
+writes it before the other ranks' shards are stored.) Resuming restores model, optimizer, LR schedule, step, data
+position and RNG state.
 
 Two ways to save (`saves.Checkpointer`, the loop's one seam): synchronously (`save`: training waits for the upload, then a
 barrier, then the marker; the final save always, and every save with `storage.async_save=false`), or in the
@@ -124,11 +125,16 @@ def remove_torn(run_uri: str, endpoint, resumed: int | None) -> None:
     _remove(run_uri, endpoint, [s for s in incomplete if resumed is None or s > resumed])
 
 
-def _ray_registered(run_uri: str, endpoint, folder: str) -> bool:
-    """Whether Ray Train's list of the run's checkpoints names `folder` (for the crash test: Ray registered it)."""
+def _rays_record(run_uri: str) -> str:
+    """Ray Train's own list of the run's checkpoints, in the run folder."""
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
-    uri = storage.join(run_uri, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    return storage.join(run_uri, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+
+
+def _ray_registered(run_uri: str, endpoint, folder: str) -> bool:
+    """Whether Ray Train's list of the run's checkpoints names `folder` (for the crash test: Ray registered it)."""
+    uri = _rays_record(run_uri)
     return storage.exists(uri, endpoint) and folder in storage.read_bytes(uri, endpoint).decode()
 
 
@@ -137,9 +143,7 @@ def forget_rays_record(run_uri: str, endpoint) -> None:
     (`checkpoint_manager_snapshot.json`). Ray refuses to start a fit whose list names a folder that is gone, and
     vitray's retention deletes folders Ray registered. vitray never reads that list (resume goes by the markers);
     without it, Ray starts its bookkeeping afresh."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-
-    fs, path = storage.resolve(storage.join(run_uri, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME), endpoint)
+    fs, path = storage.resolve(_rays_record(run_uri), endpoint)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         storage.with_retries(lambda: fs.delete_file(path))
 
