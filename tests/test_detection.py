@@ -245,8 +245,9 @@ def test_bad_detection_configs_stop_before_ray(tmp_path):
 
 
 @pytest.mark.e2e
-def test_detr_smoke_chain_on_two_workers_detects_digits_and_exports_coco(s3, tmp_path, attached):
-    """`jobs/train_detr.py --preset smoke` on a shorter schedule: the backbone pretrained as a digit classifier, then
+def test_detr_smoke_chain_on_two_workers_detects_digits_and_exports_coco(s3, digits, tmp_path, attached):
+    """`jobs/train_detr.py --preset smoke` on a shorter schedule: the backbone pretrained as a digit classifier (the
+    suite's BiT ResNet baseline: the same engine, its checkpoint read by the evaluation tools), then
     DETR on the canvases on 2 CPU workers (ZeRO-2) from the session's S3 for 5 epochs (312 steps, LR drop after
     208) instead of the preset's 20 — the least that tells a detector from an untrained one, 60 s shorter than the 8
     epochs this test ran before; it detects digits (COCO AP50 on the 300 held-out canvases far above an untrained
@@ -269,6 +270,7 @@ def test_detr_smoke_chain_on_two_workers_detects_digits_and_exports_coco(s3, tmp
     backbone = next(x["backbone"] for x in lines if "backbone" in x)
     summary = next(x for x in lines if "val_AP50" in x)
     assert backbone["val_top1"] > 0.95
+    _check_bit_baseline(backbone, s3, digits)
     # Measured: 0.025 after these 312 steps (140 s for the job), 0.074 after 500, 0.109 after 750; an untrained DETR
     # 0.0005. Over the preset's 1,250 steps (drop after 833): 0.014 / 0.068 / 0.275 / 0.419 / 0.491 every 250 steps
     # (benchmarks/results/detr_smoke.json). 0.01 is 20 × untrained.
@@ -280,6 +282,30 @@ def test_detr_smoke_chain_on_two_workers_detects_digits_and_exports_coco(s3, tmp
     found = gt.loadRes(str(tmp_path / "val_results.json"))
     assert len(gt.getImgIds()) == 300 and len(found.getAnnIds()) == 300 * 10  # one detection per query
     assert {c["id"] for c in gt.loadCats(gt.getCatIds())} == set(range(10))
+
+
+def _check_bit_baseline(backbone: dict, s3, digits) -> None:
+    """The backbone run as a BiT baseline: trained by the same job path (every loss line carries MFU), its checkpoint
+    read by feature extraction, refused by the ViT inspection from its metadata before any weights are fetched, and
+    its accelerator-days row appended."""
+    from vitray.eval.features import FINAL, extract
+    from vitray.eval.inspect import InspectionError, load_for_inspection
+
+    step, checkpoint = backbone["step"], backbone["checkpoint"]
+    assert checkpoint.endswith(f"step_{step:08d}")
+    text = storage.read_bytes(storage.join(backbone["run"], "metrics.jsonl"), s3.endpoint).decode()
+    rows = [r for r in map(json.loads, text.splitlines()) if "loss" in r and "final" not in r]
+    assert rows and all(r["mfu"] > 0 for r in rows)
+    features, labels = extract(checkpoint, digits["val"], s3.endpoint, image_size=24, layers=(FINAL, 1))
+    assert len(labels) == 297 and features[FINAL].shape[0] == features[1].shape[0] == 297
+    with pytest.raises(InspectionError, match=r"holds bit_smoke_s \(bit\), a model without attention layers"):
+        load_for_inspection(checkpoint, s3.endpoint)
+    runs_dir, name = backbone["run"].rsplit("/", 1)
+    log = storage.read_bytes(storage.join(runs_dir, "accelerator_days.jsonl"), s3.endpoint).decode()
+    row = next(r for r in map(json.loads, log.splitlines()) if r["run"] == name)
+    assert row["model"] == "bit_smoke_s" and row["workers"] == 2 and row["zero_stage"] == 2 and row["steps"] == step
+    assert row["images_per_s_per_accelerator"] > 0 and 0 < row["mfu"] < 1 and row["memory_per_device_gib"] > 0
+    assert row["projected_accelerator_days"]["jft_14ep"] == pytest.approx(2 * row["projected_accelerator_days"]["jft_7ep"])
 
 
 def test_detr_backbone_trains_at_a_tenth_of_the_lr():

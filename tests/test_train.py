@@ -110,76 +110,83 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero, requ
         assert resumed["positions"] == result.metrics["data_position"]  # both data partitions go on where they stood
 
 
-def test_checkpoint_then_resume_continues_exactly(ray_cluster, s3, digits):
-    import deepspeed.runtime.lr_schedules as schedules
-    import torch
-
-    # Run 1 stops at step 5 of 10 (and checkpoints); run 2 resumes it to the end.
-    keep_two = dict(checkpoint_every=2, keep_checkpoints=2)
-    first_cfg, first_plan = launch.prepare(
-        _config(s3, digits, "resume", stop_at_step=5, optim=dict(total_steps=10)).replace(storage=keep_two))
-    assert launch.fit(first_cfg, first_plan).error is None
-    kept = [name for name in storage.list_files(first_plan.run_uri, first_plan.endpoint) if name.startswith("step_")]
-    assert kept == ["step_00000004", "step_00000005"]  # steps 2 and 4 saved too; only the last 2 are kept
-    saved = json.loads(storage.read_bytes(storage.join(first_plan.run_uri, "step_00000005", "vitray.json"), first_plan.endpoint))
-    assert saved["step"] == 5
-
-    cfg, plan = launch.prepare(_config(s3, digits, "resume", optim=dict(total_steps=10)).replace(storage=keep_two), resume=True)
-    result = launch.fit(cfg, plan)
-    assert result.error is None and result.metrics["step"] == 10
-    rows = _metrics(plan)
-    resumed = [r for r in rows if r.get("event") == "resumed"]
-    assert len(resumed) == 1 and resumed[0]["step"] == 5
-    assert resumed[0]["optimizer_digest"] == saved["optimizer_digest"] and saved["optimizer_digest"] > 0
-    assert resumed[0]["positions"] == {"0": [0, 5 * 16], "1": [0, 5 * 16]}  # each data partition: 5 steps × 16 samples
-    steps = [r["step"] for r in rows if "loss" in r and "final" not in r]
-    assert steps == list(range(1, 11))  # history kept, no step repeated or skipped
-
-    # The LR schedule continued: step 6's LR is what DeepSpeed's schedule gives after 6 steps, not after 1.
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
-    schedule = schedules.WarmupDecayLR(opt, total_num_steps=10, warmup_min_lr=0.0, warmup_max_lr=cfg.optim.lr,
-                                       warmup_num_steps=3, warmup_type="linear")
-    for _ in range(6):
-        schedule.step()
-    lr6 = next(r["lr"] for r in rows if r.get("step") == 6 and "lr" in r)
-    assert lr6 == pytest.approx(schedule.get_lr()[0], rel=1e-9)
-
-
-def test_finetune_from_checkpoint_with_ema_that_survives_resume(ray_cluster, s3, digits, pretrained):
-    import math
-
-    import safetensors.torch
-    import torch
-
+def _ft_config(s3, digits, pretrained):
     from vitray.config import preset
     from vitray.config.recipes import FINETUNE_PRESETS
 
-    def ft_config():
-        return preset("smoke", FINETUNE_PRESETS).replace(
-            data=dict(builtin="", train_uri=digits["train"], val_uri="", image_size=24, shuffle_buffer=128),
-            optim=dict(total_steps=8, warmup_steps=2, global_batch=32, micro_batch=8),
-            transfer=dict(init_from=pretrained, ema_decay=0.9),
-            storage=dict(uri=f"s3://{s3.bucket}/test-runs", endpoint_url=s3.endpoint.url, run_name="ft-ema",
-                         checkpoint_every=0),
-            log_every=1,
-        )
+    return preset("smoke", FINETUNE_PRESETS).replace(
+        data=dict(builtin="", train_uri=digits["train"], val_uri="", image_size=24, shuffle_buffer=128),
+        # A linear schedule: the resume test below recomputes its LR with DeepSpeed's own WarmupDecayLR.
+        optim=dict(total_steps=8, warmup_steps=2, global_batch=32, micro_batch=8, schedule="linear"),
+        transfer=dict(init_from=pretrained, ema_decay=0.9),
+        storage=dict(uri=f"s3://{s3.bucket}/test-runs", endpoint_url=s3.endpoint.url, run_name="ft-ema",
+                     checkpoint_every=0),
+        log_every=1,
+    )
 
-    cfg, plan = launch.prepare(ft_config().replace(stop_at_step=4))
+
+@pytest.fixture(scope="module")
+def finetuned(ray_cluster, s3, digits, pretrained):
+    """One fine-tuning run of 8 steps, stopped at step 4 (`stop_at_step`, which checkpoints there) and resumed to
+    the end: the fine-tuning, the resume and the divergence tests below all read it (each pair of fits costs about
+    a minute of Ray Train start-up). {"stopped": step 4's vitray.json, "plan": the resumed run's plan, "rows": its
+    metrics.jsonl}."""
+    cfg, plan = launch.prepare(_ft_config(s3, digits, pretrained).replace(stop_at_step=4))
     assert launch.fit(cfg, plan).error is None
-    rows = _metrics(plan)
-    # The new head is zero-initialised: the first loss is exactly that of uniform logits over 10 classes.
-    assert next(r["loss"] for r in rows if r.get("step") == 1 and "loss" in r) == pytest.approx(math.log(10), abs=1e-5)
-    ckpt = storage.join(plan.run_uri, "step_00000004")
-    saved = json.loads(storage.read_bytes(storage.join(ckpt, "vitray.json"), plan.endpoint))
-    ema = safetensors.torch.load(storage.read_bytes(storage.join(ckpt, "ema.safetensors"), plan.endpoint))
-    raw = safetensors.torch.load(storage.read_bytes(storage.join(ckpt, "model.safetensors"), plan.endpoint))
-    assert ema["module.pos_embed"].shape == raw["pos_embed"].shape == (1, 37, 64)  # 6×6 patches + class token
-    assert not torch.allclose(ema["module.pos_embed"], raw["pos_embed"])  # averaged weights lag the raw ones
+    kept = [name for name in storage.list_files(plan.run_uri, plan.endpoint) if name.startswith("step_")]
+    assert kept == ["step_00000004"]  # checkpoint_every=0: the stop alone saves
+    stopped = json.loads(storage.read_bytes(storage.join(plan.run_uri, "step_00000004", "vitray.json"), plan.endpoint))
+    ema = _safetensors(storage.join(plan.run_uri, "step_00000004", "ema.safetensors"), plan.endpoint)
+    raw = _safetensors(storage.join(plan.run_uri, "step_00000004", "model.safetensors"), plan.endpoint)
 
-    cfg, plan = launch.prepare(ft_config(), resume=True)
+    cfg, plan = launch.prepare(_ft_config(s3, digits, pretrained), resume=True)
     result = launch.fit(cfg, plan)
     assert result.error is None and result.metrics["step"] == 8
-    resumed = next(r for r in _metrics(plan) if r.get("event") == "resumed")
+    return {"stopped": stopped, "stopped_ema": ema, "stopped_raw": raw, "cfg": cfg, "plan": plan,
+            "rows": _metrics(plan)}
+
+
+def _safetensors(uri, endpoint):
+    import safetensors.torch
+
+    return safetensors.torch.load(storage.read_bytes(uri, endpoint))
+
+
+def test_checkpoint_then_resume_continues_exactly(finetuned):
+    import deepspeed.runtime.lr_schedules as schedules
+    import torch
+
+    saved, rows, cfg = finetuned["stopped"], finetuned["rows"], finetuned["cfg"]
+    assert saved["step"] == 4
+    resumed = [r for r in rows if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == 4
+    assert resumed[0]["optimizer_digest"] == saved["optimizer_digest"] and saved["optimizer_digest"] > 0
+    assert resumed[0]["positions"] == {"0": [0, 4 * 16], "1": [0, 4 * 16]}  # each data partition: 4 steps × 16 samples
+    steps = [r["step"] for r in rows if "loss" in r and "final" not in r]
+    assert steps == list(range(1, 9))  # history kept, no step repeated or skipped
+
+    # The LR schedule continued: step 5's LR is what DeepSpeed's schedule gives after 5 steps, not after 1.
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
+    schedule = schedules.WarmupDecayLR(opt, total_num_steps=8, warmup_min_lr=0.0, warmup_max_lr=cfg.optim.lr,
+                                       warmup_num_steps=2, warmup_type="linear")
+    for _ in range(5):
+        schedule.step()
+    lr5 = next(r["lr"] for r in rows if r.get("step") == 5 and "lr" in r)
+    assert lr5 == pytest.approx(schedule.get_lr()[0], rel=1e-9)
+
+
+def test_finetune_from_checkpoint_with_ema_that_survives_resume(s3, finetuned):
+    import math
+
+    import torch
+
+    rows, plan, saved = finetuned["rows"], finetuned["plan"], finetuned["stopped"]
+    # The new head is zero-initialised: the first loss is exactly that of uniform logits over 10 classes.
+    assert next(r["loss"] for r in rows if r.get("step") == 1 and "loss" in r) == pytest.approx(math.log(10), abs=1e-5)
+    ema, raw = finetuned["stopped_ema"], finetuned["stopped_raw"]
+    assert ema["module.pos_embed"].shape == raw["pos_embed"].shape == (1, 37, 64)  # 6×6 patches + class token
+    assert not torch.allclose(ema["module.pos_embed"], raw["pos_embed"])  # averaged weights lag the raw ones
+    resumed = next(r for r in rows if r.get("event") == "resumed")
     assert resumed["ema_digest"] == pytest.approx(saved["ema_digest"], rel=1e-12) and resumed["step"] == 4
 
     # Evaluation loads the averaged weights by default; the raw ones on request.
@@ -256,15 +263,16 @@ def test_evaluate_job_runs_every_protocol_and_checks_layers_first(ray_cluster, s
     assert result["fewshot"]["5"]["mean"] > result["fewshot"]["1"]["mean"] - 0.05 and result["fewshot"]["5"]["std"] >= 0
 
 
-@pytest.mark.parametrize("model", ["bit_tiny_test", "hybrid_tiny_test"])
-def test_cnn_baselines_train_on_the_same_engine_and_evaluate(ray_cluster, s3, digits, model):
-    """BiT ResNetV2 and the R50+ViT hybrid (tiny versions) through the same job path, checkpoints readable by the
-    evaluation tools, and the run's accelerator-days row appended."""
+def test_hybrid_baseline_trains_on_the_same_engine_and_evaluates(ray_cluster, s3, digits):
+    """The R50+ViT hybrid (a tiny version) through the same job path, its checkpoint readable by the evaluation and
+    inspection tools, and the run's accelerator-days row appended. (The BiT ResNet baseline: the DETR chain's
+    backbone run, `test_detection.py`.)"""
     import numpy as np
 
     from vitray.eval.features import FINAL, extract
-    from vitray.eval.inspect import InspectionError, inspect, load_for_inspection, load_images
+    from vitray.eval.inspect import inspect, load_for_inspection, load_images
 
+    model = "hybrid_tiny_test"
     cfg, plan = launch.prepare(_config(s3, digits, f"cnn-{model}", model=dict(name=model), data=dict(image_size=32),
                                        optim=dict(total_steps=6), log_every=2))
     summary = launch.run(cfg)
@@ -273,17 +281,12 @@ def test_cnn_baselines_train_on_the_same_engine_and_evaluate(ray_cluster, s3, di
     assert rows and all(r["mfu"] > 0 for r in rows)
     features, labels = extract(summary["checkpoint"], digits["val"], s3.endpoint, image_size=32, layers=(FINAL, 1))
     assert len(labels) == 297 and features[FINAL].shape[0] == features[1].shape[0] == 297
-    # Inspection (jobs/inspect_vit.py) reads hybrids — attention and position embeddings, no linear patch
-    # filters — and refuses a ResNet from its metadata, before any weights are fetched.
-    if model.startswith("bit"):
-        with pytest.raises(InspectionError, match=r"holds bit_tiny_test \(bit\), a model without attention layers"):
-            load_for_inspection(summary["checkpoint"], s3.endpoint)
-    else:
-        vit, _ = load_for_inspection(summary["checkpoint"], s3.endpoint)
-        images, _ = load_images(digits["val"], s3.endpoint, 2, (32, 32))
-        report = inspect(vit, images, storage.join(plan.run_uri, "inspect"), s3.endpoint)
-        assert "skipped" in report["filters"] and "filters.png" not in report["figures"]
-        assert np.array(report["attention_distance"]["per_layer_head"]).shape == (2, 2)
+    # Inspection (jobs/inspect_vit.py) reads hybrids: attention and position embeddings, no linear patch filters.
+    vit, _ = load_for_inspection(summary["checkpoint"], s3.endpoint)
+    images, _ = load_images(digits["val"], s3.endpoint, 2, (32, 32))
+    report = inspect(vit, images, storage.join(plan.run_uri, "inspect"), s3.endpoint)
+    assert "skipped" in report["filters"] and "filters.png" not in report["figures"]
+    assert np.array(report["attention_distance"]["per_layer_head"]).shape == (2, 2)
 
     log = storage.read_bytes(storage.join(plan.run_uri.rsplit("/", 1)[0], "accelerator_days.jsonl"), s3.endpoint).decode()
     row = next(json.loads(line) for line in log.splitlines() if json.loads(line)["run"] == plan.run_name)
@@ -292,14 +295,15 @@ def test_cnn_baselines_train_on_the_same_engine_and_evaluate(ray_cluster, s3, di
     assert row["projected_accelerator_days"]["jft_14ep"] == pytest.approx(2 * row["projected_accelerator_days"]["jft_7ep"])
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_cluster, s3, digits):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(s3, digits, pretrained, finetuned):
+    """The fine-tuning run above, resumed once more with an absurd learning rate: the weights overflow within a few
+    steps, the run stops with one line saying so, and nothing is saved after its last good checkpoint (step 8).
+    Last in this file: it leaves that run diverged."""
     import re
 
-    good, plan = launch.prepare(_config(s3, digits, "diverge", optim=dict(total_steps=4), storage=dict(checkpoint_every=2)))
-    assert launch.fit(good, plan).error is None
-    # Resume the same run with an absurd learning rate: the weights overflow within a few steps.
-    cfg, plan = launch.prepare(_config(s3, digits, "diverge", optim=dict(total_steps=12, lr=1e37, warmup_steps=1),
-                                       storage=dict(checkpoint_every=2)), resume=True)
+    cfg, plan = launch.prepare(_ft_config(s3, digits, pretrained).replace(
+        optim=dict(total_steps=12, lr=1e37, warmup_steps=1)), resume=True)
+    assert plan.run_uri == finetuned["plan"].run_uri
     with pytest.raises(Exception) as failure:  # Ray Train V2 raises the workers' error from fit()
         result = launch.fit(cfg, plan)
         raise RuntimeError(str(result.error))
@@ -307,7 +311,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_cl
                       r"\(step (\d+)\) is kept as it was", str(failure.value))
     assert found, str(failure.value)[-2000:]
     diverged, kept = int(found.group(1)), int(found.group(2))
-    assert 4 <= kept < diverged
+    assert kept == 8 < diverged
     saved = [name for name in storage.list_files(plan.run_uri, plan.endpoint) if name.startswith("step_")]
     assert max(saved) == f"step_{kept:08d}", saved  # nothing saved after the divergence
 
