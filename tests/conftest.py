@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-E2E_FIXTURES = {"ray_cluster", "smoke_chain", "attached"}
+E2E_FIXTURES = {"ray_cluster", "smoke_chain", "attached", "reference_run"}
 
 
 def pytest_configure(config):
@@ -66,6 +66,24 @@ def ray_cluster():
     init_ray(num_cpus=4, object_store_memory=1 << 30)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_cluster, s3, digits) -> dict:
+    """The uninterrupted reference run (`tests/reference.py`), in the session's Ray:
+    {"plan", "result", "losses": {step: loss}, "position": its final data position}."""
+    from reference import STEPS, losses, overrides
+
+    from vitray.config import smoke
+    from vitray.config.schema import apply_overrides
+    from vitray.train import launch
+
+    cfg, plan = launch.prepare(apply_overrides(smoke(), overrides(s3, digits, "uninterrupted")))
+    result = launch.fit(cfg, plan)
+    assert result.error is None
+    by_step = losses(plan.run_uri, plan.endpoint)
+    assert sorted(by_step) == list(range(1, STEPS + 1))
+    return {"plan": plan, "result": result, "losses": by_step, "position": result.metrics["data_position"]}
 
 
 @pytest.fixture(scope="session")

@@ -154,14 +154,14 @@ def test_local_autoscaling_cluster_launches_up_to_max_and_removes_idle_nodes(tmp
 
 @pytest.mark.e2e
 def test_train_workers_spread_across_nodes_train_exactly_as_on_one(s3, digits):
-    """The reliability run with its two workers spread over two nodes, beside a CPU-only data node: the same loss at
+    """The reference run (tests/reference.py) with its two workers spread over two nodes, beside a CPU-only data node: the same loss at
     every step as the stored known-good curve (one node): placement changes where workers run, never what they
     compute. Every read + decode task ran on the data node, every training worker on the other two."""
-    from test_reliability import CURVE, _overrides
+    from reference import CURVE, overrides
 
     env = {**os.environ, "PYTHONPATH": ROOT}
-    overrides = json.dumps(_overrides(s3, digits, "spread"))
-    probe = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cluster_probes.py"), "spread", overrides],
+    sets = json.dumps(overrides(s3, digits, "spread"))
+    probe = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cluster_probes.py"), "spread", sets],
                            env=env, capture_output=True, text=True, timeout=600)
     out = probe.stdout + probe.stderr
     assert probe.returncode == 0, out[-3000:]

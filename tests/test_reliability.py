@@ -15,39 +15,15 @@ from vitray.config import smoke
 from vitray.config.schema import apply_overrides
 from vitray.train import checkpoint, launch
 
+from reference import CURVE, EVERY, STEPS, losses as _losses, overrides as _overrides
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CURVE = os.path.join(ROOT, "tests", "data", "smoke_loss_curve.json")
-STEPS, EVERY = 40, 10
-
-
-def _overrides(s3, digits, run_name):
-    """The run every test here repeats: 40 steps of the smoke model on the digits, a checkpoint every 10, dropout
-    on (so the RNG state matters), a loss line every step. As --set strings, so a subprocess job runs the same."""
-    return [
-        f"data.train_uri={digits['train']}", "data.val_uri=", "data.builtin=", "data.shuffle_buffer=128",
-        "data.crop_area_min=0.5", "model.dropout=0.1", "optim.global_batch=32", "optim.micro_batch=8",
-        "optim.warmup_steps=3", "optim.lr=0.003", f"optim.total_steps={STEPS}", f"storage.checkpoint_every={EVERY}",
-        "storage.keep_checkpoints=5", f"storage.uri=s3://{s3.bucket}/reliability", f"storage.endpoint_url={s3.endpoint.url}",
-        f"storage.run_name={run_name}", "storage.cost_log=none", "log_every=1",
-    ]
-
-
-def _losses(plan_or_uri, endpoint) -> dict[int, float]:
-    uri = getattr(plan_or_uri, "run_uri", plan_or_uri)
-    text = storage.read_bytes(storage.join(uri, "metrics.jsonl"), endpoint).decode()
-    rows = [json.loads(line) for line in text.splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r and "final" not in r}
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, s3, digits):
-    """The uninterrupted run: its loss at every step."""
-    cfg, plan = launch.prepare(apply_overrides(smoke(), _overrides(s3, digits, "uninterrupted")))
-    result = launch.fit(cfg, plan)
-    assert result.error is None
-    losses = _losses(plan, plan.endpoint)
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    return losses, result.metrics["data_position"]
+def reference(reference_run):
+    """The uninterrupted run (the session's `reference_run`): its loss at every step, its final data position."""
+    return reference_run["losses"], reference_run["position"]
 
 
 def test_training_matches_the_stored_known_good_loss_curve(reference):

@@ -1,4 +1,4 @@
-"""Real Ray Train + DeepSpeed runs on 2 CPU workers: ZeRO stages, checkpoints in S3, resume."""
+"""Real Ray Train + DeepSpeed runs on 2 CPU workers: ZeRO stages, checkpoints in S3, resume, fine-tuning, evaluation."""
 import json
 import os
 
@@ -7,7 +7,10 @@ import pytest
 from vitray import storage
 from vitray.config import smoke
 from vitray import session
+from vitray.config.schema import apply_overrides
 from vitray.train import launch
+
+from reference import overrides
 
 
 def _config(s3, digits, run_name, **changes):
@@ -26,20 +29,21 @@ def _metrics(plan):
     return [json.loads(line) for line in text.splitlines()]
 
 
-def _zero_run(s3, digits, zero):
-    # A save at step 20 made in the background (storage.async_save, the default), the final one at 40.
-    cfg, plan = launch.prepare(_config(s3, digits, f"zero{zero}", deepspeed=dict(zero_stage=zero))
-                               .replace(storage=dict(checkpoint_every=20)))
+def _zero_run(s3, digits, zero, *more):
+    """The reference run (tests/reference.py) at another ZeRO stage: saves at steps 10, 20 and 30 made in the
+    background (storage.async_save, the default), the final one at 40."""
+    cfg, plan = launch.prepare(apply_overrides(smoke(), [*overrides(s3, digits, f"zero{zero}"),
+                                                         f"deepspeed.zero_stage={zero}", *more]), resume=bool(more))
     result = launch.fit(cfg, plan)
     assert result.error is None
     return plan, result
 
 
 @pytest.fixture(scope="module")
-def zero2_run(ray_cluster, s3, digits):
-    """The ZeRO-2 run of the test below, whose final checkpoint the evaluation and fine-tuning tests start from
-    (one run where two would cost another minute of Ray Train start-up)."""
-    return _zero_run(s3, digits, 2)
+def zero2_run(reference_run):
+    """ZeRO-2 (the smoke recipe's stage) is the session's reference run: its final checkpoint is where the
+    evaluation and fine-tuning tests below start (one run where two would cost another half minute of Ray Train)."""
+    return reference_run["plan"], reference_run["result"]
 
 
 @pytest.fixture(scope="module")
@@ -92,17 +96,16 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero, requ
     # The background save: training stood still only for the gather and the host copy; the marker came after
     # every rank's upload.
     events = _metrics(plan)
-    (saved,) = [r for r in events if r.get("event") == "checkpoint"]
-    (committed,) = [r for r in events if r.get("event") == "committed"]
-    assert saved["step"] == committed["step"] == 20 and saved["snapshot_bytes"] > 0
-    assert saved["gather_s"] + saved["state_s"] <= saved["save_stall_s"] < committed["save_s"]
-    assert committed["upload_s"] > 0
+    saves = [r for r in events if r.get("event") == "checkpoint"]
+    commits = [r for r in events if r.get("event") == "committed"]
+    assert [r["step"] for r in saves] == [r["step"] for r in commits] == [10, 20, 30]
+    for saved, committed in zip(saves, commits):
+        assert saved["snapshot_bytes"] > 0 and committed["upload_s"] > 0
+        assert saved["gather_s"] + saved["state_s"] <= saved["save_stall_s"] < committed["save_s"]
 
     if zero == 3:  # saved by 2 workers, resumed on 1: DeepSpeed's universal checkpoint reshards ZeRO-3 too
         saved = json.loads(storage.read_bytes(storage.join(plan.run_uri, "step_00000040", "vitray.json"), plan.endpoint))
-        more, more_plan = launch.prepare(_config(s3, digits, "zero3", deepspeed=dict(zero_stage=3),
-                                                 scaling=dict(num_workers=1), optim=dict(total_steps=42)), resume=True)
-        assert launch.fit(more, more_plan).error is None
+        more_plan, _ = _zero_run(s3, digits, 3, "scaling.num_workers=1", "optim.total_steps=42")
         (resumed,) = [r for r in _metrics(more_plan) if r.get("event") == "resumed"]
         assert resumed["resharded"] and resumed["step"] == 40
         assert resumed["model_digest"] == pytest.approx(saved["model_digest"], rel=1e-12)
