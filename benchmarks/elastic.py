@@ -36,6 +36,7 @@ import time
 from common import ROOT, write_result
 
 from vitray import faults
+from vitray.goodput import churn_ideal
 
 # Steps enough that the run is still going when Ray Train grows it back: 25–50 s after the node returns here.
 STEPS, EVERY, REMOVE_AT = 90, 5, 8
@@ -204,8 +205,12 @@ def goodput(cluster, spot: list, s3, train_uri: str, steps: int, every_s: float,
         summary = driver.finish()
         out[name] = {"run_s": time.time() - started, "nodes_lost": lost,
                      **{k: summary.get(k) for k in ("restarts", "resizes", "time_lost_s")}}
+    # The yardstick: the goodput the schedule allows at most (worker-time present ÷ the quiet run's).
+    out["ideal"] = {"goodput": churn_ideal(out["quiet"]["run_s"], every_s, away_s),
+                    "source": "modelled: worker-time present under the schedule ÷ the quiet run's (vitray.goodput.churn_ideal)"}
     for name in ("elastic", "fixed"):
         out[name]["goodput_vs_quiet"] = out["quiet"]["run_s"] / out[name]["run_s"]
+        out[name]["share_of_ideal"] = out[name]["goodput_vs_quiet"] / out["ideal"]["goodput"]
     return out
 
 

@@ -68,3 +68,17 @@ def test_elastic_configs_are_checked_before_ray(override, message):
     validate(apply_overrides(smoke(), good))
     with pytest.raises(ConfigError, match=message):
         validate(apply_overrides(smoke(), good + override))
+
+
+def test_the_churn_schedules_ideal_by_hand():
+    """benchmarks/elastic.py's yardstick. A quiet run of 100 s on 2 workers is 200 worker-seconds. A node away 40 s
+    of every 100 gives 120 + 40 = 160 in the first 100 s, the last 40 at 2 workers take 20 s: done at 120 s, ideal
+    100 / 120. A node never away: the quiet run itself. A run shorter than the first loss: untouched."""
+    from vitray.goodput import churn_ideal
+
+    assert churn_ideal(100, 60, 40) == pytest.approx(100 / 120)
+    assert churn_ideal(100, 60, 0) == pytest.approx(1.0) and churn_ideal(50, 60, 40) == pytest.approx(1.0)
+    # 3 workers, one away 50 s of every 100: 150 + 100 = 250 per cycle; 300 needed → 100 s, then 50 at 3 → 116.7 s.
+    assert churn_ideal(100, 50, 50, workers=3) == pytest.approx(100 / (100 + 50 / 3))
+    with pytest.raises(ValueError, match="churn_ideal needs"):
+        churn_ideal(100, 60, 40, workers=1)

@@ -170,3 +170,19 @@ def for_run(checkpoint_bytes: float, nodes: int, measured_figures: dict[str, Fig
     mtbf = NODE_MTBF_HOURS * 3600 / max(nodes, 1)
     return Goodput(save, restart, mtbf, f"stated: a node fails every {NODE_MTBF_HOURS:,.0f} h (Llama 3's rate) → the"
                                         f" job every {mtbf / 3600:,.0f} h on {nodes:,} nodes")
+
+
+def churn_ideal(quiet_s: float, every_s: float, away_s: float, workers: int = 2) -> float:
+    """The best goodput a run can have under a churn schedule that leaves all `workers` for `every_s` seconds, then
+    one fewer for `away_s`, over and over (benchmarks/elastic.py's): if its work went as the worker-time present and
+    no resize cost anything, it would finish when that worker-time equals the quiet run's (`workers` × `quiet_s`).
+    The quiet run's time over that finish. Modelled from the schedule; the measured goodput is set against it."""
+    if not (quiet_s > 0 and every_s > 0 and away_s >= 0 and workers >= 2):
+        raise ValueError(f"churn_ideal needs quiet_s, every_s > 0, away_s ≥ 0 and ≥ 2 workers, got "
+                         f"{quiet_s!r}, {every_s!r}, {away_s!r}, {workers!r}")
+    need, at, done = workers * quiet_s, 0.0, 0.0
+    while True:
+        for span, present in ((every_s, workers), (away_s, workers - 1)):
+            if done + span * present >= need:
+                return quiet_s / (at + (need - done) / present)
+            done, at = done + span * present, at + span
