@@ -291,7 +291,10 @@ def _check_bit_baseline(backbone: dict, s3, digits) -> None:
     from vitray.eval.features import FINAL, extract
     from vitray.eval.inspect import InspectionError, load_for_inspection
 
+    from vitray import runs
+
     step, checkpoint = backbone["step"], backbone["checkpoint"]
+    assert runs.read_state(backbone["run"], s3.endpoint)["state"] == "finished"  # every planned step trained
     assert checkpoint.endswith(f"step_{step:08d}")
     text = storage.read_bytes(storage.join(backbone["run"], "metrics.jsonl"), s3.endpoint).decode()
     rows = [r for r in map(json.loads, text.splitlines()) if "loss" in r and "final" not in r]

@@ -176,7 +176,8 @@ def churn_ideal(quiet_s: float, every_s: float, away_s: float, workers: int = 2)
     """The best goodput a run can have under a churn schedule that leaves all `workers` for `every_s` seconds, then
     one fewer for `away_s`, over and over (benchmarks/elastic.py's): if its work went as the worker-time present and
     no resize cost anything, it would finish when that worker-time equals the quiet run's (`workers` × `quiet_s`).
-    The quiet run's time over that finish. Modelled from the schedule; the measured goodput is set against it."""
+    The quiet run's time over that finish. Modelled from the schedule; the measured goodput is set against it.
+    Start-up, which the benchmark's churn does not touch, counts as work here: the ideal comes out slightly low."""
     if not (quiet_s > 0 and every_s > 0 and away_s >= 0 and workers >= 2):
         raise ValueError(f"churn_ideal needs quiet_s, every_s > 0, away_s ≥ 0 and ≥ 2 workers, got "
                          f"{quiet_s!r}, {every_s!r}, {away_s!r}, {workers!r}")
