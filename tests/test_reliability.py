@@ -108,8 +108,7 @@ def test_saves_torn_by_a_restart_and_by_a_killed_job_are_redone_and_resumed_past
     try:
         faults.wait_for(killed.exists, 400, what="the crash in the middle of the upload of step 30")
     finally:
-        os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        job.wait()
+        faults.kill_job(job)  # the driver and the Ray processes it started
     run_uri = storage.join(f"s3://{s3.bucket}/reliability", "runs", "job-killed")
     assert restarted.exists()
     assert checkpoint.scan(run_uri, s3.endpoint) == ([EVERY, 2 * EVERY], [3 * EVERY])

@@ -4,7 +4,6 @@ import io
 import json
 import math
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -144,8 +143,7 @@ def test_study_killed_after_its_first_trial_resumes_only_the_rest(s3):
         faults.wait_for(lambda: storage.exists(trials, s3.endpoint) and storage.list_files(trials, s3.endpoint),
                         600, what="the study's first finished trial")
     finally:
-        os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        job.wait()
+        faults.kill_job(job)  # the driver and the Ray processes it started, all gone before the records are read
     finished = {name: storage.read_bytes(storage.join(trials, name), s3.endpoint)
                 for name in storage.list_files(trials, s3.endpoint)}
     assert 1 <= len(finished) < 4

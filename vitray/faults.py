@@ -61,6 +61,28 @@ def kill_train_worker(index: int = -1) -> int:
     return pid
 
 
+def kill_job(proc) -> None:
+    """SIGKILL a job started in its own session (`start_new_session=True`) with every process under it — the
+    driver and the local Ray it started, whose workers need not share its process group — and return once all are
+    gone: nothing the job ran can still write after this (a trial finishing just then wrote a record too late)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    if alive:
+        raise RuntimeError(f"processes of the killed job still run after 30 s: {[p.pid for p in alive]}")
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
     """Poll until `predicate()` is truthy; its value. Raises TimeoutError naming `what`."""
     deadline = time.monotonic() + timeout
