@@ -10,7 +10,7 @@ from vitray import session
 from vitray.config.schema import apply_overrides
 from vitray.train import launch
 
-from reference import overrides
+from reference import metrics, overrides
 
 
 def _config(s3, digits, run_name, **changes):
@@ -25,8 +25,7 @@ def _config(s3, digits, run_name, **changes):
 
 
 def _metrics(plan):
-    text = storage.read_bytes(storage.join(plan.run_uri, "metrics.jsonl"), plan.endpoint).decode()
-    return [json.loads(line) for line in text.splitlines()]
+    return metrics(plan.run_uri, plan.endpoint)
 
 
 def _zero_run(s3, digits, zero, *more, resume=False):
