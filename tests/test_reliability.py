@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -133,3 +134,20 @@ def test_sigterm_stops_the_driver_like_ctrl_c():
         os.kill(os.getpid(), signal.SIGTERM)
         faults.wait_for(lambda: False, 5, what="SIGTERM to arrive")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_killed_job_takes_every_process_under_it_even_outside_its_group(tmp_path):
+    """Ray's workers need not share the job's process group (a study's trial wrote its record after a plain killpg).
+    Here a grandchild leaves the group with setsid and would write a file 2 s later; kill_job ends it first."""
+    import psutil
+
+    late = tmp_path / "written-after-the-kill"
+    script = f"setsid sh -c 'sleep 2; touch {late}' & sleep 60"
+    job = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    faults.wait_for(lambda: len(psutil.Process(job.pid).children(recursive=True)) >= 2, 10, what="the grandchild")
+    outside = [p for p in psutil.Process(job.pid).children(recursive=True) if os.getpgid(p.pid) != job.pid]
+    assert outside  # the case: a process the group kill alone would miss
+    faults.kill_job(job)
+    assert job.returncode == -signal.SIGKILL
+    time.sleep(3)  # past the moment the grandchild would have written
+    assert not late.exists()

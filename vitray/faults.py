@@ -78,9 +78,17 @@ def kill_job(proc) -> None:
         except psutil.NoSuchProcess:
             pass
     proc.wait()
-    _, alive = psutil.wait_procs(tree, timeout=30)
-    if alive:
-        raise RuntimeError(f"processes of the killed job still run after 30 s: {[p.pid for p in alive]}")
+    wait_for(lambda: not any(map(_running, tree)), 30, interval=0.1, what="every process of the killed job to end")
+
+
+def _running(process) -> bool:
+    """Still running: a dead process whose new parent has not reaped it yet (a zombie) does not count."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
