@@ -10,9 +10,9 @@ every node, from the vitray package installed there.
 Two lines have no Ray setting of their own: Ray Train's controller logs a C++ error about its PreemptionWatcher
 actor at every worker-group start (harmless: ray-project/ray#53727; the watcher itself is what reports preempted
 nodes, so it stays on in clusters; a local Ray starts none, `session.LOCAL_ONLY`), and DeepSpeed calls a torch
-collective torch has deprecated. The first stays in the
-controller's own log file in the session's `logs/`; `quiet_driver` drops only its copy on the driver's terminal.
-The second is a Python warning, filtered by message in the workers.
+collective torch has deprecated. The first stays in the controller's own log file in the session's `logs/`;
+`quiet_driver` drops only its copy on the driver's terminal. The second is a Python warning, filtered by message in
+the workers.
 """
 from __future__ import annotations
 
