@@ -67,7 +67,7 @@ def _fake_ray(rank: int, root: str, release: threading.Event):
 def _engine(stage: int, steps: int):
     from vitray.config.schema import Config
     from vitray.models.registry import build_model
-    from vitray.train.engine import build_engine, building
+    from vitray.train.engine import build_engine, building, join_group
 
     cfg = Config().replace(model=dict(name="vit_tiny_test", num_classes=10), data=dict(image_size=16),
                            deepspeed=dict(zero_stage=stage), scaling=dict(num_workers=WORLD, use_gpu=False),
@@ -161,9 +161,9 @@ def _rank(rank: int, port: int, root: str, stages: list[int], queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    import deepspeed
+    from vitray.train.engine import join_group
 
-    deepspeed.init_distributed("gloo", verbose=False)
+    join_group(on_gpu=False)
     for stage in stages:
         queue.put(_stage(rank, root, stage, threading.Event()))
     torch.distributed.barrier()

@@ -18,14 +18,12 @@ def _rank(rank: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    import deepspeed
-
     from vitray.config.schema import Config
     from vitray.models.registry import build_model
     from vitray.train.checkpoint import module_digest
-    from vitray.train.engine import building
+    from vitray.train.engine import building, join_group
 
-    deepspeed.init_distributed("gloo", verbose=False)
+    join_group(on_gpu=False)
     cfg = Config().replace(model=dict(name="vit_tiny_test", num_classes=10), deepspeed=dict(zero_stage=3),
                            scaling=dict(num_workers=WORLD, use_gpu=False), optim=dict(global_batch=WORLD, micro_batch=1))
     torch.manual_seed(0)

@@ -20,9 +20,9 @@ def _rank(rank: int, port: int, names: list[str], queue) -> None:
 
     from vitray.config.schema import Config
     from vitray.models.registry import build_model, get_spec
-    from vitray.train.engine import building
+    from vitray.train.engine import building, join_group
 
-    deepspeed.init_distributed("gloo", verbose=False)
+    join_group(on_gpu=False)
     out = {}
     for name in names:
         cfg = Config().replace(model=dict(name=name, num_classes=10), deepspeed=dict(zero_stage=3),

@@ -59,6 +59,21 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, on_gpu: boo
     }
 
 
+def join_group(on_gpu: bool) -> None:
+    """Joins torch's process group through DeepSpeed (gloo on CPU, NCCL on GPU).
+
+    On CPU, DeepSpeed would first JIT-compile its shared-memory all-reduce op (35–60 s with a C++ compiler on every
+    fresh machine, cached afterwards). That op serves only `inference_all_reduce` (DeepSpeed inference), which
+    training never calls, so it is marked unavailable and DeepSpeed's comm falls back to torch's all-reduce."""
+    import deepspeed
+
+    if not on_gpu:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the module keeps this dict: the edit holds
+    deepspeed.init_distributed("nccl" if on_gpu else "gloo", verbose=False)
+
+
 def building(cfg: Config, world_size: int, total_steps: int, on_gpu: bool):
     """The context a worker builds its model in: under ZeRO-3, DeepSpeed's `zero.Init`, which partitions each layer
     across the ranks as it is constructed, so no rank holds the whole model (`vitray/models/partitioned.py`)."""
@@ -68,7 +83,7 @@ def building(cfg: Config, world_size: int, total_steps: int, on_gpu: bool):
         return contextlib.nullcontext()
     import deepspeed
 
-    deepspeed.init_distributed("nccl" if on_gpu else "gloo", verbose=False)  # joins torch's group: the world size
+    join_group(on_gpu)  # zero.Init partitions across the group: it needs the world size
     return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size, total_steps, on_gpu))
 
 
@@ -105,6 +120,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_ste
     config = deepspeed_config(cfg, world_size, total_steps, on_gpu)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
+    join_group(on_gpu)
     optimizer = build_optimizer(model, cfg, lr_scales)
     scheduler = None
     if cfg.optim.schedule == "step":
