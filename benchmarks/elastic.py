@@ -176,6 +176,9 @@ def scenario(cluster, spot: list, s3, train_uri: str, keys: list[str]) -> dict:
                        for e, ks in sorted(by_epoch.items())},
             "samples_trained": len(seen),
             "workers": [r["to_workers"] for r in b["restarts"]],
+            # What the user sees of the resizes: a traceback of a collective the teardown broke reads as a crash.
+            "teardown_tracebacks": sum("backend not set" in line for line in elastic.text),
+            "stopped_lines": sum("Ray Train closed this worker group" in line for line in elastic.text),
         },
     }
 

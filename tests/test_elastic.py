@@ -29,6 +29,7 @@ def test_a_node_lost_and_returned_changes_neither_samples_nor_losses():
     assert checks["workers"] == [1, 2], restarts
     assert [r["from_workers"] for r in restarts] == [2, 1]
     assert result["summary"]["resizes"] == 2 and result["summary"]["time_lost_s"] > 0
+    assert checks["teardown_tracebacks"] == 0  # a group stopped for a resize says so in one line
     assert all(r["lost_s"] > 0 and 0 <= r["steps_redone"] <= 5 for r in restarts)  # at most checkpoint_every
 
     # The same samples in every step, every step logged once, and every sample once per completed epoch.
@@ -82,3 +83,47 @@ def test_the_churn_schedules_ideal_by_hand():
     assert churn_ideal(100, 50, 50, workers=3) == pytest.approx(100 / (100 + 50 / 3))
     with pytest.raises(ValueError, match="churn_ideal needs"):
         churn_ideal(100, 60, 40, workers=1)
+
+
+TORN = """
+import logging, os, sys, types
+import torch, torch.distributed as dist
+import ray.train
+from vitray.storage import free_port
+from vitray.train import loop
+from vitray.train.engine import join_group
+import deepspeed.comm
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+logging.basicConfig(stream=sys.stdout, format="%(message)s")
+ray.train.get_context = lambda: types.SimpleNamespace(get_world_rank=lambda: 0)  # outside Ray Train here
+
+def closed_under_the_loop(config):
+    dist.destroy_process_group()  # what Ray Train's TorchConfig.on_shutdown does when it stops the group
+    deepspeed.comm.all_reduce(torch.ones(1))  # the loop's next collective
+
+def a_real_fault(config):
+    raise ValueError("a real fault")
+
+join_group(on_gpu=False)
+loop._train = closed_under_the_loop
+loop.train_loop_per_worker({})
+print("RETURNED")
+join_group(on_gpu=False)
+loop._train = a_real_fault
+loop.train_loop_per_worker({})
+"""
+
+
+def test_a_worker_group_ray_train_closes_ends_with_one_line_and_a_real_fault_still_raises():
+    """On a grow, Ray Train destroys the old group's torch process group while its loop runs; the loop's next
+    DeepSpeed collective raises (users saw "DeepSpeed backend not set"). That is a resize, not a crash: one line. An error while
+    the group is up is still raised."""
+    proc = subprocess.run([sys.executable, "-c", TORN], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    before = proc.stdout.split("RETURNED")[0]
+    assert lines.index("RETURNED") == 1 and before.startswith("rank 0: stopped: Ray Train closed this worker group ("), out[-3000:]
+    assert "Traceback" not in before and proc.stderr.count("Traceback") == 1, out[-3000:]  # the real fault's only
+    assert proc.returncode == 1 and "ValueError: a real fault" in proc.stderr, out[-3000:]

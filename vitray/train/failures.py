@@ -22,6 +22,16 @@ def classify(error: BaseException) -> str:
     return "failed"
 
 
+def group_closed() -> bool:
+    """Whether Ray Train has closed this worker's process group under the running loop. It does so when it stops a
+    worker group on purpose (an elastic resize, or a failure elsewhere that it restarts from): its backend's shutdown
+    destroys torch's group first, and the loop's next collective then raises (DeepSpeed: "backend not set"). vitray
+    never destroys the group itself while training, so an error raised after that is the teardown, not a fault."""
+    import torch.distributed as dist
+
+    return dist.is_available() and not dist.is_initialized()
+
+
 def check_finite(loss_sum, step: int, saves, device) -> None:
     """Collective: stop every rank together when any rank's running loss is NaN or infinite, before anything is
     saved, so no checkpoint ever holds non-finite weights. A save still uploading (`saves`: the loop's

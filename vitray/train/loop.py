@@ -32,7 +32,7 @@ from vitray.tasks import make_task
 from vitray.train import collectives, resume
 from vitray.train.engine import build_engine, building, precision
 from vitray.train.evaluating import held_out
-from vitray.train.failures import check_finite
+from vitray.train.failures import check_finite, group_closed
 from vitray.train.metrics import (DATA_BOUND, DataWait, LossMeter, MetricsLog, SampleAudit, data_bound_message,
                                   positions_json, restart_totals)
 from vitray.train.phases import RunHooks
@@ -44,6 +44,18 @@ logger = logging.getLogger("vitray")
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point on every worker: `_train`, except that a worker group Ray Train stops on purpose (a
+    resize) ends with one line, not the traceback of the collective its teardown broke (`failures.group_closed`)."""
+    try:
+        _train(config)
+    except Exception as error:
+        if not group_closed():
+            raise
+        logger.warning("rank %d: stopped: Ray Train closed this worker group (%s); the run goes on in the next one",
+                       ray.train.get_context().get_world_rank(), type(error).__name__)
+
+
+def _train(config: dict) -> None:
     plan, hooks = config["plan"], config.get("hooks") or RunHooks()  # a train.plan.Plan, a phases.RunHooks
     timeline = {**config.get("timeline", {}), "worker_start": time.time()}  # start-up phases, logged once
     cfg, d, o = plan.cfg, plan.cfg.data, plan.cfg.optim
