@@ -151,3 +151,26 @@ def test_a_killed_job_takes_every_process_under_it_even_outside_its_group(tmp_pa
     assert job.returncode == -signal.SIGKILL
     time.sleep(3)  # past the moment the grandchild would have written
     assert not late.exists()
+
+
+def test_a_killed_train_worker_is_one_of_this_process_never_another_runs():
+    """Two test lanes (or two users) on one machine each run Ray Train workers with the same process title; the
+    kill that stands for a preempted node must hit a worker of this process's cluster, not the other run's.
+    Both stand-ins carry the title; the other run's is not under this process (its parent exits: it is adopted)."""
+    import psutil
+
+    title = faults.TRAIN_WORKER
+    ours = subprocess.Popen(["bash", "-c", f"exec -a {title} sleep 60"])
+    theirs_parent = subprocess.Popen(["bash", "-c", f"(exec -a {title} sleep 60 >/dev/null) & echo $!"],
+                                     stdout=subprocess.PIPE, text=True)
+    theirs = int(theirs_parent.communicate()[0])
+    try:
+        titled = lambda: all(" ".join(psutil.Process(p).cmdline()).startswith(title) for p in (ours.pid, theirs))
+        faults.wait_for(titled, 10, what="both stand-ins titled")
+        assert faults.train_worker_pids() == [ours.pid]
+        assert faults.kill_train_worker() == ours.pid
+        assert ours.wait(10) == -signal.SIGKILL
+        assert psutil.Process(theirs).is_running()  # the other run's worker lives on
+    finally:
+        ours.kill()
+        os.kill(theirs, signal.SIGKILL)

@@ -41,21 +41,28 @@ def hold_point() -> None:
 
 
 def train_worker_pids() -> list[int]:
+    """The Ray Train worker processes of the Ray cluster this process started (`ray.init()` makes its raylet a
+    child of the driver, and the workers children of the raylet). Only those: another run on the same machine
+    (a second test lane, a colleague's job) has workers of the same title that are not ours to kill."""
     import psutil
 
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:  # gone, or not ours to read: not a worker of this run
+            continue
         if cmd.startswith(TRAIN_WORKER):
-            pids.append(p.info["pid"])
+            pids.append(p.pid)
     return sorted(pids)
 
 
 def kill_train_worker(index: int = -1) -> int:
-    """SIGKILL one live Ray Train worker process (as a preempted node would lose it); its pid."""
+    """SIGKILL one live Ray Train worker process of this process's Ray cluster (as a preempted node would lose
+    it); its pid."""
     pids = train_worker_pids()
     if not pids:
-        raise RuntimeError("no Ray Train worker process is running")
+        raise RuntimeError("no Ray Train worker process is running in the Ray cluster this process started")
     pid = pids[index]
     os.kill(pid, signal.SIGKILL)
     return pid
