@@ -70,6 +70,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     from vitray.data.spec import ReadSpec
     from vitray.tasks import make_task
     from vitray.train import checkpoint
+    from vitray.train.elastic import trainer_class
     from vitray.train.loop import train_loop_per_worker
     from vitray.train.universal import InBackground
 
@@ -89,13 +90,14 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     fs, runs_path = storage.resolve(plan.run_uri.rsplit("/", 1)[0], plan.endpoint)  # Ray adds the run name
     checkpoint.forget_rays_record(plan.run_uri, plan.endpoint)  # a resumed run: it may name folders vitray deleted
     fit_called = time.time()
-    trainer = TorchTrainer(
+    trainer = (trainer_class() if s.min_workers else TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"plan": plan, "hooks": hooks, "timeline": {**(timeline or {}), "fit_called": fit_called}},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         # Elastic (scaling.min_workers): Ray Train runs as many workers as the cluster has room for, between the two,
-        # restarting the group from the latest checkpoint when a node is lost and, at its next resize check, when
-        # room returns. Every restart counts against max_failures.
+        # restarting the group from the latest checkpoint when a node is lost (sized on the nodes alive then:
+        # `train/elastic.py`) and, at its next resize check, when room returns. Each lost node counts against
+        # max_failures; a resize to grow does not.
         scaling_config=ScalingConfig(
             num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers, use_gpu=s.use_gpu,
             resources_per_worker=resources, accelerator_type=s.accelerator or None,
