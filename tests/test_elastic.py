@@ -127,3 +127,16 @@ def test_a_worker_group_ray_train_closes_ends_with_one_line_and_a_real_fault_sti
     assert lines.index("RETURNED") == 1 and before.startswith("rank 0: stopped: Ray Train closed this worker group ("), out[-3000:]
     assert "Traceback" not in before and proc.stderr.count("Traceback") == 1, out[-3000:]  # the real fault's only
     assert proc.returncode == 1 and "ValueError: a real fault" in proc.stderr, out[-3000:]
+
+
+@pytest.mark.quick
+def test_this_ray_sizes_elastic_restarts_on_a_fresh_view():
+    """`train/elastic.py` reaches into Ray Train's internals; a Ray upgrade that moves them would silently bring back
+    restarts sized on a view up to 20 s old. On the pinned Ray the elastic trainer is ours, with our policy."""
+    from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
+
+    from vitray.train import elastic
+
+    assert elastic.MISSING == "", elastic.MISSING
+    assert elastic.trainer_class() is elastic.ElasticTorchTrainer
+    assert issubclass(elastic.FreshRestarts, ElasticScalingPolicy)
