@@ -30,20 +30,21 @@ E2E_FIXTURES = {"ray_cluster", "smoke_chain", "attached", "reference_run"}
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: starts a real Ray / DeepSpeed run (left out of -m quick)")
     config.addinivalue_line("markers", "quick: no real Ray / DeepSpeed run (set by conftest; -m quick)")
-    config.addinivalue_line("markers", "waits: an end-to-end test whose own cluster mostly waits (timers, idle "
-                            "timeouts, retries), leaving a core free; run beside the others under -n 2")
 
 
+SESSION_GROUP = "session"  # the xdist group of every test that uses the session's cluster or trained models
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups to name each test's lane
 def pytest_collection_modifyitems(config, items):
-    lanes = config.pluginmanager.hasplugin("xdist")
     for item in items:
         if item.get_closest_marker("e2e") is None and E2E_FIXTURES.isdisjoint(item.fixturenames):
             item.add_marker(pytest.mark.quick)
-        elif lanes:
-            # Under `-n 2 --dist loadgroup` (the README's command) one worker runs every other end-to-end test in
-            # order, so the session's Ray cluster, reference run and smoke chain are made once; the other worker
-            # runs the quick tests and the `waits` ones beside it, on the CPU the first leaves idle.
-            item.add_marker(pytest.mark.xdist_group("waits" if item.get_closest_marker("waits") else "e2e"))
+        elif not E2E_FIXTURES.isdisjoint(item.fixturenames):
+            # Under `-n 2 --dist loadgroup` (the README's command) these run on one worker, in order, so the
+            # session's Ray cluster, reference run and smoke chain are made once; every other test (quick ones, and
+            # end-to-end ones that start their own cluster or job) goes to whichever worker is free.
+            item.add_marker(pytest.mark.xdist_group(SESSION_GROUP))
 
 
 @pytest.fixture(scope="session")

@@ -117,7 +117,6 @@ def test_kuberay_manifests_match_the_crd(name):
 
 
 @pytest.mark.e2e
-@pytest.mark.waits
 def test_local_autoscaling_cluster_launches_up_to_max_and_removes_idle_nodes(tmp_path):
     (local,) = _load("local-autoscale.yaml")
     (aws,) = _load("aws-gpu.yaml")
@@ -194,7 +193,6 @@ def test_eight_workers_on_a_multi_node_cluster_stream_commit_and_resume():
 
 
 @pytest.mark.e2e
-@pytest.mark.waits
 def test_a_waiting_worker_says_what_ray_cannot_schedule():
     """Another actor holds both CPUs of a local Ray; a read task waits for one. The wait watch names it, with the
     resources it asks for and what the cluster has free, every 2 s while the wait lasts."""

@@ -83,7 +83,6 @@ def _free_port():
 
 
 @pytest.mark.e2e
-@pytest.mark.waits
 def test_ray_job_submit_smoke_against_a_started_head_leaks_no_credential(s3):
     """`ray start --head`, then `ray job submit -- python jobs/pretrain_vit_h14.py --preset smoke`, as the README says,
     with checkpoints into S3. The head has recognisable fake AWS credentials (moto accepts any) and a recognisable

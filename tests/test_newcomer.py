@@ -269,7 +269,6 @@ def test_failed_run_records_why_and_its_name_can_be_used_again(ray_cluster, s3, 
 
 
 @pytest.mark.e2e
-@pytest.mark.waits
 def test_laptop_run_interrupted_then_resumed_as_printed_is_kept_in_local_runs(tmp_path):
     """The README's first command with a short schedule, from a fresh folder: data from the embedded S3 server, the
     run in ./runs (it outlives the server). Ctrl-C (SIGINT to the job's process group: the driver and the local Ray

@@ -122,7 +122,6 @@ def _records(dest) -> list[str]:
 
 
 @pytest.mark.e2e
-@pytest.mark.waits
 def test_killed_writer_keeps_committed_shards_and_a_different_restart_is_refused(tmp_path, capsys):
     src, dest = tmp_path / "src", str(tmp_path / "ds")
     for rel, data in _photos(144, large=True).items():
