@@ -139,4 +139,4 @@ def test_this_ray_sizes_elastic_restarts_on_a_fresh_view():
 
     assert elastic.MISSING == "", elastic.MISSING
     assert elastic.trainer_class() is elastic.ElasticTorchTrainer
-    assert issubclass(elastic.FreshRestarts, ElasticScalingPolicy)
+    assert issubclass(elastic.FreshView, ElasticScalingPolicy)
