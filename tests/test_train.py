@@ -63,6 +63,13 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero, requ
     assert all(0 <= r["data_wait"] <= r["data_wait_max"] <= 1 for r in rows)
     assert 0 <= result.metrics["data_wait"] <= result.metrics["data_wait_max"] <= 1
     assert result.checkpoint.path.endswith("step_00000040")
+    if zero == 1:  # this process started the session's Ray: its fits start no placement-group cleaner
+        # (`train/trainer.py`); this run passes Ray Train no dataset, so it started no dataset manager either.
+        from ray.util.state import list_actors
+
+        ours = list_actors(filters=[("job_id", "=", ray_cluster.get_runtime_context().get_job_id())], limit=10_000)
+        assert {"PlacementGroupCleaner", "DatasetManager"}.isdisjoint(a.class_name for a in ours)
+        assert any(a.class_name == "TrainController" for a in ours)  # the listing does see this job's fits
 
     # ZeRO's memory formulas against the tensors each rank really holds (fp32 on CPU, 2 ranks).
     from vitray import cost
@@ -349,3 +356,26 @@ def test_the_weights_digest_ignores_zero3_padding_at_three_workers():
     ranks = json.loads(done.stdout.strip().splitlines()[-1])
     assert sum(r["padded"] for r in ranks) > 0  # the case the fix is for
     assert all(r["digest"] == pytest.approx(r["plain"], rel=1e-9) for r in ranks), ranks
+
+
+def test_the_trainer_starts_only_the_helpers_a_fit_uses(monkeypatch):
+    """A fit without datasets starts no dataset manager (the driver's Ray Data settings still reach the workers);
+    a fit in a Ray this process started gets no placement-group cleaner; anywhere else both are as Ray makes them."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from vitray.train import trainer
+
+    assert trainer.MISSING == "", trainer.MISSING
+
+    def callbacks(started_here: bool, datasets: dict) -> dict[type, object]:
+        monkeypatch.setattr(session, "started_here", lambda: started_here)
+        made = trainer.LeanTorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2), datasets=datasets)
+        return {type(cb): cb for cb in made._create_default_callbacks()}
+
+    here = callbacks(True, {})
+    assert PlacementGroupCleanerCallback not in here and trainer.NoDatasets in here and DatasetsCallback not in here
+    assert here[trainer.NoDatasets].before_init_train_context([]) == {}  # no manager actor for the workers
+    joined = callbacks(False, {"val": lambda: None})
+    assert {PlacementGroupCleanerCallback, DatasetsCallback} <= joined.keys() and trainer.NoDatasets not in joined

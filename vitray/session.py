@@ -57,6 +57,14 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 # (one more actor process per fit, ~2.3 s of CPU measured here, whose end logged an error on every laptop run) has
 # nothing to watch. Clusters keep it: on spot capacity it hands a drained node's run a grace period.
 LOCAL_ONLY = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+_started_here = False
+
+
+def started_here() -> bool:
+    """Whether this process started the Ray it is connected to, which then ends with it (`init_ray`)."""
+    import ray
+
+    return _started_here and ray.is_initialized()
 
 
 def init_ray(**local: object) -> None:
@@ -70,6 +78,7 @@ def init_ray(**local: object) -> None:
 
     from vitray import ray_logs
 
+    global _started_here
     ray_logs.setup_worker()  # this process too: it runs Ray Data's executions for evaluation
     ray_logs.quiet_driver()
     hook = {"worker_process_setup_hook": ray_logs.HOOK}  # merged with a submitted job's own runtime_env
@@ -78,8 +87,10 @@ def init_ray(**local: object) -> None:
         # A dashboard named to this driver is named to its workers too (the same cleaner's reason as below).
         api = {"RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]} if "RAY_API_SERVER_ADDRESS" in os.environ else {}
         ray.init(address=address, logging_level="WARNING", runtime_env={**hook, "env_vars": {**MALLOC, **api}})
+        _started_here = False
         return
     port = storage.free_port()
     env = {**MALLOC, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **LOCAL_ONLY}
     ray.init(address="local", logging_level="WARNING", include_dashboard=True, dashboard_port=port,
              runtime_env={**hook, "env_vars": env}, **local)
+    _started_here = True

@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 
 import ray
-from ray.train.torch import TorchTrainer
+
+from vitray.train.trainer import LeanTorchTrainer
 
 logger = logging.getLogger("vitray")
 
@@ -81,8 +82,8 @@ class FreshView(ElasticScalingPolicy):
         return reserved
 
 
-class ElasticTorchTrainer(TorchTrainer):
-    """`TorchTrainer` with `FreshView` in place of the policy Ray Train builds from the scaling config."""
+class ElasticTorchTrainer(LeanTorchTrainer):
+    """vitray's trainer (`train/trainer.py`) with `FreshView` in place of the policy Ray Train builds from the scaling config."""
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["scaling_policy"] = FreshView(self.scaling_config)
@@ -90,8 +91,8 @@ class ElasticTorchTrainer(TorchTrainer):
 
 
 def trainer_class() -> type:
-    """The trainer for an elastic run: `ElasticTorchTrainer`, or Ray's own where this Ray differs (said once)."""
+    """The trainer for an elastic run: `ElasticTorchTrainer`, or one with Ray's own policy where this Ray differs (said once)."""
     if MISSING:
         logger.warning("elastic restarts use Ray Train's own sizing (this Ray lacks %s)", MISSING)
-        return TorchTrainer
+        return LeanTorchTrainer
     return ElasticTorchTrainer

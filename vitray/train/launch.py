@@ -1,4 +1,4 @@
-"""Driver side: plan first (`train/plan.py`, no Ray), then start or join Ray and run the `TorchTrainer` (`fit`).
+"""Driver side: plan first (`train/plan.py`, no Ray), then start or join Ray and run the trainer (`fit`; `train/trainer.py`).
 
 `run` is a job's whole sequence: the plan, the cost plan (which refuses what cannot fit), Ray, the cluster check,
 training, and the run's record (`run.json`: how it ended) and summary.
@@ -64,7 +64,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
         plan = dataclasses.replace(plan, cfg=cfg)
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from vitray.data.reading import build_dataset, stream_splits_config
     from vitray.data.spec import ReadSpec
@@ -72,6 +72,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     from vitray.train import checkpoint
     from vitray.train.elastic import trainer_class
     from vitray.train.loop import train_loop_per_worker
+    from vitray.train.trainer import LeanTorchTrainer
     from vitray.train.universal import InBackground
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -90,7 +91,7 @@ def fit(cfg: Config, plan: Plan, timeline: dict | None = None, callbacks: list |
     fs, runs_path = storage.resolve(plan.run_uri.rsplit("/", 1)[0], plan.endpoint)  # Ray adds the run name
     checkpoint.forget_rays_record(plan.run_uri, plan.endpoint)  # a resumed run: it may name folders vitray deleted
     fit_called = time.time()
-    trainer = (trainer_class() if s.min_workers else TorchTrainer)(
+    trainer = (trainer_class() if s.min_workers else LeanTorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"plan": plan, "hooks": hooks, "timeline": {**(timeline or {}), "fit_called": fit_called}},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
