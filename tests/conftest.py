@@ -32,7 +32,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "quick: no real Ray / DeepSpeed run (set by conftest; -m quick)")
 
 
-SESSION_GROUP = "session"  # the xdist group of every test that uses the session's cluster or trained models
+# The session's trained runs, each made once per pytest worker that needs it: the tests that read one share an
+# xdist group, so under `-n 2 --dist loadgroup` (the README's command) they run on one worker, in order, and the run
+# is made once. Every other test (quick ones; end-to-end ones that need only a Ray cluster, which each worker starts
+# for itself, ~10 s of CPU; jobs that start their own) goes to whichever worker is free. Small groups let the two
+# lanes end together: one group of everything on the session's cluster ran 400 s alone at the end of the suite.
+GROUPS = {"reference_run": "reference", "smoke_chain": "chain"}  # fixture → group (in this order if a test uses both)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups to name each test's lane
@@ -40,11 +45,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("e2e") is None and E2E_FIXTURES.isdisjoint(item.fixturenames):
             item.add_marker(pytest.mark.quick)
-        elif not E2E_FIXTURES.isdisjoint(item.fixturenames):
-            # Under `-n 2 --dist loadgroup` (the README's command) these run on one worker, in order, so the
-            # session's Ray cluster, reference run and smoke chain are made once; every other test (quick ones, and
-            # end-to-end ones that start their own cluster or job) goes to whichever worker is free.
-            item.add_marker(pytest.mark.xdist_group(SESSION_GROUP))
+        group = next((g for fixture, g in GROUPS.items() if fixture in item.fixturenames), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -52,8 +52,8 @@ def pretrained(zero2_run):
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
-def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero, request):
-    plan, result = request.getfixturevalue("zero2_run") if zero == 2 else _zero_run(s3, digits, zero)
+def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero, zero2_run):
+    plan, result = zero2_run if zero == 2 else _zero_run(s3, digits, zero)
     rows = [r for r in _metrics(plan) if "loss" in r and "final" not in r]
     assert [r["step"] for r in rows] == list(range(1, 41))
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
