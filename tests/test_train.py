@@ -67,7 +67,9 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero, zero
         # (`train/trainer.py`); this run passes Ray Train no dataset, so it started no dataset manager either.
         from ray.util.state import list_actors
 
-        ours = list_actors(filters=[("job_id", "=", ray_cluster.get_runtime_context().get_job_id())], limit=10_000)
+        node = ray_cluster._private.worker.global_worker.node  # this cluster's dashboard: the other lane has its own
+        ours = list_actors(address="http://" + node.address_info["webui_url"].removeprefix("http://"), limit=10_000,
+                           filters=[("job_id", "=", ray_cluster.get_runtime_context().get_job_id())])
         assert {"PlacementGroupCleaner", "DatasetManager"}.isdisjoint(a.class_name for a in ours)
         assert any(a.class_name == "TrainController" for a in ours)  # the listing does see this job's fits
 

@@ -12,7 +12,6 @@ Two methods:
 from __future__ import annotations
 
 import numpy as np
-import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +33,8 @@ def resize_pos_embed(
         return posemb.clone()
     d = grid.shape[-1]
     if method == "bilinear":
+        import scipy.ndimage  # here: every Train worker imports this module, few resize (0.5 s of CPU each)
+
         arr = grid.detach().reshape(gh, gw, d).to(torch.float64).cpu().numpy()
         zoomed = scipy.ndimage.zoom(arr, (nh / gh, nw / gw, 1), order=1)
         resized = torch.from_numpy(np.ascontiguousarray(zoomed)).reshape(1, nh * nw, d)
