@@ -104,9 +104,12 @@ def spread(overrides_json: str) -> dict:
         endpoint = storage.Endpoint(url=cfg.storage.endpoint_url)
         rows = storage.read_bytes(storage.join(summary["run"], "metrics.jsonl"), endpoint).decode().splitlines()
         losses = [r["loss"] for r in map(json.loads, rows) if "loss" in r and "final" not in r]
-        decode = {t.node_id for t in list_tasks(filters=[("type", "=", "NORMAL_TASK")], limit=10_000, detail=True)
-                  if "decode_shards" in t.name}
-        workers = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)}
+        # This cluster's state API, named: left to find one, it can pick another test's cluster on this machine.
+        api = "http://" + cluster.head_node.address_info["webui_url"].removeprefix("http://")
+        decode = {t.node_id for t in list_tasks(address=api, filters=[("type", "=", "NORMAL_TASK")], limit=10_000,
+                                                detail=True) if "decode_shards" in t.name}
+        workers = {a.node_id for a in list_actors(address=api, filters=[("class_name", "=", "RayTrainWorker")],
+                                                  limit=1000)}
         return {**summary, "losses": losses, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
                 "data_node": cluster.head_node.node_id, "decode_nodes": sorted(decode), "train_nodes": sorted(workers)}
     finally:

@@ -5,6 +5,8 @@ schedule (its `WarmupDecayLR` / `WarmupCosineLR`); vitray only translates the pa
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from vitray.config.schema import Config
@@ -71,7 +73,39 @@ def join_group(on_gpu: bool) -> None:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the module keeps this dict: the edit holds
+    _compile_muon_when_called()
     deepspeed.init_distributed("nccl" if on_gpu else "gloo", verbose=False)
+
+
+def _compile_muon_when_called() -> None:
+    """DeepSpeed's ZeRO optimizers import its Muon module only to ask `isinstance(optimizer, MuonWithAuxAdam)`, and
+    that module applies `torch.compile` (`deepspeed.runtime.compiler.compile()`, used by nothing else) to three
+    functions as it is imported. Building torch.compile's wrapper imports the inductor: 0.9 s of CPU in every Train
+    worker, for kernels that vitray's optimizers (AdamW, SGD) never call. The decorator is deferred to a function's
+    first call, when torch.compile would compile it anyway; the kernels are compiled as before if they are used."""
+    import functools
+
+    from deepspeed.runtime import compiler
+
+    eager = compiler.compile
+    if getattr(eager, "deferred", False) or "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+
+    def compile_when_called():
+        def decorate(fn):
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                if call.compiled is None:
+                    call.compiled = eager()(fn)
+                return call.compiled(*args, **kwargs)
+
+            call.compiled = None
+            return call
+
+        return decorate
+
+    compile_when_called.deferred = True
+    compiler.compile = compile_when_called
 
 
 def building(cfg: Config, world_size: int, total_steps: int, on_gpu: bool):
