@@ -19,6 +19,10 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # training finished up to 2 s late, each time. Every 0.5 s in the tests (jobs started here inherit it): measured
 # 22.6 s against 24.9 s per 2-step smoke fit (8 fits each, alternating). Runs keep Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# A local Ray's raylet waits 60 s for its dashboard agent, then dies. With both lanes' end-to-end tests on 2 cores the
+# agent once took longer (the shard writer's Ray, started beside the study's trials), and that test's job failed at
+# start. The tests' Ray starts wait up to 5 minutes; runs keep Ray's default.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
