@@ -26,7 +26,6 @@ logger = logging.getLogger("vitray")
 try:
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     DataParallelTrainer._create_default_callbacks  # noqa: B018 (present, or another Ray)
