@@ -40,7 +40,7 @@ def pytest_configure(config):
 # xdist group, so under `-n 2 --dist loadgroup` (the README's command) they run on one worker, in order, and the run
 # is made once. Every other test (quick ones; end-to-end ones that need only a Ray cluster, which each worker starts
 # for itself, ~10 s of CPU; jobs that start their own) goes to whichever worker is free. Small groups let the two
-# lanes end together: one group of everything on the session's cluster ran 400 s alone at the end of the suite.
+# lanes end together (one group of everything on the session's cluster left one lane running alone at the end).
 GROUPS = {"reference_run": "reference", "smoke_chain": "chain"}  # fixture → group (in this order if a test uses both)
 
 
