@@ -19,10 +19,6 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # training finished up to 2 s late, each time. Every 0.5 s in the tests (jobs started here inherit it): measured
 # 22.6 s against 24.9 s per 2-step smoke fit (8 fits each, alternating). Runs keep Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-# A local Ray's raylet waits 60 s for its dashboard agent, then dies. With both lanes' end-to-end tests on 2 cores the
-# agent once took longer (the shard writer's Ray, started beside the study's trials), and that test's job failed at
-# start. The tests' Ray starts wait up to 5 minutes; runs keep Ray's default.
-os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -52,10 +48,6 @@ def pytest_collection_modifyitems(config, items):
         group = next((g for fixture, g in GROUPS.items() if fixture in item.fixturenames), None)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
-    # End-to-end tests first, each file's in its order (its module fixtures are made once): xdist hands out the
-    # groups, then single tests in this order, so the long ones start early and the quick ones fill the end of
-    # whichever lane finishes first (the study, last in file order, once ran alone in the suite's final 5 minutes).
-    items.sort(key=lambda item: item.get_closest_marker("quick") is not None)
 
 
 @pytest.fixture(scope="session")
