@@ -138,7 +138,6 @@ def main() -> None:
 
     from vitray.data.datasets import write_digits
     from vitray.storage import EmbeddedS3
-    from vitray.session import MALLOC
 
     # The runs go to the embedded S3 server through the standard credential chain, as to any S3 (moto checks none);
     # the cluster's nodes inherit it from this process.
@@ -151,7 +150,7 @@ def main() -> None:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS})
         for _ in range(NODES - 1):
             cluster.add_node(num_cpus=NODE_CPUS)
-        ray.init(address=cluster.address, logging_level="WARNING", runtime_env={"env_vars": MALLOC})
+        ray.init(address=cluster.address, logging_level="WARNING")
         try:
             if not args.json:  # the first fit pays for cold caches (imports, DeepSpeed's op): not a size's cost
                 run_size(args.workers[0], args.steps, s3, f"{base}/train", name="warm-up")

@@ -355,8 +355,8 @@ def machine() -> dict:
     """The machine and versions a measurement is written with."""
     import os
     import platform
+    from importlib.metadata import version
 
-    import deepspeed
     import ray
     import torch
 
@@ -371,5 +371,6 @@ def machine() -> dict:
         "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__, "platform": platform.platform(),
+        # DeepSpeed's version without importing it (0.5 s of a driver's CPU that nothing else in a driver needs)
+        "deepspeed": version("deepspeed"), "platform": platform.platform(),
     }

@@ -1,7 +1,7 @@
 """Starting or joining the Ray session every job runs in, and checking that the cluster can hold a run.
 
 Jobs, the training driver, the scaling study, the rehearsal and the test fixtures all start Ray through `init_ray`,
-so each Ray process gets the same logging set-up and memory settings; `check_cluster` refuses, before Ray Train asks
+so each Ray process gets the same logging set-up; `check_cluster` refuses, before Ray Train asks
 for anything, a run the cluster cannot hold.
 """
 from __future__ import annotations
@@ -46,13 +46,6 @@ def check_cluster(cfg: Config) -> None:
                           f" (the run would wait forever); set scaling.cpus_per_worker to at most {fits:.2g}")
 
 
-# glibc serves a freed block's size from its heap afterwards (its mmap threshold rises to it) and rarely returns
-# that heap: ZeRO-3's gathered layers and buckets, freed and reallocated each step, then pile up. Measured on
-# ViT-L/16, ZeRO-3, 2 CPU workers: 6.2 GiB resident per worker between steps instead of 3.7. A fixed threshold
-# returns every block over 1 MiB to the system when freed.
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
-
-
 # A local Ray's nodes are this machine's processes: none is ever drained for preemption, so Ray Train's watcher
 # (one more actor process per fit, ~2.3 s of CPU measured here, whose end logged an error on every laptop run) has
 # nothing to watch. Clusters keep it: on spot capacity it hands a drained node's run a grace period.
@@ -86,11 +79,11 @@ def init_ray(**local: object) -> None:
     if address != "local":
         # A dashboard named to this driver is named to its workers too (the same cleaner's reason as below).
         api = {"RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]} if "RAY_API_SERVER_ADDRESS" in os.environ else {}
-        ray.init(address=address, logging_level="WARNING", runtime_env={**hook, "env_vars": {**MALLOC, **api}})
+        ray.init(address=address, logging_level="WARNING", runtime_env={**hook, "env_vars": api})
         _started_here = False
         return
     port = storage.free_port()
-    env = {**MALLOC, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **LOCAL_ONLY}
+    env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **LOCAL_ONLY}
     ray.init(address="local", logging_level="WARNING", include_dashboard=True, dashboard_port=port,
              runtime_env={**hook, "env_vars": env}, **local)
     _started_here = True

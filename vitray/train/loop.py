@@ -30,7 +30,7 @@ from vitray.data.stream import TrainStream
 from vitray.models.registry import get_spec
 from vitray.tasks import make_task
 from vitray.train import collectives, resume
-from vitray.train.engine import build_engine, building, precision
+from vitray.train.engine import build_engine, building, precision, return_freed_layers
 from vitray.train.evaluating import held_out
 from vitray.train.failures import check_finite, group_closed
 from vitray.train.metrics import (DATA_BOUND, DataWait, LossMeter, MetricsLog, SampleAudit, data_bound_message,
@@ -138,11 +138,13 @@ def _train(config: dict) -> None:
 
 
 def _device(cfg) -> tuple[torch.device, torch.dtype]:
-    """This worker's device (DeepSpeed told which accelerator, CPU threads set) and the dtype its inputs take."""
+    """This worker's device (DeepSpeed told which accelerator, CPU threads and allocator set) and the dtype its
+    inputs take."""
     device = ray.train.torch.get_device()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")  # before DeepSpeed's import
     if device.type != "cuda":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    return_freed_layers(cfg, device.type == "cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, device.type == "cuda"), torch.float32)
     return device, dtype
 
