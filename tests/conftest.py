@@ -30,6 +30,7 @@ E2E_FIXTURES = {"ray_cluster", "smoke_chain", "attached", "reference_run"}
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: starts a real Ray / DeepSpeed run (left out of -m quick)")
     config.addinivalue_line("markers", "quick: no real Ray / DeepSpeed run (set by conftest; -m quick)")
+    config.addinivalue_line("markers", "early: a test of minutes that holds no group, started before the rest (below)")
 
 
 # The session's trained runs, each made once per pytest worker that needs it: the tests that read one share an
@@ -48,6 +49,10 @@ def pytest_collection_modifyitems(config, items):
         group = next((g for fixture, g in GROUPS.items() if fixture in item.fixturenames), None)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+    # xdist hands out the groups first (the most tests first), then single tests in this order. The study, last in
+    # file order, ran alone for its final 2 minutes after the other lane had finished: `early` moves such a test to
+    # the front (the sort is stable: everything else keeps file order).
+    items.sort(key=lambda item: item.get_closest_marker("early") is None)
 
 
 @pytest.fixture(scope="session")

@@ -28,3 +28,14 @@ def test_tests_on_a_trained_run_share_its_lane_and_the_others_go_where_there_is_
         assert group[f"test_zero_stage_trains_with_falling_loss[{zero}]"] == "reference"
     assert group["test_hybrid_baseline_trains_on_the_same_engine_and_evaluates"] is None  # a cluster, no trained run
     assert set(group.values()) == {"reference", "chain", None}, group
+
+
+def test_a_long_test_marked_early_is_handed_out_before_the_single_tests_in_file_order():
+    files = ["tests/test_cluster.py", "tests/test_study.py"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *files],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    order = [line for line in proc.stdout.splitlines() if line.startswith(tuple(files))]
+    assert order[0] == "tests/test_study.py::test_study_killed_after_its_first_trial_resumes_only_the_rest", order[:3]
+    assert [n for n in order[1:] if n.startswith(files[0])] == [n for n in order if n.startswith(files[0])]
+    assert order[1].startswith(files[0])  # the rest in file order

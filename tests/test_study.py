@@ -127,6 +127,7 @@ def _tensorboard_tags(data: bytes) -> set[str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.early  # 4 minutes: it must not be the last test of a lane (tests/conftest.py)
 def test_study_killed_after_its_first_trial_resumes_only_the_rest(s3):
     """2 families × 2 budgets on S3, 1 worker per trial, two trials at a time (a local Ray of 4 logical CPUs, as
     the session cluster). The study (driver and its local Ray) is killed once a trial has finished; --resume runs
