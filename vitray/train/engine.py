@@ -69,7 +69,7 @@ def return_freed_layers(cfg: Config, on_gpu: bool) -> bool:
     up: measured on ViT-L/16, ZeRO-3, 2 CPU workers, 6.2 GiB resident per worker between steps instead of 3.7. A
     fixed threshold returns them. It is set nowhere else because it costs every other run CPU: each large tensor
     becomes a fresh mapping, zeroed by the kernel. Measured on one thread (`benchmarks/results/malloc_threshold.json`):
-    DETR's smoke step 1.7× the CPU time, the smoke ViT's unchanged."""
+    DETR's smoke step 1.55× the CPU time, the smoke ViT's unchanged."""
     if on_gpu or cfg.deepspeed.zero_stage != 3:
         return False
     import ctypes
