@@ -37,5 +37,4 @@ def test_a_long_test_marked_early_is_handed_out_before_the_single_tests_in_file_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     order = [line for line in proc.stdout.splitlines() if line.startswith(tuple(files))]
     assert order[0] == "tests/test_study.py::test_study_killed_after_its_first_trial_resumes_only_the_rest", order[:3]
-    assert [n for n in order[1:] if n.startswith(files[0])] == [n for n in order if n.startswith(files[0])]
     assert order[1].startswith(files[0])  # the rest in file order
