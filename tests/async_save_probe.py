@@ -117,12 +117,21 @@ def _stage(rank: int, root: str, stage: int, release: threading.Event) -> dict:
     saves.settle()
     committed = [os.path.exists(f"{run}/step_00000002/COMMIT"), saves.last_good]
 
+    from vitray.train.checkpoint import full_weights
+
+    whole = full_weights(engine)  # what each rank keeps of the gather: all on rank 0, one copy; nothing elsewhere
+    live = {p.data_ptr() for p in engine.module.parameters()}
+    kept = {"names": sorted(whole), "model": sorted(engine.module.state_dict()),
+            "own_storage": len({t.untyped_storage().data_ptr() for t in whole.values()}) == len(whole)
+            and not live & {t.data_ptr() for t in whole.values()}}
+    del whole
+
     _, fresh = _engine(stage, 0)
     fresh.load_checkpoint(f"{run}/step_00000002", tag="state")
     restored = {"optimizer": optimizer_digest(fresh), "module": module_digest(fresh.module)}
     return {"rank": rank, "stage": stage, "figures": figures, "sync_figures": saved[False][2],
             "held_back": held_back, "committed": committed, "digests": digests, "restored": restored,
-            "trained": trained,
+            "trained": trained, "full_weights": kept,
             "same_files": _same(f"{saved[False][0]}/step_00000002", f"{run}/step_00000002")}
 
 

@@ -41,6 +41,15 @@ def test_the_snapshot_writes_the_files_a_synchronous_save_writes_and_they_restor
 
 
 @pytest.mark.parametrize("stage", STAGES)
+def test_only_rank_0_keeps_the_gathered_weights_each_once(probed, stage):
+    """`full_weights`: rank 0 gets every key of the model's state dict, each in storage of its own (not the live
+    parameter's, not another key's); rank 1 keeps nothing of what it helped gather (at H/14: 2.5 GB)."""
+    zero, one = probed[(stage, 0)]["full_weights"], probed[(stage, 1)]["full_weights"]
+    assert zero["names"] == zero["model"] and zero["own_storage"]
+    assert one["names"] == []
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_commit_waits_for_every_ranks_upload(probed, stage):
     for rank in range(2):
         row = probed[(stage, rank)]

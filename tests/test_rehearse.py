@@ -54,6 +54,21 @@ def test_an_asynchronous_saves_host_copy_is_planned_and_the_refusal_says_how_to_
     assert "snapshot" not in cost.estimate(trial.replace(scaling=dict(use_gpu=True)), 1).memory  # host, not device
 
 
+def test_a_synchronous_saves_gathered_weights_are_planned_beyond_the_activations_they_replace():
+    """At a synchronous save rank 0 gathers the whole fp32 weights for `model.safetensors` (2.4 GiB at H/14) while
+    training is paused: on CPU workers the plan counts what that adds beyond the freed activations."""
+    cfg = preset("h14_jft").replace(data=dict(builtin="digits"), storage=dict(async_save=False))
+    trial = cfg.replace(deepspeed=dict(zero_stage=3), optim=dict(micro_batch=1, global_batch=2),
+                        scaling=dict(num_workers=2, use_gpu=False))
+    plan = cost.estimate(trial, 1, host=True)
+    assert plan.memory["weights at a save"] == pytest.approx(plan.params * 4 - plan.memory["activations"])
+    assert "weights at a save" not in cost.estimate(trial.replace(scaling=dict(use_gpu=True)), 1).memory
+    big_batch = cost.estimate(trial.replace(optim=dict(micro_batch=64, global_batch=128)), 1, host=True)
+    assert "weights at a save" not in big_batch.memory  # its activations take more than the copy
+    small, _, _ = adapt(cfg, 3, Attached(gpus=0, cpus=2, memory=23.4 * GIB))  # still fits this kind of machine
+    assert small.deepspeed.zero_stage == 3
+
+
 def test_a_host_too_small_for_any_setting_is_refused_with_the_figures():
     cfg = preset("h14_jft").replace(data=dict(builtin="digits"))
     with pytest.raises(ConfigError) as e:

@@ -68,6 +68,13 @@ def snapshot_bytes(params: int, world: int, zero_stage: int, mixed_precision: bo
     return module + params * 12 / (n if zero_stage >= 1 else 1) + params * 4
 
 
+def full_weights_bytes(params: int) -> float:
+    """What rank 0 holds while a synchronous save (the final one always) writes `model.safetensors`: the whole fp32
+    weights, gathered from the partitions into host memory. Training is paused then, so its activations are freed:
+    the plan counts only what the copy adds beyond them (on CPU workers host memory is the device's own)."""
+    return params * 4
+
+
 def deepspeed_buffer_bytes(params: int, world: int, zero_stage: int, mixed_precision: bool) -> float:
     """What DeepSpeed allocates beside the model states: gradient-reduction buckets (two: one fills while the
     other is reduced), the all-gather bucket; under ZeRO-3 the gathered parameters it keeps alive and prefetches,
@@ -293,6 +300,8 @@ def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str 
         memory["process"] = CPU_PROCESS_BYTES
         if cfg.storage.async_save and cfg.storage.checkpoint_every:  # periodic saves (the final one is synchronous)
             memory["snapshot"] = snapshot_bytes(params, world, cfg.deepspeed.zero_stage, mixed)
+        elif params * 4 > memory["activations"]:
+            memory["weights at a save"] = full_weights_bytes(params) - memory["activations"]
     flops = accounting.train_flops_per_image(accounting.forward_flops(
         spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
     images = cfg.optim.total_steps * cfg.optim.global_batch if cfg.optim.total_steps else cfg.optim.epochs * num_images

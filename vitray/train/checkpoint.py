@@ -58,12 +58,13 @@ def save(engine, step: int, positions: dict[int, Position], metrics: dict, run_i
     whole = full_weights(engine)  # collective: every rank helps gather; rank 0 keeps them
     folder = tempfile.mkdtemp(prefix=f"vitray-ckpt-{step}-")
     try:
-        engine.save_checkpoint(folder, tag=TAG, client_state={"step": step})
-        write_small_files(folder, rank, step, positions, described, run_info)
-        if rank == 0:
+        if rank == 0:  # written and dropped before DeepSpeed serialises its state: the two peaks do not add up
             save_file(whole, os.path.join(folder, WEIGHTS))
             if ema is not None:
                 save_file(_plain(ema.state_dict()), os.path.join(folder, EMA_WEIGHTS))
+        del whole
+        engine.save_checkpoint(folder, tag=TAG, client_state={"step": step})
+        write_small_files(folder, rank, step, positions, described, run_info)
         ray.train.report(
             {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
             checkpoint_dir_name=f"step_{step:08d}",
@@ -161,25 +162,33 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
     """The model's whole fp32 state dict on rank 0 (empty elsewhere), for `model.safetensors`. Collective: under
     ZeRO each parameter's fp32 master copy is spread over the ranks, and DeepSpeed's `safe_get_full_fp32_param`
     gathers one parameter at a time, so no rank ever holds more than one whole parameter on its device. The same
-    weights `zero_to_fp32` would rebuild from the saved files, without anyone unpickling those files later."""
+    weights `zero_to_fp32` would rebuild from the saved files, without anyone unpickling those files later.
+
+    Only rank 0 keeps what it gathers, and one copy of it: at ViT-H/14 the whole weights are 2.5 GB, and on CPU
+    workers a second copy on rank 0 (or a copy on every rank) is what pushed the rehearsal's save past the node's
+    memory (`cost.full_weights_bytes` plans the one copy)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     rank0 = dist.get_rank() == 0
     module = engine.module
     params = dict(module.named_parameters(remove_duplicate=False))
-    gathered: dict[int, torch.Tensor] = {}
+    kept: dict[int, torch.Tensor] = {}  # rank 0: parameter id → its whole fp32 copy on the CPU
     out = {}
     for name, value in module.state_dict(keep_vars=True).items():  # the keys a plain model's load_state_dict wants
         p = params.get(name)
         if p is None:  # a buffer: whole on every rank
-            t = value.detach()
-        else:
-            if id(p) not in gathered:  # a tied parameter is gathered once
-                full = safe_get_full_fp32_param(p)
-                gathered[id(p)] = (full if full is not None else p.detach()).float()
-            t = gathered[id(p)]
+            if rank0:
+                out[name] = value.detach().to("cpu", copy=True).contiguous()
+            continue
+        if id(p) in kept:  # a tied parameter: gathered once; safetensors refuses shared storage, so a copy
+            out[name] = kept[id(p)].clone()
+            continue
+        full = safe_get_full_fp32_param(p)
+        full = (full if full is not None else p.detach()).float()
         if rank0:
-            out[name] = t.detach().to("cpu", copy=True).contiguous()  # safetensors refuses shared storage
+            # A fresh tensor already (the gather's), unless it is the live parameter: copy only then.
+            kept[id(p)] = out[name] = full.to("cpu", copy=full.data_ptr() == p.data_ptr()).contiguous()
+        del full  # other ranks drop each gathered parameter at once
     return out
 
 
