@@ -117,14 +117,18 @@ def _stage(rank: int, root: str, stage: int, release: threading.Event) -> dict:
     saves.settle()
     committed = [os.path.exists(f"{run}/step_00000002/COMMIT"), saves.last_good]
 
+    from deepspeed.utils import safe_get_full_fp32_param
+
     from vitray.train.checkpoint import full_weights
 
     whole = full_weights(engine)  # what each rank keeps of the gather: all on rank 0, one copy; nothing elsewhere
     live = {p.data_ptr() for p in engine.module.parameters()}
+    gathered = {name: safe_get_full_fp32_param(p) for name, p in engine.module.named_parameters()}  # collective
     kept = {"names": sorted(whole), "model": sorted(engine.module.state_dict()),
             "own_storage": len({t.untyped_storage().data_ptr() for t in whole.values()}) == len(whole)
-            and not live & {t.data_ptr() for t in whole.values()}}
-    del whole
+            and not live & {t.data_ptr() for t in whole.values()},
+            "equal_to_the_fp32_master": rank != 0 or all(torch.equal(whole[n], g) for n, g in gathered.items())}
+    del whole, gathered
 
     _, fresh = _engine(stage, 0)
     fresh.load_checkpoint(f"{run}/step_00000002", tag="state")

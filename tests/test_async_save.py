@@ -43,9 +43,10 @@ def test_the_snapshot_writes_the_files_a_synchronous_save_writes_and_they_restor
 @pytest.mark.parametrize("stage", STAGES)
 def test_only_rank_0_keeps_the_gathered_weights_each_once(probed, stage):
     """`full_weights`: rank 0 gets every key of the model's state dict, each in storage of its own (not the live
-    parameter's, not another key's); rank 1 keeps nothing of what it helped gather (at H/14: 2.5 GB)."""
+    parameter's, not another key's), equal to DeepSpeed's fp32 master weights gathered parameter by parameter (under
+    ZeRO-1 rank 0 copies its own module's instead); rank 1 keeps nothing of what it helped gather."""
     zero, one = probed[(stage, 0)]["full_weights"], probed[(stage, 1)]["full_weights"]
-    assert zero["names"] == zero["model"] and zero["own_storage"]
+    assert zero["names"] == zero["model"] and zero["own_storage"] and zero["equal_to_the_fp32_master"]
     assert one["names"] == []
 
 

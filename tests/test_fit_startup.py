@@ -62,3 +62,19 @@ def test_a_zero_engine_leaves_deepspeeds_muon_kernels_uncompiled_until_called():
     out = proc.stdout + proc.stderr
     assert "MUON True False True" in proc.stdout, out[-3000:]
     assert "CALLED True" in proc.stdout, out[-3000:]
+
+
+def test_a_local_ray_is_started_without_workers_prestarted_for_no_job(monkeypatch):
+    """`init_ray` starts a local Ray with Ray's first-driver prestart off (`session.LOCAL_RAYLET`), and leaves the
+    environment alone when it joins a cluster. (That the pinned Ray honours it: `test_zero_stage_trains_with_falling_loss`
+    finds no such worker in the session's Ray.)"""
+    import ray
+
+    seen = []
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(os.environ.get("RAY_prestart_worker_first_driver")))
+    monkeypatch.delenv("RAY_prestart_worker_first_driver", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    session.init_ray()
+    monkeypatch.delenv("RAY_ADDRESS")
+    session.init_ray(num_cpus=1)
+    assert seen == [None, "0"]

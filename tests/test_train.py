@@ -72,6 +72,11 @@ def test_zero_stage_trains_with_falling_loss(ray_cluster, s3, digits, zero, zero
                            filters=[("job_id", "=", ray_cluster.get_runtime_context().get_job_id())])
         assert {"PlacementGroupCleaner", "DatasetManager"}.isdisjoint(a.class_name for a in ours)
         assert any(a.class_name == "TrainController" for a in ours)  # the listing does see this job's fits
+        # No Python worker prestarted for no job (`session.LOCAL_RAYLET`): a worker's log name carries its job id.
+        import glob
+
+        assert glob.glob(os.path.join(node.get_logs_dir_path(), "worker-*-01000000-*.out"))  # the pattern matches ours
+        assert not glob.glob(os.path.join(node.get_logs_dir_path(), "worker-*-ffffffff-*.out"))
 
     # ZeRO's memory formulas against the tensors each rank really holds (fp32 on CPU, 2 ranks).
     from vitray import cost
