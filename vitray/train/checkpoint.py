@@ -179,7 +179,7 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
     whole_here = engine.zero_optimization_stage() < 3 and all(p.dtype == torch.float32 for p in params.values())
     if whole_here and not rank0:
         return {}
-    kept: dict[int, torch.Tensor] = {}  # rank 0: parameter id → its whole fp32 copy on the CPU
+    kept: dict[int, torch.Tensor] = {}  # parameter id → its whole fp32 copy on the CPU (rank 0; None elsewhere)
     out = {}
     for name, value in module.state_dict(keep_vars=True).items():  # the keys a plain model's load_state_dict wants
         p = params.get(name)
@@ -187,15 +187,18 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
             if rank0:
                 out[name] = value.detach().to("cpu", copy=True).contiguous()
             continue
-        if id(p) in kept:  # a tied parameter: gathered once; safetensors refuses shared storage, so a copy
-            out[name] = kept[id(p)].clone()
+        if id(p) in kept:  # a tied parameter: gathered once (by every rank: it is collective); a copy, since
+            if rank0:      # safetensors refuses shared storage
+                out[name] = kept[id(p)].clone()
             continue
         full = None if whole_here else safe_get_full_fp32_param(p)
         full = (full if full is not None else p.detach()).float()
-        if rank0:
-            # A fresh tensor already (the gather's), unless it is the live parameter: copy only then.
-            kept[id(p)] = out[name] = full.to("cpu", copy=full.data_ptr() == p.data_ptr()).contiguous()
-        del full  # other ranks drop each gathered parameter at once
+        # A fresh tensor already (the gather's), unless it is the live parameter: copy only then. Other ranks drop
+        # each gathered parameter at once.
+        kept[id(p)] = out[name] = full.to("cpu", copy=full.data_ptr() == p.data_ptr()).contiguous() if rank0 else None
+        del full
+    if not rank0:
+        return {}
     return out
 
 
