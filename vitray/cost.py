@@ -300,7 +300,7 @@ def estimate(cfg: Config, num_images: float, mfu: float = 0.4, accelerator: str 
         memory["process"] = CPU_PROCESS_BYTES
         if cfg.storage.async_save and cfg.storage.checkpoint_every:  # periodic saves (the final one is synchronous)
             memory["snapshot"] = snapshot_bytes(params, world, cfg.deepspeed.zero_stage, mixed)
-        elif params * 4 > memory["activations"]:
+        elif full_weights_bytes(params) > memory["activations"]:
             memory["weights at a save"] = full_weights_bytes(params) - memory["activations"]
     flops = accounting.train_flops_per_image(accounting.forward_flops(
         spec, cfg.data.image_size, cfg.model.num_classes, cfg.model.pre_logits))
